@@ -1,1 +1,40 @@
+"""lalora.privacy: sample-level DP for (federated) LoRA training (SPEC §3).
 
+  engine.py      PerSampleGradEngine: per-sample gradients in one backward pass (per image under Swin)
+  dp_step.py     dp_gradient: flat/per-layer clipping, sum, Gaussian noise, / expected batch size
+  accountant.py  noise_multiplier_for / epsilon_for via Opacus' accountants (RDP, PRV)
+  sampling.py    poisson_sample (variable batch, possibly empty)
+  config.py      DPConfig (validates itself)
+
+Names are imported lazily (PEP 562) so importing the package stays cheap and each submodule loads
+only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "PerSampleGradEngine": "engine", "PerSampleGrads": "engine",
+    "dp_gradient": "dp_step", "DPStepResult": "dp_step", "as_released_gradient": "dp_step",
+    "AsReleasedResult": "dp_step", "batch_size_of": "dp_step",
+    "noise_multiplier_for": "accountant", "epsilon_for": "accountant",
+    "epsilon_for_history": "accountant", "noise_multiplier_for_clients": "accountant",
+    "PrivacyLedger": "accountant",
+    "poisson_sample": "sampling", "shuffled_fixed_batches": "sampling",
+    "DPConfig": "config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

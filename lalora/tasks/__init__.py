@@ -1,1 +1,11 @@
+"""lalora.tasks: datasets, models with LoRA, and client partitions (docs/CONTRACTS.md).
 
+Importing this package registers every task: offline (``digits-swin``, ``lfw-swin``,
+``topics-minilm``) and paper-scale (CIFAR-100 / Tiny-ImageNet with timm Swin-T/B, GLUE with
+RoBERTa-base; local paths as parameters). Nothing is downloaded.
+"""
+from .partition import SCHEMES, label_histograms, partition
+from .registry import TASKS, Task, get_task, list_tasks, register
+from . import vision  # noqa: F401  (registers tasks)
+
+__all__ = ["Task", "TASKS", "get_task", "list_tasks", "register", "partition", "label_histograms", "SCHEMES"]

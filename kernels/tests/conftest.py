@@ -1,0 +1,36 @@
+"""Kernel tests run the Triton kernels on the CPU through Triton's interpreter when there is no CUDA.
+
+TRITON_INTERPRET must be set before triton is first imported, hence at conftest import time.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def poisoned():
+    """Kernel-written buffers start as NaN (see triton_kernels.POISON_OUTPUTS)."""
+    from dplora_kernels import nn as dnn
+    from dplora_kernels import triton_kernels as tk
+    tk.POISON_OUTPUTS, dnn.POISON_ARENA = True, True
+    yield
+    tk.POISON_OUTPUTS, dnn.POISON_ARENA = False, False

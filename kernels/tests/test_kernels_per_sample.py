@@ -1,0 +1,185 @@
+"""Per-sample gradient kernels: Triton (interpreter on CPU) vs torch reference vs a float64 loop.
+
+Tolerances, as max |error| / max |float64 reference| per tensor (norms: relative error):
+  fp32: 1e-5   (both backends accumulate in fp32)
+  fp16: 5e-3   (Triton forms v = g B and u = x Aᵀ in fp16: 2^-11 rounding, then fp32 accumulation)
+  bf16: 3e-2   (same with bf16's 2^-8 rounding)
+The torch backend always works in fp32 from the (rounded) inputs, so it is held to 1e-5 for all dtypes.
+"""
+
+import pytest
+import torch
+
+import dplora_kernels as dk
+from dplora_ref_loops import linear_loop, lora_loop, sq
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _close(got, want, tol, name):
+    got = got.double().cpu()
+    scale = want.abs().max().item() if want.numel() else 1.0
+    assert not torch.isnan(got).any(), f"{name}: NaN (an element the kernel never wrote?)"
+    err = (got - want).abs().max().item() / max(scale, 1e-30) if want.numel() else 0.0
+    assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
+
+
+def _data(N, k, T, n, m, r, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape_x = (N * k, T, n) if T is not None else (N * k, n)
+    shape_g = shape_x[:-1] + (m,)
+    x = torch.randn(shape_x, generator=gen).to(device, dtype)
+    g = torch.randn(shape_g, generator=gen).to(device, dtype)
+    A = (torch.randn(r, n, generator=gen) / n ** 0.5).to(device, dtype)
+    B = torch.randn(m, r, generator=gen).to(device, dtype)
+    return x, g, A, B
+
+
+# (N, k rows per sample, T (None = 2-D input), n, m, r, split)
+SHAPES = [
+    (3, 1, 1, 16, 16, 1, None),     # T = 1, r = 1
+    (2, 1, 37, 20, 12, 4, None),    # T not a multiple of the block, d not a multiple of 16
+    (1, 1, 70, 24, 40, 8, 3),       # N = 1, forced T-split (3 partials reduced in order)
+    (2, 3, 5, 33, 17, 16, 2),       # k = 3 rows per sample (Swin windows), split over k*T
+    (2, 1, 9, 72, 65, 64, None),    # r = 64, n/m > one 64-wide tile and not multiples of 16
+    (4, 2, None, 30, 10, 8, None),  # 2-D input (R, n), two rows per sample
+    (0, 1, 7, 16, 16, 4, None),     # empty batch
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}k{}T{}n{}m{}r{}s{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_lora_triton_vs_reference_vs_loop(shape, dtype, device, poisoned):
+    from dplora_kernels import triton_kernels as tk
+    N, k, T, n, m, r, split = shape
+    x, g, A, B = _data(N, k, T, n, m, r, dtype, device)
+    s = 0.75
+    wA, wB = lora_loop(x.cpu(), g.cpu(), A.cpu(), B.cpu(), s, N)
+    # outputs given as NaN-filled buffers: every element must be overwritten
+    out_A = torch.full((N, r, n), float("nan"), device=device)
+    out_B = torch.full((N, m, r), float("nan"), device=device)
+    gA, gB, sqA, sqB = tk.lora_per_sample_grads(x, g, A, B, s, N, None, "both", split, out_A, out_B)
+    assert gA.data_ptr() == out_A.data_ptr() and gB.data_ptr() == out_B.data_ptr()
+    tol = TOL[dtype]
+    _close(gA, wA, tol, "grad_A")
+    _close(gB, wB, tol, "grad_B")
+    _close(sqA, sq(wA), tol, "sqnorm_A")
+    _close(sqB, sq(wB), tol, "sqnorm_B")
+    ref = dk.lora_per_sample_grads(x, g, A, B, s, N, backend="torch")
+    for got, want, name in zip(ref, (wA, wB, sq(wA), sq(wB)), ("ref_A", "ref_B", "ref_sqA", "ref_sqB")):
+        assert got.dtype == torch.float32
+        _close(got, want, 1e-5, name)
+    pub = dk.lora_per_sample_grads(x, g, A, B, s, N, backend="triton")   # public entry, own buffers
+    _close(pub.grad_A, wA, tol, "public grad_A")
+    _close(pub.sqnorm_B, sq(wB), tol, "public sqnorm_B")
+
+
+@pytest.mark.parametrize("which", ["A", "B"])
+def test_lora_single_factor(which, device, poisoned):
+    x, g, A, B = _data(2, 1, 9, 20, 12, 4, torch.float32, device)
+    wA, wB = lora_loop(x.cpu(), g.cpu(), A.cpu(), B.cpu(), 2.0, 2)
+    for backend in ("torch", "triton"):
+        res = dk.lora_per_sample_grads(x, g, A, B, 2.0, 2, backend=backend, which=which)
+        if which == "A":
+            assert res.grad_B is None and torch.all(res.sqnorm_B == 0)
+            _close(res.grad_A, wA, 1e-5, f"{backend} A")
+        else:
+            assert res.grad_A is None and torch.all(res.sqnorm_A == 0)
+            _close(res.grad_B, wB, 1e-5, f"{backend} B")
+
+
+def test_lora_given_u_is_used(device):
+    """u is trusted as x Aᵀ (saved by the forward): a wrong u must change G_B, proving it is read."""
+    x, g, A, B = _data(2, 1, 5, 16, 16, 4, torch.float32, device)
+    u = x @ A.T
+    for backend in ("torch", "triton"):
+        a = dk.lora_per_sample_grads(x, g, A, B, 1.0, 2, u=u, backend=backend)
+        b = dk.lora_per_sample_grads(x, g, A, B, 1.0, 2, u=2 * u, backend=backend)
+        torch.testing.assert_close(b.grad_B, 2 * a.grad_B, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 1, 20, 5), (2, 2, 37, 24, 70), (1, 1, None, 16, 3), (0, 1, 4, 8, 3)],
+                         ids=lambda s: "N{}k{}T{}n{}m{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_triton_vs_reference_vs_loop(shape, dtype, bias, device, poisoned):
+    N, k, T, n, m = shape
+    x, g, _, _ = _data(N, k, T, n, m, 1, dtype, device)
+    wW, wb = linear_loop(x.cpu(), g.cpu(), N) if N else (torch.zeros(0, m, n).double(), torch.zeros(0, m).double())
+    want_sq = sq(wW) + (sq(wb) if bias else 0)
+    for backend in ("torch", "triton"):
+        res = dk.linear_per_sample_grads(x, g, N, bias=bias, backend=backend)
+        tol = 1e-5 if (backend == "torch" or dtype == torch.float32) else TOL[dtype]
+        _close(res.grad_weight, wW, tol, f"{backend} grad_weight")
+        _close(res.sqnorm, want_sq, tol, f"{backend} sqnorm")
+        if bias:
+            _close(res.grad_bias, wb, 1e-5, f"{backend} grad_bias")
+        else:
+            assert res.grad_bias is None
+
+
+def test_per_sample_kernel_deterministic(device):
+    """Two runs (with a T-split, whose partials are reduced in a fixed order) are bitwise equal."""
+    from dplora_kernels import triton_kernels as tk
+    x, g, A, B = _data(2, 2, 40, 24, 20, 8, torch.float32, device)
+    a = tk.lora_per_sample_grads(x, g, A, B, 0.5, 2, split=3)
+    b = tk.lora_per_sample_grads(x, g, A, B, 0.5, 2, split=3)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+def test_split_does_not_change_result(device):
+    from dplora_kernels import triton_kernels as tk
+    x, g, A, B = _data(1, 1, 100, 16, 16, 4, torch.float32, device)
+    one = tk.lora_per_sample_grads(x, g, A, B, 1.0, 1, split=1)
+    four = tk.lora_per_sample_grads(x, g, A, B, 1.0, 1, split=4)
+    for p, q in zip(one, four):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(num_samples=4), "num_samples"),        # 4 does not divide R = 6
+    (dict(num_samples=-1), "num_samples"),
+    (dict(A=torch.zeros(2, 5)), "A must"),
+    (dict(B=torch.zeros(3, 3)), "B must"),
+    (dict(grad_out=torch.zeros(6, 4, 3)), "grad_out"),
+    (dict(u=torch.zeros(6, 5, 3)), "u must"),
+    (dict(backend="cuda"), "backend"),
+    (dict(which="C"), "which"),
+])
+def test_lora_bad_input_names_field(bad, field):
+    args = dict(x=torch.zeros(6, 5, 7), grad_out=torch.zeros(6, 5, 3), A=torch.zeros(2, 7),
+                B=torch.zeros(3, 2), scale=1.0, num_samples=3)
+    args.update(bad)
+    with pytest.raises(ValueError, match=field):
+        dk.lora_per_sample_grads(**args)
+
+
+def test_float64_triton_refused():
+    x = torch.zeros(2, 3, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        dk.lora_per_sample_grads(x, x, torch.zeros(2, 16, dtype=torch.float64),
+                                 torch.zeros(16, 2, dtype=torch.float64), 1.0, backend="triton")
+
+
+def test_backend_resolution():
+    assert "torch" in dk.available_backends()
+    assert dk.resolve_backend("torch") == "torch"
+    assert dk.resolve_backend("auto", "cpu") == "torch"   # the interpreter is never chosen automatically
+    with pytest.raises(ValueError, match="backend"):
+        dk.resolve_backend("cudnn")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_gpu_large_shapes(dtype, poisoned):
+    """Swin stage-1-like segment (k*T = 3136 rows per image) and RoBERTa-like shapes on a real GPU."""
+    from dplora_kernels import triton_kernels as tk
+    for N, k, T, n, m, r in [(4, 64, 49, 128, 384, 16), (8, 1, 128, 768, 768, 8)]:
+        x, g, A, B = _data(N, k, T, n, m, r, dtype, "cuda")
+        wA, wB = lora_loop(x.cpu(), g.cpu(), A.cpu(), B.cpu(), 0.5, N)
+        gA, gB, sqA, sqB = tk.lora_per_sample_grads(x, g, A, B, 0.5, N)
+        assert dk.resolve_backend("auto", x.device) == "triton"
+        _close(gA, wA, TOL[dtype], "gpu grad_A")
+        _close(gB, wB, TOL[dtype], "gpu grad_B")
+        _close(sqA + sqB, sq(wA) + sq(wB), TOL[dtype], "gpu sqnorm")

@@ -1,0 +1,75 @@
+"""dplora_kernels stands alone: the README example runs with none of lalora/opacus/timm/transformers.
+
+The fast test runs the README's example in a fresh interpreter of this venv and inspects sys.modules.
+The slow test builds a brand-new virtual environment (no system site-packages), installs torch from a
+local wheel directory (DPLORA_TORCH_WHEELS, default /opt/wheels; skipped if none is there) and then only
+`pip install ./kernels`, and runs the example there (~3-5 min).
+"""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+KERNELS_DIR = Path(__file__).resolve().parents[1]
+FORBIDDEN = ("lalora", "opacus", "timm", "transformers", "peft")
+
+
+def readme_example() -> str:
+    text = (KERNELS_DIR / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README.md has no ```python block"
+    return blocks[0]
+
+
+def _script() -> str:
+    return readme_example() + textwrap.dedent(f"""
+        import sys
+        bad = [m for m in {FORBIDDEN!r} if m in sys.modules or any(k.startswith(m + ".") for k in sys.modules)]
+        assert not bad, f"imported: {{bad}}"
+        print("STANDALONE-OK")
+    """)
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "")
+    return env
+
+
+def test_readme_example_imports_nothing_of_lalora(tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(_script())
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_env(),
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "STANDALONE-OK" in out.stdout
+    lines = [ln for ln in out.stdout.splitlines() if ln[:1].isdigit()]
+    assert len(lines) == 3            # three training steps printed
+
+
+@pytest.mark.slow
+def test_fresh_venv_pip_install_kernels_only(tmp_path):
+    wheel_dir = os.environ.get("DPLORA_TORCH_WHEELS", "/opt/wheels")
+    if not glob.glob(os.path.join(wheel_dir, "torch-*.whl")):
+        pytest.skip(f"no local torch wheel in {wheel_dir} (set DPLORA_TORCH_WHEELS)")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    # torch from the local wheel only (never a multi-GB CUDA download), then only ./kernels
+    subprocess.run(pip + ["--no-index", "--find-links", wheel_dir, "torch"], check=True, timeout=900)
+    subprocess.run(pip + [str(KERNELS_DIR)], check=True, timeout=900)
+    script = tmp_path / "example.py"
+    script.write_text(_script())
+    out = subprocess.run([py, str(script)], capture_output=True, text=True, env=_env(), cwd=tmp_path,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "STANDALONE-OK" in out.stdout
+    listed = subprocess.run([py, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
+    assert not any(line.split("==")[0].lower() in FORBIDDEN for line in listed.splitlines())

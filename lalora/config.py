@@ -1,0 +1,204 @@
+"""RunConfig: the one serialisable, validated config of a federated run.
+
+Why one object: the run folder's name is a hash of the *resolved* config plus the package version
+(`lalora.results.config_hash`), so two runs share a folder exactly when every setting that can
+change a number is equal. Fields left as ``None`` are filled by :meth:`RunConfig.resolve` from the
+task's experiment defaults (``Task.defaults``, same key names) and then from the fallbacks below;
+only a resolved config is hashed and written to ``config.json``.
+
+Validation raises ``ValueError`` naming the field. ``epsilon = inf`` means no clipping and no noise
+(the non-DP reference); ``fedavg-lora`` is always non-private whatever ``epsilon`` says.
+JSON stores infinity as the string "inf" (strict JSON).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+# Fallbacks for fields that neither the user nor the task set (the paper's vision setting, SPEC §4).
+FALLBACKS: dict[str, Any] = {
+    "rounds": 100,
+    "local_steps": 20,
+    "batch_size": 16,
+    "clients": 8,
+    "clients_per_round": 4,
+    "lr": 0.1,
+    "optimizer": "sgd",
+    "momentum": 0.0,
+    "weight_decay": 1e-3,
+    "lr_decay": 0.99,
+    "r": 16,
+    "alpha": 16.0,
+    "partition": "dirichlet-released",
+    "beta": 0.1,
+    "samples_per_client": None,
+    "eval_every": 1,
+    "eval_batch_size": 256,
+}
+
+OPTIMIZERS = ("sgd", "adamw")
+PARTITIONS = ("dirichlet-released", "dirichlet-per-class", "iid")
+CLIPPINGS = ("flat", "per_layer")
+ACCOUNTANTS = ("rdp", "prv")
+HEAD_POLICIES = ("train", "freeze")
+OPTIMIZER_STATE_POLICIES = ("reset",)   # optimizer re-created every round (as the released code)
+
+
+def _parse_float(value: Any, name: str) -> float:
+    if isinstance(value, str):
+        if value.strip().lower() in ("inf", "infinity", "+inf"):
+            return math.inf
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str
+    method: str
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    clipping: str = "flat"
+    accountant: str = "rdp"
+    seed: int = 0
+    # federation and local training (None -> task default -> FALLBACKS)
+    rounds: int | None = None
+    local_steps: int | None = None
+    batch_size: int | None = None
+    clients: int | None = None
+    clients_per_round: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    lr_decay: float | None = None
+    r: int | None = None
+    alpha: float | None = None
+    partition: str | None = None
+    beta: float | None = None
+    samples_per_client: int | None = None
+    eval_every: int | None = None
+    eval_batch_size: int | None = None
+    # method knobs (None -> the method's default)
+    filter: bool | None = None
+    lr_B_ratio: float = 1.0
+    alternation_period: int = 1
+    weighted_aggregation: bool = False
+    head: str = "train"
+    optimizer_state: str = "reset"
+    # extra keyword overrides passed to get_task (e.g. {"max_train_samples": 500})
+    task_overrides: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ construction / resolution
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epsilon", _parse_float(self.epsilon, "epsilon"))
+        object.__setattr__(self, "task_overrides", dict(self.task_overrides or {}))
+        self.validate()
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def resolve(self, task_defaults: dict | None = None) -> "RunConfig":
+        """Fill every ``None`` field from the task defaults, then the fallbacks, then the method
+        (``filter``). The result is what gets hashed and stored."""
+        from lalora.federated.methods import get_method
+
+        task_defaults = dict(task_defaults or {})
+        changes: dict[str, Any] = {}
+        for name, fallback in FALLBACKS.items():
+            if getattr(self, name) is None:
+                changes[name] = task_defaults.get(name, fallback)
+        if self.filter is None:
+            changes["filter"] = get_method(self.method).filter_default
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate(resolved=True)
+        return cfg
+
+    @property
+    def is_resolved(self) -> bool:
+        return all(getattr(self, n) is not None for n in FALLBACKS if n != "samples_per_client") \
+            and self.filter is not None
+
+    @property
+    def private(self) -> bool:
+        """True when the run clips and noises (a private method and a finite epsilon)."""
+        from lalora.federated.methods import get_method
+
+        return get_method(self.method).private and math.isfinite(self.epsilon)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, resolved: bool = False) -> None:
+        from lalora.federated.methods import METHODS
+
+        if not isinstance(self.task, str) or not self.task:
+            raise ValueError(f"task must be a non-empty string, got {self.task!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is unknown; choices: {', '.join(METHODS)}")
+        if not (self.epsilon > 0):
+            raise ValueError(f"epsilon must be > 0 (use inf for no DP), got {self.epsilon}")
+        if not (0 < self.delta < 1):
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if not (self.clip_norm > 0):
+            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}")
+        _choice(self.clipping, CLIPPINGS, "clipping")
+        _choice(self.accountant, ACCOUNTANTS, "accountant")
+        _choice(self.head, HEAD_POLICIES, "head")
+        _choice(self.optimizer_state, OPTIMIZER_STATE_POLICIES, "optimizer_state")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if not (self.lr_B_ratio > 0):
+            raise ValueError(f"lr_B_ratio must be > 0, got {self.lr_B_ratio}")
+        if not isinstance(self.alternation_period, int) or self.alternation_period < 1:
+            raise ValueError(f"alternation_period must be an int >= 1, got {self.alternation_period!r}")
+        for name in ("rounds", "local_steps", "batch_size", "clients", "clients_per_round",
+                     "r", "eval_every", "eval_batch_size", "samples_per_client"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("lr", "alpha", "beta"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0):
+                raise ValueError(f"{name} must be > 0, got {v!r}")
+        for name in ("weight_decay", "momentum"):
+            v = getattr(self, name)
+            if v is not None and not (v >= 0):
+                raise ValueError(f"{name} must be >= 0, got {v!r}")
+        if self.lr_decay is not None and not (0 < self.lr_decay <= 1):
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay!r}")
+        if self.optimizer is not None:
+            _choice(self.optimizer, OPTIMIZERS, "optimizer")
+        if self.partition is not None:
+            _choice(self.partition, PARTITIONS, "partition")
+        if self.clients is not None and self.clients_per_round is not None \
+                and self.clients_per_round > self.clients:
+            raise ValueError(f"clients_per_round ({self.clients_per_round}) must be <= clients "
+                             f"({self.clients})")
+        if resolved and not self.is_resolved:
+            missing = [n for n in FALLBACKS if getattr(self, n) is None and n != "samples_per_client"]
+            raise ValueError(f"config is not resolved: {missing} still None")
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["task_overrides"] = dict(self.task_overrides)
+        if math.isinf(d["epsilon"]):
+            d["epsilon"] = "inf"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown RunConfig field(s): {unknown}")
+        return cls(**d)
+
+
+def _choice(value: Any, choices: tuple, name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

@@ -1,0 +1,418 @@
+"""The in-process federated simulation and resumable runs (SPEC §2–§3).
+
+Stable API (used by the Flower adapter and the notebooks; keep it)::
+
+    sim = Simulator(cfg)                       # cfg: RunConfig (resolved here from the task defaults)
+    state = sim.initial_global_state()         # dict[name, Tensor]: LoRA A, B and head
+    for t in range(1, sim.cfg.rounds + 1):
+        updates = [sim.client_update(cid, t, state) for cid in sim.sampled_clients(t)]
+        state = sim.server_aggregate(updates, t, state)
+        metrics = sim.evaluate(state)          # {"accuracy", "loss"[, "per_client_accuracy"]}
+    sim.ledger.epsilons()                      # per-client ε spent so far
+
+    result = run_experiment(cfg, runs_dir="runs", resume=True, progress=True)
+    result.final["accuracy"], result.final["epsilon_spent"], result.final["per_client_epsilon"]
+    result.metrics   # one dict per round (as in metrics.jsonl)
+    result.run_dir   # runs/<task>/<method>/<hash>/
+
+``client_update`` returns a :class:`ClientUpdate` whose ``state`` holds only the keys the server
+averages this round (so fedsa-lora's B and head never leave the client; the simulator keeps them in
+``sim.client_local``). ``num_samples`` = |D_i|, ``num_steps`` = K.
+
+How a run works
+- One frozen base model is built once; each client's LoRA factors and head are copied in and out
+  (``ParamGroups.set_state``), never rebuilt.
+- The client-sampling schedule (uniform without replacement, M of N per round) is drawn from the
+  seed before training: it is data-independent, so each client's number of DP steps
+  (K × rounds it is sampled) is known up front. One σ is calibrated with the accountant so that every
+  client meets the target ε (the binding client is the one with the most steps, or largest q), and
+  each client's spent ε is kept in a ``PrivacyLedger`` (idempotent per (client, round): a resumed
+  round is never counted twice).
+- Randomness: the model build is seeded with ``cfg.seed``; each client owns two torch generators
+  (Poisson sampling, DP noise) seeded from (seed, client); LoRA dropout uses the global torch RNG.
+  Every RNG state (torch, numpy, python, per-client generators) is checkpointed after every round,
+  with the global state, fedsa's client-local state, the ledger and the round index; optimizer state
+  is reset every round, so there is none to keep.
+- The global model is evaluated every ``eval_every`` rounds and after the last one (per client, on
+  the common test set, for fedsa-lora: global A with the client's own B and head).
+
+Run folders (``lalora.results``): ``<runs_dir>/<task>/<method>/<hash of resolved config+version>/``.
+A folder with ``final.json`` is served from disk; one with a checkpoint continues from it when
+``resume=True`` (metrics of rounds after the checkpoint are dropped and re-run).
+Test hook: env ``LALORA_KILL_AFTER_ROUND=N`` makes the process SIGKILL itself right after writing the
+checkpoint of round N (used to test crash + resume).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import lalora
+from lalora.config import RunConfig
+from lalora.federated.client import ClientData, LocalTraining, local_train
+from lalora.federated.methods import get_method
+from lalora.federated.server import ClientUpdate, aggregate
+from lalora.federated.state import ParamGroups
+from lalora.results import RunDir, config_hash
+
+__all__ = ["Simulator", "ClientUpdate", "RunResult", "run_experiment", "client_schedule",
+           "resolve_config"]
+
+KILL_ENV = "LALORA_KILL_AFTER_ROUND"
+_TAG_SCHEDULE, _TAG_SAMPLING, _TAG_NOISE, _TAG_TORCH = 1, 2, 3, 4
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]
+               % (2 ** 63 - 1))
+
+
+def client_schedule(num_clients: int, per_round: int, rounds: int, seed: int) -> list[list[int]]:
+    """Sampled clients of each round (index t-1), uniform without replacement, from the seed only."""
+    rng = np.random.default_rng(_derived_seed(seed, _TAG_SCHEDULE))
+    return [sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+            for _ in range(rounds)]
+
+
+def _binding_pairs(pairs) -> tuple:
+    """(q, steps) pairs not dominated by another (larger-or-equal q and steps needs at least as much
+    noise), sorted: the only ones that can set σ."""
+    pairs = sorted(set(pairs))
+    return tuple(p for p in pairs
+                 if not any(o != p and o[0] >= p[0] and o[1] >= p[1] for o in pairs))
+
+
+@functools.lru_cache(maxsize=256)
+def _sigma_for(epsilon: float, delta: float, pairs: tuple, accountant: str) -> float:
+    # Memoised: the accountant's bisection takes seconds; every run of one config needs the same σ.
+    from lalora.privacy.accountant import noise_multiplier_for_clients
+
+    return noise_multiplier_for_clients(epsilon, delta, pairs, accountant=accountant)
+
+
+@functools.lru_cache(maxsize=65536)
+def _epsilon_for(sigma: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    """ε of ``steps`` steps at (σ, q): exactly the ledger's value for a client with a single
+    (σ, q) history (tests check), memoised because metrics ask for it every round."""
+    from lalora.privacy.accountant import epsilon_for
+
+    return epsilon_for(sigma, delta, q, steps, accountant) if steps else 0.0
+
+
+def _load_task(cfg: RunConfig):
+    from lalora.tasks import get_task
+
+    return get_task(cfg.task, **cfg.task_overrides)
+
+
+def resolve_config(cfg: RunConfig, task=None) -> RunConfig:
+    """``cfg`` with every unset field filled from the task defaults (builds the task if needed)."""
+    task = task if task is not None else _load_task(cfg)
+    return cfg.resolve(getattr(task, "defaults", {}))
+
+
+class Simulator:
+    """One federated run in memory (see the module docstring for the API)."""
+
+    def __init__(self, cfg: RunConfig, *, task=None, partitions: list | None = None):
+        self.task = task if task is not None else _load_task(cfg)
+        self.cfg = cfg = cfg.resolve(getattr(self.task, "defaults", {}))
+        self.method = get_method(cfg.method)
+
+        torch.manual_seed(cfg.seed)
+        self.model = self.task.build_model()
+        self.groups = ParamGroups.from_model(self.model)
+        self.train_head = cfg.head == "train" and bool(self.groups.params["head"])
+        self.groups.set_trainable(frozenset(), head=False)
+        self._initial_state = self.groups.get_state()
+
+        if partitions is None:
+            from lalora.tasks import partition
+
+            partitions = partition(np.asarray(self.task.train_labels), cfg.clients, cfg.partition,
+                                   cfg.beta, cfg.seed, cfg.samples_per_client)
+        if len(partitions) != cfg.clients:
+            raise ValueError(f"partitions has {len(partitions)} parts, clients={cfg.clients}")
+        self.client_data = [ClientData(self.task.train, torch.as_tensor(np.asarray(p), dtype=torch.long),
+                                       self.task.collate) for p in partitions]
+        empty = [i for i, d in enumerate(self.client_data) if len(d) == 0]
+        if empty:
+            raise ValueError(f"clients {empty} have no training examples; change partition/beta/seed")
+
+        self.schedule = client_schedule(cfg.clients, cfg.clients_per_round, cfg.rounds, cfg.seed)
+        rounds_of = [sum(cid in s for s in self.schedule) for cid in range(cfg.clients)]
+        self.planned_steps = [cfg.local_steps * n for n in rounds_of]
+        self.sample_rates = [min(1.0, cfg.batch_size / len(d)) for d in self.client_data]
+        self.private = cfg.private
+        self.noise_multiplier = self._calibrate_sigma() if self.private else 0.0
+
+        from lalora.privacy.accountant import PrivacyLedger
+
+        self.ledger = PrivacyLedger(delta=cfg.delta, accountant=cfg.accountant)
+        for cid in range(cfg.clients):
+            self.ledger.set_client(cid, sample_rate=self.sample_rates[cid],
+                                   noise_multiplier=self.noise_multiplier)
+
+        self.local = LocalTraining(
+            local_steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_decay=cfg.lr_decay,
+            lr_B_ratio=cfg.lr_B_ratio, optimizer=cfg.optimizer, momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            clip_norm=cfg.clip_norm if self.private else math.inf,
+            noise_multiplier=self.noise_multiplier, private=self.private, use_filter=bool(cfg.filter),
+            alternation_period=cfg.alternation_period, train_head=self.train_head,
+            clipping=cfg.clipping)
+        self.sampling_generators = [torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_SAMPLING, c))
+                                    for c in range(cfg.clients)]
+        self.noise_generators = [torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_NOISE, c))
+                                 for c in range(cfg.clients)]
+        torch.manual_seed(_derived_seed(cfg.seed, _TAG_TORCH))   # LoRA dropout during training
+        local_groups = self.method.local_only & {"A", "B", "head"}
+        self.client_local: dict[int, dict[str, torch.Tensor]] = {}
+        self._local_groups = frozenset(local_groups)
+
+    # ------------------------------------------------------------------ privacy
+    def _calibrate_sigma(self) -> float:
+        pairs = _binding_pairs((q, s) for q, s in zip(self.sample_rates, self.planned_steps) if s > 0)
+        return _sigma_for(float(self.cfg.epsilon), float(self.cfg.delta), pairs, self.cfg.accountant)
+
+    # ------------------------------------------------------------------ the federated API
+    def initial_global_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self._initial_state.items()}
+
+    def sampled_clients(self, t: int) -> list[int]:
+        if not 1 <= t <= self.cfg.rounds:
+            raise ValueError(f"round t must be in 1..{self.cfg.rounds}, got {t}")
+        return list(self.schedule[t - 1])
+
+    def aggregated_groups(self, t: int) -> frozenset:
+        return self.method.aggregated(t, self.cfg.local_steps, self.cfg.alternation_period,
+                                      head=self.train_head)
+
+    def _load_client(self, cid: int, global_state: dict[str, torch.Tensor]) -> None:
+        self.groups.set_state(global_state)
+        if self._local_groups:
+            local = self.client_local.get(cid)
+            if local is None:
+                local = {k: v for k, v in self._initial_state.items()
+                         if k in set(self.groups.names(self._local_groups))}
+            self.groups.set_state(local)
+
+    def client_update(self, cid: int, t: int, global_state: dict[str, torch.Tensor], *,
+                      step_hook=None) -> ClientUpdate:
+        """Client ``cid`` trains round ``t`` from ``global_state``; the ledger records its K steps."""
+        self._load_client(cid, global_state)
+        stats = local_train(self.model, self.groups, self.method, self.client_data[cid], t, self.local,
+                            forward=self.task.forward,
+                            sampling_generator=self.sampling_generators[cid],
+                            noise_generator=self.noise_generators[cid], step_hook=step_hook)
+        if self._local_groups:
+            self.client_local[cid] = self.groups.get_state(self._local_groups)
+        self.ledger.record_steps(cid, self.cfg.local_steps, round=t)
+        return ClientUpdate(state=self.groups.get_state(self.aggregated_groups(t)),
+                            num_samples=len(self.client_data[cid]), num_steps=self.cfg.local_steps,
+                            client_id=cid, metrics=stats)
+
+    def server_aggregate(self, updates: list[ClientUpdate], t: int,
+                         global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return aggregate(updates, global_state, weighted=self.cfg.weighted_aggregation)
+
+    @torch.no_grad()
+    def _accuracy(self) -> tuple[float, float]:
+        self.model.eval()
+        test = self.task.test
+        n = len(test)
+        correct, loss_sum = 0, 0.0
+        for start in range(0, n, self.cfg.eval_batch_size):
+            idx = list(range(start, min(n, start + self.cfg.eval_batch_size)))
+            batch = test.batch(idx) if hasattr(test, "batch") else self.task.collate([test[i] for i in idx])
+            logits = self.task.forward(self.model, batch)
+            labels = batch["labels"]
+            loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+        return correct / n, loss_sum / n
+
+    def evaluate(self, global_state: dict[str, torch.Tensor]) -> dict:
+        """Test accuracy and loss of the global model (fedsa-lora: mean over clients of the model
+        with the global A and the client's local B and head; per-client values included)."""
+        if not self._local_groups:
+            self.groups.set_state(global_state)
+            acc, loss = self._accuracy()
+            return {"accuracy": acc, "loss": loss}
+        accs, losses = [], []
+        for cid in range(self.cfg.clients):
+            self._load_client(cid, global_state)
+            acc, loss = self._accuracy()
+            accs.append(acc)
+            losses.append(loss)
+        return {"accuracy": float(np.mean(accs)), "loss": float(np.mean(losses)),
+                "per_client_accuracy": accs}
+
+    # ------------------------------------------------------------------ checkpointable state
+    def state_dict(self, round_index: int, global_state: dict[str, torch.Tensor]) -> dict:
+        np_state = np.random.get_state()
+        return {
+            "round": int(round_index),
+            "global_state": {k: v.clone() for k, v in global_state.items()},
+            "client_local": {int(c): {k: v.clone() for k, v in s.items()} for c, s in self.client_local.items()},
+            "ledger": self.ledger.to_dict(),
+            "noise_multiplier": float(self.noise_multiplier),
+            "schedule": [list(s) for s in self.schedule],
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                          int(np_state[2]), int(np_state[3]), float(np_state[4])],
+                "python": list(random.getstate()),
+                "sampling": [g.get_state() for g in self.sampling_generators],
+                "noise": [g.get_state() for g in self.noise_generators],
+            },
+        }
+
+    def load_state_dict(self, payload: dict) -> tuple[int, dict[str, torch.Tensor]]:
+        """Restore a checkpoint; returns (last finished round, global state)."""
+        from lalora.privacy.accountant import PrivacyLedger
+
+        if payload["schedule"] != [list(s) for s in self.schedule]:
+            raise ValueError("checkpoint's client schedule differs from this config's: wrong run folder?")
+        if float(payload["noise_multiplier"]) != float(self.noise_multiplier):
+            raise ValueError("checkpoint's noise_multiplier differs from this config's calibration")
+        self.client_local = {int(c): dict(s) for c, s in payload["client_local"].items()}
+        self.ledger = PrivacyLedger.from_dict(payload["ledger"])
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+        for g, s in zip(self.sampling_generators, rng["sampling"]):
+            g.set_state(s)
+        for g, s in zip(self.noise_generators, rng["noise"]):
+            g.set_state(s)
+        return int(payload["round"]), dict(payload["global_state"])
+
+    def client_epsilon(self, cid: int) -> float:
+        """ε spent by client ``cid`` so far (its ledger history is one (σ, q) entry)."""
+        steps = self.ledger.steps(cid)
+        if not steps:
+            return 0.0
+        if not self.private:
+            return math.inf
+        return _epsilon_for(float(self.noise_multiplier), float(self.cfg.delta),
+                            float(self.sample_rates[cid]), int(steps), self.cfg.accountant)
+
+    def privacy_summary(self) -> dict:
+        eps = [self.client_epsilon(c) for c in range(self.cfg.clients)]
+        return {"epsilon_spent": max(eps) if eps else 0.0, "per_client_epsilon": eps,
+                "per_client_steps": [self.ledger.steps(c) for c in range(self.cfg.clients)]}
+
+
+# ---------------------------------------------------------------------- runs on disk
+@dataclass
+class RunResult:
+    config: RunConfig
+    metrics: list[dict]
+    final: dict
+    run_dir: str
+    cached: bool = False
+
+
+def _progress_enabled(progress: bool) -> bool:
+    env = os.environ.get("LALORA_PROGRESS")
+    if env is not None:
+        return env.strip().lower() not in ("0", "false", "no", "off", "")
+    return bool(progress) and sys.stderr.isatty()
+
+
+def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resume: bool = True,
+                   progress: bool = True, force: bool = False, task=None,
+                   partitions: list | None = None) -> RunResult:
+    """Run (or resume, or serve from disk) the experiment ``cfg``; see the module docstring.
+
+    ``resume=False`` discards an unfinished attempt's checkpoint and starts over; ``force=True``
+    also recomputes a finished run. ``task``/``partitions`` override the registry (tests)."""
+    task = task if task is not None else _load_task(cfg)
+    cfg = cfg.resolve(getattr(task, "defaults", {}))
+    digest = config_hash(cfg.to_dict(), lalora.__version__)
+    run_dir = RunDir.for_config(runs_dir, cfg.task, cfg.method, digest)
+    if run_dir.is_finished() and not force:
+        return RunResult(cfg, run_dir.read_metrics(), run_dir.read_final(), str(run_dir.path), cached=True)
+
+    sim = Simulator(cfg, task=task, partitions=partitions)
+    global_state = sim.initial_global_state()
+    start, elapsed = 1, 0.0
+    if resume and run_dir.has_checkpoint() and not force:
+        payload = run_dir.load_checkpoint()
+        done, global_state = sim.load_state_dict(payload)
+        elapsed = float(payload.get("elapsed_s", 0.0))
+        run_dir.truncate_metrics(done)
+        start = done + 1
+    else:
+        run_dir.reset()
+    run_dir.write_config({**cfg.to_dict(), "hash": digest, "lalora_version": lalora.__version__})
+
+    show = _progress_enabled(progress)
+    from tqdm.auto import tqdm
+
+    rounds_bar = tqdm(total=cfg.rounds, initial=start - 1, desc=f"{cfg.method} rounds",
+                      disable=not show, dynamic_ncols=True, file=sys.stderr)
+    last_eval: dict = {}
+    if start > 1:
+        last_eval = next((r for r in reversed(run_dir.read_metrics()) if "test_accuracy" in r), {})
+    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+    for t in range(start, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        clients = sim.sampled_clients(t)
+        updates = []
+        for cid in tqdm(clients, desc=f"round {t} clients", leave=False, disable=not show,
+                        dynamic_ncols=True, file=sys.stderr):
+            updates.append(sim.client_update(cid, t, global_state))
+        global_state = sim.server_aggregate(updates, t, global_state)
+        privacy = sim.privacy_summary()
+        record = {
+            "round": t, "clients": clients, "lr": sim.local.lr_at(t),
+            "train_loss": float(np.mean([u.metrics["train_loss"] for u in updates])),
+            "mean_batch_size": float(np.mean([np.mean(u.metrics["batch_sizes"]) for u in updates])),
+            "epsilon_spent": privacy["epsilon_spent"],
+        }
+        if t % cfg.eval_every == 0 or t == cfg.rounds:
+            ev = sim.evaluate(global_state)
+            record.update({f"test_{k}": v for k, v in ev.items()})
+            last_eval = record
+        record["round_s"] = time.perf_counter() - t0
+        elapsed += record["round_s"]
+        record["elapsed_s"] = elapsed
+        run_dir.append_metrics(record)
+        run_dir.save_checkpoint({**sim.state_dict(t, global_state), "elapsed_s": elapsed})
+        rounds_bar.update(1)
+        rounds_bar.set_postfix(acc=f"{last_eval.get('test_accuracy', float('nan')):.3f}",
+                               eps=f"{privacy['epsilon_spent']:.2f}")
+        if kill_after and t == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    rounds_bar.close()
+
+    privacy = sim.privacy_summary()
+    final = {
+        "task": cfg.task, "method": cfg.method, "hash": digest, "lalora_version": lalora.__version__,
+        "accuracy": last_eval.get("test_accuracy"), "loss": last_eval.get("test_loss"),
+        "evaluated_round": last_eval.get("round"),
+        **privacy,
+        "target_epsilon": cfg.epsilon if sim.private else math.inf,
+        "delta": cfg.delta, "noise_multiplier": sim.noise_multiplier, "private": sim.private,
+        "clip_norm": cfg.clip_norm if sim.private else math.inf,
+        "sample_rates": sim.sample_rates, "rounds": cfg.rounds, "filter": bool(cfg.filter),
+        "wall_time_s": elapsed,
+    }
+    if "test_per_client_accuracy" in last_eval:
+        final["per_client_accuracy"] = last_eval["test_per_client_accuracy"]
+    run_dir.write_final(final)
+    from lalora.results import read_json
+
+    return RunResult(cfg, run_dir.read_metrics(), read_json(run_dir.final_path), str(run_dir.path))

@@ -1,0 +1,340 @@
+"""`lalora notebooks`: execute the paper's notebooks with papermill, one parameter profile at a time.
+
+Each notebook source is a jupytext ``py:percent`` file ``notebooks/NN_name.py`` whose first code
+cell is tagged ``parameters``. A profile (``ci``: seconds, for tests; ``offline``: the default main
+job on a CPU; ``paper``: the paper's settings on a GPU with data and weights on disk) is a folder
+``notebooks/params/<profile>/`` of YAML files, one per notebook. The runner
+
+1. discovers ``NN_*.py`` (report notebooks, ``*_report``, run last so they see every result),
+2. converts each with jupytext (kernel ``python3``; a kernelspec pointing at this interpreter is
+   installed into ``sys.prefix`` if none exists),
+3. injects ``params/<profile>/<name>.yaml`` plus ``profile``, ``output_dir`` and ``runs_dir``
+   (a parameter the notebook does not declare is an error naming the file and the key: a typo
+   would otherwise silently run the default),
+4. executes it with papermill (cwd = repository root) into ``results/<profile>/notebooks/``,
+   or only injects the parameters with ``--prepare-only`` (how the ``paper`` profile is checked
+   on a machine without its data),
+5. keeps going when one notebook fails, and ends with a summary naming every failure.
+
+Why the runner and not plain ``papermill`` calls: the three profiles, the shared run cache
+(``runs_dir``; identical federated configs are trained once for all notebooks) and the
+"report last" order are conventions every notebook relies on.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+PROFILES = ("ci", "offline", "paper")
+NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.py$")
+KERNEL_NAME = "python3"
+# Parameters every notebook declares; the runner always injects them.
+RUNNER_PARAMETERS = ("profile", "output_dir", "runs_dir")
+
+
+@dataclass
+class NotebookOutcome:
+    """What happened to one notebook."""
+
+    name: str
+    status: str  # "ok" | "prepared" | "failed"
+    seconds: float
+    output_path: str
+    error: str = ""
+
+
+@dataclass
+class RunSummary:
+    profile: str
+    outcomes: list[NotebookOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[NotebookOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile,
+            "total_seconds": round(sum(o.seconds for o in self.outcomes), 2),
+            "notebooks": [asdict(o) for o in self.outcomes],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery and parameters
+# --------------------------------------------------------------------------------------------
+def find_repo_root(start: Path | None = None) -> Path:
+    """The folder holding ``notebooks/``: the cwd or one of its parents, else the source checkout."""
+    start = (start or Path.cwd()).resolve()
+    for candidate in (start, *start.parents):
+        if (candidate / "notebooks").is_dir() and (candidate / "lalora").is_dir():
+            return candidate
+    return Path(__file__).resolve().parents[1]
+
+
+def is_report(name: str) -> bool:
+    return name.endswith("_report")
+
+
+def discover(notebooks_dir: Path) -> list[Path]:
+    """``NN_name.py`` sources in number order, report notebooks last."""
+    if not notebooks_dir.is_dir():
+        raise FileNotFoundError(f"notebooks_dir: {notebooks_dir} is not a folder")
+    sources = [p for p in notebooks_dir.iterdir() if NOTEBOOK_PATTERN.match(p.name)]
+    return sorted(sources, key=lambda p: (is_report(p.stem), p.stem))
+
+
+def select(sources: Sequence[Path], only: Iterable[str] | None) -> list[Path]:
+    """Keep the sources named by ``--only`` (``01_main_vision``, ``01`` or ``main_vision``)."""
+    wanted = list(only or [])
+    if not wanted:
+        return list(sources)
+    chosen = []
+    for want in wanted:
+        want = want.removesuffix(".py")
+        hits = [p for p in sources if p.stem == want or p.stem.split("_", 1)[0] == want
+                or p.stem.split("_", 1)[-1] == want]
+        if not hits:
+            names = ", ".join(p.stem for p in sources)
+            raise ValueError(f"only: no notebook named {want!r} (have: {names})")
+        chosen.extend(h for h in hits if h not in chosen)
+    # Keep the canonical order (report last) whatever order --only gave.
+    return [p for p in sources if p in chosen]
+
+
+def load_params(params_dir: Path, profile: str, name: str) -> tuple[dict[str, Any], Path | None]:
+    """The YAML parameters of one notebook in one profile ({} and None if there is no file)."""
+    import yaml
+
+    path = params_dir / profile / f"{name}.yaml"
+    if not path.exists():
+        return {}, None
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of parameter names to values, got {type(data).__name__}")
+    return data, path
+
+
+def declared_parameters(nb) -> list[str]:
+    """Names assigned at top level in the cell tagged ``parameters`` (in order)."""
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            names: list[str] = []
+            for node in ast.parse(cell.source).body:
+                targets = []
+                if isinstance(node, ast.Assign):
+                    targets = node.targets
+                elif isinstance(node, ast.AnnAssign):
+                    targets = [node.target]
+                for t in targets:
+                    if isinstance(t, ast.Name) and t.id not in names:
+                        names.append(t.id)
+            return names
+    return []
+
+
+def read_notebook(source: Path):
+    """jupytext ``py:percent`` -> nbformat notebook with the ``python3`` kernelspec set."""
+    import jupytext
+
+    nb = jupytext.read(source)
+    nb.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": "Python 3", "language": "python"}
+    nb.metadata.setdefault("language_info", {"name": "python"})
+    return nb
+
+
+def resolve_parameters(nb, source: Path, params: dict[str, Any], params_path: Path | None,
+                       injected: dict[str, Any]) -> dict[str, Any]:
+    """Profile YAML + runner values, checked against the notebook's parameters cell."""
+    declared = declared_parameters(nb)
+    if not declared:
+        raise ValueError(f"{source.name}: no cell tagged 'parameters' (add `# %% tags=[\"parameters\"]`)")
+    where = params_path or "runner"
+    for key in (*params, *injected):
+        if key not in declared:
+            raise ValueError(f"{where}: parameter {key!r} is not declared in the parameters cell of "
+                             f"{source.name} (declared: {', '.join(declared)})")
+    return {**params, **injected}
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------
+def ensure_kernel(name: str = KERNEL_NAME) -> str:
+    """Make sure kernel ``name`` exists and runs this interpreter; install it into sys.prefix if not.
+
+    jupyter_client substitutes ``sys.executable`` for a bare ``python``/``python3`` argv[0], so
+    the stock ipykernel spec is fine. A user-level ``python3`` spec pointing at another
+    interpreter would silently run the notebooks without lalora; then we install and use a
+    dedicated ``lalora-python3`` spec in this environment instead.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    generic = {"python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}"}
+    manager = KernelSpecManager()
+    try:
+        spec = manager.get_kernel_spec(name)
+        exe = spec.argv[0] if spec.argv else ""
+        if exe in generic or Path(exe).resolve() == Path(sys.executable).resolve():
+            return name
+        name = "lalora-python3"
+        try:
+            spec = manager.get_kernel_spec(name)
+            if Path(spec.argv[0]).resolve() == Path(sys.executable).resolve():
+                return name
+        except NoSuchKernel:
+            pass
+    except NoSuchKernel:
+        pass
+    from ipykernel.kernelspec import install
+
+    install(kernel_name=name, prefix=sys.prefix, display_name=f"Python 3 ({name})")
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# Execution
+# --------------------------------------------------------------------------------------------
+def _short_error(err: BaseException) -> str:
+    ename = getattr(err, "ename", type(err).__name__)
+    evalue = getattr(err, "evalue", str(err))
+    text = f"{ename}: {evalue}".strip()
+    return text if len(text) < 800 else text[:800] + " ..."
+
+
+def run_notebooks(profile: str, *, only: Iterable[str] | None = None, root: Path | str | None = None,
+                  output_dir: Path | str | None = None, runs_dir: Path | str | None = None,
+                  prepare_only: bool = False, quiet: bool | None = None, log_output: bool = False,
+                  execution_timeout: int | None = None, keep_going: bool = True,
+                  echo=print) -> RunSummary:
+    """Execute (or, with ``prepare_only``, only parameterise) the notebooks of one profile.
+
+    ``output_dir`` defaults to ``results/<profile>`` and ``runs_dir`` to ``runs`` (both relative
+    to the repository root, which is also the kernel's cwd). Returns a summary; it is also
+    written to ``<output_dir>/notebooks/runner_summary.json``.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"profile: {profile!r} is not one of {', '.join(PROFILES)}")
+    import papermill as pm
+
+    root = Path(root).resolve() if root else find_repo_root()
+    notebooks_dir = root / "notebooks"
+    params_dir = notebooks_dir / "params"
+    output_dir = Path(output_dir) if output_dir else Path("results") / profile
+    runs_dir = Path(runs_dir) if runs_dir else Path("runs")
+    abs_output = output_dir if output_dir.is_absolute() else root / output_dir
+    executed_dir = abs_output / "notebooks"
+    executed_dir.mkdir(parents=True, exist_ok=True)  # papermill needs the folder to exist
+
+    if quiet is None:
+        quiet = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    # Inherited by the kernels: no progress-bar spam in CI logs, no network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["LALORA_QUIET"] = "1"
+
+    sources = select(discover(notebooks_dir), only)
+    kernel = KERNEL_NAME if prepare_only else ensure_kernel()
+    summary = RunSummary(profile=profile)
+    injected_common = {"profile": profile, "output_dir": str(output_dir), "runs_dir": str(runs_dir)}
+
+    for source in sources:
+        name = source.stem
+        out_path = executed_dir / f"{name}.ipynb"
+        start = time.perf_counter()
+        try:
+            nb = read_notebook(source)
+            params, params_path = load_params(params_dir, profile, name)
+            if params_path is None and not quiet:
+                echo(f"[{name}] no params/{profile}/{name}.yaml: using the notebook's defaults")
+            parameters = resolve_parameters(nb, source, params, params_path, injected_common)
+            echo(f"[{name}] {'preparing' if prepare_only else 'running'} ({profile}) -> "
+                 f"{out_path.relative_to(root) if out_path.is_relative_to(root) else out_path}")
+            engine_kwargs = {}
+            if execution_timeout:
+                engine_kwargs["execution_timeout"] = execution_timeout
+            pm.execute_notebook(nb, str(out_path), parameters=parameters, prepare_only=prepare_only,
+                                kernel_name=kernel, language="python", progress_bar=not quiet,
+                                log_output=log_output, cwd=str(root), **engine_kwargs)
+            status, error = ("prepared" if prepare_only else "ok"), ""
+        except Exception as err:  # noqa: BLE001 -- one failing notebook must not stop the others
+            status, error = "failed", _short_error(err)
+            echo(f"[{name}] FAILED: {error}\n[{name}] see {out_path}")
+        seconds = time.perf_counter() - start
+        summary.outcomes.append(NotebookOutcome(name, status, round(seconds, 2), str(out_path), error))
+        if status != "failed":
+            echo(f"[{name}] {status} in {seconds:.1f} s")
+        elif not keep_going:
+            break
+
+    _write_json_atomic(executed_dir / ("prepare_summary.json" if prepare_only else "runner_summary.json"),
+                       summary.to_dict())
+    echo(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: RunSummary) -> str:
+    lines = [f"== lalora notebooks --profile {summary.profile}: "
+             f"{len(summary.outcomes) - len(summary.failed)}/{len(summary.outcomes)} succeeded, "
+             f"{sum(o.seconds for o in summary.outcomes):.1f} s =="]
+    for o in summary.outcomes:
+        lines.append(f"  {o.status:8s} {o.seconds:8.1f} s  {o.name}" + (f"  -- {o.error}" if o.error else ""))
+    if summary.failed:
+        lines.append("failed: " + ", ".join(o.name for o in summary.failed)
+                     + " (the executed notebooks hold the traceback)")
+    return "\n".join(lines)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def register(subparsers) -> None:
+    p = subparsers.add_parser("notebooks", help="execute the notebooks of one profile with papermill",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--profile", choices=PROFILES, default="offline",
+                   help="parameter profile: ci (seconds), offline (CPU main job), paper (GPU, data on disk)")
+    p.add_argument("--only", action="append", metavar="NAME",
+                   help="run only this notebook (01_main_vision, 01 or main_vision); repeatable")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="inject parameters without executing (checks that a profile resolves)")
+    p.add_argument("--output-dir", help="default results/<profile>")
+    p.add_argument("--runs-dir", help="federated run cache shared by all notebooks (default runs)")
+    p.add_argument("--quiet", action="store_true", default=None,
+                   help="no progress bars (default when CI=true)")
+    p.add_argument("--log-output", action="store_true", help="stream cell output to the terminal")
+    p.add_argument("--execution-timeout", type=int, default=None, help="seconds per cell")
+    p.add_argument("--stop-on-failure", action="store_true", help="stop at the first failing notebook")
+    p.add_argument("--list", action="store_true", help="list the notebooks and exit")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    root = find_repo_root()
+    if args.list:
+        for source in select(discover(root / "notebooks"), args.only):
+            print(source.stem)
+        return 0
+    summary = run_notebooks(args.profile, only=args.only, root=root, output_dir=args.output_dir,
+                            runs_dir=args.runs_dir, prepare_only=args.prepare_only, quiet=args.quiet,
+                            log_output=args.log_output, execution_timeout=args.execution_timeout,
+                            keep_going=not args.stop_on_failure)
+    return 1 if summary.failed else 0

@@ -1,0 +1,128 @@
+"""The notebooks' house style: one seaborn theme, one colour and display name per method, PNG+PDF.
+
+Every figure the notebooks save goes through :func:`savefig` after :func:`use_style`, so all
+figures share fonts, sizes and a method's colour (LA-LoRA is the same orange in the main table,
+the ablation and the privacy-utility curve). Colours come from seaborn's colour-blind palette.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+# Display names, in the order methods are shown (baselines first, LA-LoRA last among DP methods).
+METHOD_LABELS: dict[str, str] = {
+    "fedavg-lora": "FedAvg-LoRA (no DP)",
+    "dp-lora": "DP-LoRA",
+    "dp-lora+filter": "DP-LoRA + filter",
+    "ffa-lora": "FFA-LoRA",
+    "rolora": "RoLoRA",
+    "la-lora-filter": "LA-LoRA − filter",
+    "la-lora": "LA-LoRA",
+    "fedsa-lora": "FedSA-LoRA",
+    "sam-lora": "SAM-LoRA",
+    "flora": "FLoRA",
+    "centralized-dp-lora": "Centralized DP-LoRA",
+}
+METHOD_ORDER: list[str] = list(METHOD_LABELS)
+
+# Indices into seaborn's "colorblind" palette (10 colours), fixed per method.
+_PALETTE_INDEX = {
+    "fedavg-lora": 7,        # grey: the non-private reference
+    "dp-lora": 0,            # blue
+    "dp-lora+filter": 9,     # light blue: DP-LoRA's variant
+    "ffa-lora": 2,           # green
+    "rolora": 4,             # purple
+    "la-lora-filter": 5,     # brown: LA-LoRA's variant
+    "la-lora": 1,            # orange
+    "fedsa-lora": 8,         # yellow
+    "sam-lora": 6,           # pink
+    "flora": 3,              # red
+    "centralized-dp-lora": 7,
+}
+_MARKERS = {"fedavg-lora": "X", "dp-lora": "o", "dp-lora+filter": "v", "ffa-lora": "s", "rolora": "D",
+            "la-lora-filter": "P", "la-lora": "^", "fedsa-lora": "*", "sam-lora": "h", "flora": "p"}
+
+# Single-column-ish figure sizes (inches) that stay readable at the saved size.
+FIGSIZE = (6.4, 4.0)
+FIGSIZE_WIDE = (9.6, 4.0)
+DPI = 150
+
+
+def use_style() -> None:
+    """Apply the house style (call once at the top of every notebook)."""
+    import matplotlib
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind", font_scale=0.95)
+    matplotlib.rcParams.update({
+        "figure.figsize": FIGSIZE,
+        "figure.dpi": 100,
+        "savefig.dpi": DPI,
+        "savefig.bbox": "tight",
+        "axes.titleweight": "bold",
+        "legend.frameon": True,
+        "legend.framealpha": 0.9,
+        "pdf.fonttype": 42,   # embed TrueType: editable text in the PDF
+        "ps.fonttype": 42,
+        "svg.hashsalt": "lalora",
+    })
+
+
+def method_label(method: str) -> str:
+    """Display name of a method (the method id itself if unknown)."""
+    return METHOD_LABELS.get(method, method)
+
+
+def method_color(method: str):
+    """The fixed RGB colour of a method; unknown methods get a stable colour from their name."""
+    import seaborn as sns
+
+    palette = sns.color_palette("colorblind", 10)
+    if method in _PALETTE_INDEX:
+        return palette[_PALETTE_INDEX[method]]
+    return palette[sum(map(ord, method)) % 10]
+
+
+def method_marker(method: str) -> str:
+    return _MARKERS.get(method, "o")
+
+
+def method_palette(methods: Iterable[str]) -> dict[str, tuple]:
+    """{method: colour} for seaborn's ``palette=`` argument."""
+    return {m: method_color(m) for m in methods}
+
+
+def sort_methods(methods: Iterable[str]) -> list[str]:
+    """Methods in display order (known ones by METHOD_ORDER, then the rest alphabetically)."""
+    methods = list(dict.fromkeys(methods))
+    known = [m for m in METHOD_ORDER if m in methods]
+    return known + sorted(m for m in methods if m not in METHOD_LABELS)
+
+
+def epsilon_label(eps: float) -> str:
+    """'ε = 3' / 'ε = ∞ (no DP)'."""
+    if eps is None or eps == float("inf"):
+        return "ε = ∞ (no DP)"
+    return f"ε = {eps:g}"
+
+
+def savefig(fig, output_dir: str | os.PathLike, name: str, *, close: bool = False) -> dict[str, Path]:
+    """Write ``{output_dir}/figures/{name}.png`` and ``.pdf``; return both paths.
+
+    The figure stays open by default so a notebook still shows it inline (the inline backend
+    closes it after display); pass ``close=True`` in loops and scripts. The PDF carries no
+    creation date, so re-rendering an unchanged figure gives the same bytes.
+    """
+    if not name or "/" in name or name.endswith((".png", ".pdf")):
+        raise ValueError(f"name: expected a bare figure name like '01_main_vision_bars', got {name!r}")
+    folder = Path(output_dir) / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"png": folder / f"{name}.png", "pdf": folder / f"{name}.pdf"}
+    fig.savefig(paths["png"], dpi=DPI, bbox_inches="tight")
+    fig.savefig(paths["pdf"], bbox_inches="tight", metadata={"CreationDate": None, "ModDate": None})
+    if close:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return paths

@@ -1,0 +1,284 @@
+"""Privacy accounting through Opacus' accountants (RDP by default, PRV as an option).
+
+Nothing here re-implements an accountant: σ comes from `opacus.accountants.utils.get_noise_multiplier`
+and ε from an Opacus accountant whose `history` is set to [(σ, q, steps), ...]. Both assume the
+Poisson-subsampled Gaussian mechanism with add/remove-one adjacency, i.e. batches drawn by
+`lalora.privacy.sampling.poisson_sample` (SPEC §3).
+
+    noise_multiplier_for(epsilon, delta, sample_rate, steps, accountant="rdp") -> σ
+    epsilon_for(noise_multiplier, delta, sample_rate, steps, accountant="rdp") -> ε
+    noise_multiplier_for_clients(epsilon, delta, [(q_i, steps_i), ...]) -> one σ meeting ε for all
+    PrivacyLedger  -- per-client spent ε in a federated run (API in its docstring)
+
+Edge cases: epsilon=inf -> σ=0 (the non-DP reference); σ=0 with steps>0 -> ε=inf; steps=0 -> σ=0, ε=0.
+`get_noise_multiplier` returns the upper end of its bisection, so epsilon_for(σ) ≤ target
+(within its 0.01 tolerance below it).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Hashable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+# --------------------------------------------------------------------------- validation helpers
+def _num(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def _check_accountant(accountant: str) -> str:
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant={accountant!r} is not one of {', '.join(map(repr, ACCOUNTANTS))}")
+    return accountant
+
+
+def _check_delta(delta: float) -> float:
+    delta = _num("delta", delta)
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must lie in (0, 1), got {delta}")
+    return delta
+
+
+def _check_sample_rate(sample_rate: float) -> float:
+    q = _num("sample_rate", sample_rate)
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
+    return q
+
+
+def _check_steps(steps: int, name: str = "steps") -> int:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {steps!r}")
+    return int(steps)
+
+
+def _check_noise_multiplier(noise_multiplier: float) -> float:
+    sigma = _num("noise_multiplier", noise_multiplier)
+    if math.isnan(sigma) or sigma < 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    return sigma
+
+
+@contextmanager
+def _quiet_rdp_order_warnings():
+    # Opacus' RDP warns when the optimal order is at the edge of its alpha grid; the bound is then
+    # looser (still valid, conservative). During a bisection this fires for every probe.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+        yield
+
+
+# --------------------------------------------------------------------------- the two directions
+def epsilon_for_history(history: Iterable[tuple[float, float, int]], delta: float,
+                        accountant: str = "rdp") -> float:
+    """ε after composing every (noise_multiplier, sample_rate, steps) entry of `history`."""
+    from opacus.accountants import create_accountant
+
+    _check_accountant(accountant)
+    delta = _check_delta(delta)
+    entries = []
+    for sigma, q, steps in history:
+        sigma, q, steps = _check_noise_multiplier(sigma), _check_sample_rate(q), _check_steps(steps)
+        if steps == 0:
+            continue
+        if sigma == 0.0:
+            return math.inf  # no noise: no finite guarantee
+        if math.isinf(sigma):
+            continue  # infinite noise releases nothing
+        entries.append((sigma, q, steps))
+    if not entries:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = entries
+    with _quiet_rdp_order_warnings():
+        return float(acc.get_epsilon(delta=delta))
+
+
+def epsilon_for(noise_multiplier: float, delta: float, sample_rate: float, steps: int,
+                accountant: str = "rdp") -> float:
+    """ε spent by `steps` Poisson-sampled Gaussian steps with this σ and q (Opacus accountant)."""
+    return epsilon_for_history([(noise_multiplier, sample_rate, steps)], delta, accountant)
+
+
+def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps: int,
+                         accountant: str = "rdp", *, epsilon_tolerance: float = 0.01) -> float:
+    """Smallest σ (to Opacus' bisection tolerance) with ε(σ, q, steps) ≤ `epsilon`."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    epsilon = _num("epsilon", epsilon)
+    if math.isnan(epsilon) or epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0 (inf means no noise), got {epsilon}")
+    delta = _check_delta(delta)
+    q = _check_sample_rate(sample_rate)
+    steps = _check_steps(steps)
+    _check_accountant(accountant)
+    if math.isinf(epsilon) or steps == 0:
+        return 0.0
+    with _quiet_rdp_order_warnings():
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
+                                          steps=steps, accountant=accountant,
+                                          epsilon_tolerance=epsilon_tolerance))
+
+
+def noise_multiplier_for_clients(epsilon: float, delta: float,
+                                 clients: Iterable[tuple[float, int]],
+                                 accountant: str = "rdp") -> float:
+    """One σ for every client: each (sample_rate_i, steps_i) must meet `epsilon`, so take the
+    largest per-client σ (SPEC §3: the client with the most steps -- or the largest q -- binds)."""
+    pairs = {(_check_sample_rate(q), _check_steps(s)) for q, s in clients}
+    if not pairs:
+        raise ValueError("clients must list at least one (sample_rate, steps) pair")
+    return max(noise_multiplier_for(epsilon, delta, q, s, accountant) for q, s in pairs)
+
+
+# --------------------------------------------------------------------------- the ledger
+@dataclass
+class _ClientRecord:
+    sample_rate: float | None = None
+    noise_multiplier: float | None = None
+    history: list[list] = field(default_factory=list)  # [[σ, q, steps], ...], consecutive merged
+    rounds: dict[Any, tuple[int, float, float]] = field(default_factory=dict)  # key -> (n, σ, q)
+    epsilon: float | None = None  # cache; None = stale
+
+    @property
+    def steps(self) -> int:
+        return sum(entry[2] for entry in self.history)
+
+
+class PrivacyLedger:
+    """Per-client record of DP steps and the ε they spent, computed by an Opacus accountant.
+
+    API (what the federated simulation uses)::
+
+        ledger = PrivacyLedger(delta=1e-5, accountant="rdp")
+        ledger.set_client(client, sample_rate=q, noise_multiplier=sigma)  # before its first steps
+        ledger.record_steps(client, n, round=t)  # n local DP steps in round t -> True if new
+        ledger.record_steps(client, n, round=t)  # same key again -> False, nothing added
+        ledger.steps(client) -> int ; ledger.epsilon(client) -> float
+        ledger.epsilons() -> {client: ε} ; ledger.max_epsilon() -> float ; ledger.clients -> list
+        ledger.summary(client) -> {"steps", "sample_rate", "noise_multiplier", "epsilon", "history"}
+        d = ledger.to_dict()  (JSON-serialisable; ε=inf is written as Infinity)
+        ledger = PrivacyLedger.from_dict(d)
+
+    Rules that keep the count honest:
+    - `n` counts every DP step taken, INCLUDING steps whose Poisson batch was empty (the noise
+      was still released and the accountant assumes the step happened).
+    - `(client, round)` is an idempotency key: recording it again with the same (n, σ, q) is a
+      no-op (so a resumed run never double counts); with different values it raises ValueError.
+      `round=None` means "no key": the steps are always added.
+    - `record_steps(..., sample_rate=, noise_multiplier=)` may override the client's current
+      values (they become the client's new current values); heterogeneous histories compose.
+    Client ids may be any hashable that JSON can hold (int or str) -- kept as-is in to_dict.
+    """
+
+    def __init__(self, delta: float = 1e-5, accountant: str = "rdp") -> None:
+        self.delta = _check_delta(delta)
+        self.accountant = _check_accountant(accountant)
+        self._clients: dict[Hashable, _ClientRecord] = {}
+
+    # -- recording
+    def set_client(self, client: Hashable, *, sample_rate: float, noise_multiplier: float) -> None:
+        rec = self._clients.setdefault(client, _ClientRecord())
+        rec.sample_rate = _check_sample_rate(sample_rate)
+        rec.noise_multiplier = _check_noise_multiplier(noise_multiplier)
+
+    def record_steps(self, client: Hashable, n: int, *, round: Hashable | None = None,
+                     sample_rate: float | None = None,
+                     noise_multiplier: float | None = None) -> bool:
+        n = _check_steps(n, "n")
+        rec = self._clients.setdefault(client, _ClientRecord())
+        q = _check_sample_rate(sample_rate) if sample_rate is not None else rec.sample_rate
+        sigma = (_check_noise_multiplier(noise_multiplier) if noise_multiplier is not None
+                 else rec.noise_multiplier)
+        if q is None or sigma is None:
+            raise ValueError(f"client {client!r}: sample_rate and noise_multiplier unknown; call "
+                             "set_client() first or pass them to record_steps()")
+        if round is not None:
+            if round in rec.rounds:
+                if rec.rounds[round] != (n, sigma, q):
+                    raise ValueError(
+                        f"client {client!r}, round {round!r} already recorded as "
+                        f"(n, sigma, q)={rec.rounds[round]}, now {(n, sigma, q)}")
+                return False
+            rec.rounds[round] = (n, sigma, q)
+        rec.sample_rate, rec.noise_multiplier = q, sigma
+        if n:
+            if rec.history and rec.history[-1][0] == sigma and rec.history[-1][1] == q:
+                rec.history[-1][2] += n
+            else:
+                rec.history.append([sigma, q, n])
+            rec.epsilon = None
+        return True
+
+    # -- reading
+    @property
+    def clients(self) -> list:
+        return list(self._clients)
+
+    def _get(self, client: Hashable) -> _ClientRecord:
+        try:
+            return self._clients[client]
+        except KeyError:
+            raise KeyError(f"client {client!r} has no record in this ledger") from None
+
+    def steps(self, client: Hashable) -> int:
+        return self._get(client).steps
+
+    def epsilon(self, client: Hashable) -> float:
+        rec = self._get(client)
+        if rec.epsilon is None:
+            rec.epsilon = epsilon_for_history(rec.history, self.delta, self.accountant)
+        return rec.epsilon
+
+    def epsilons(self) -> dict:
+        return {c: self.epsilon(c) for c in self._clients}
+
+    def max_epsilon(self) -> float:
+        return max(self.epsilons().values(), default=0.0)
+
+    def summary(self, client: Hashable) -> dict[str, Any]:
+        rec = self._get(client)
+        return {"steps": rec.steps, "sample_rate": rec.sample_rate,
+                "noise_multiplier": rec.noise_multiplier, "epsilon": self.epsilon(client),
+                "history": [list(e) for e in rec.history]}
+
+    # -- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "clients": [
+                {"client": c, **self.summary(c),
+                 "rounds": [[k, *v] for k, v in rec.rounds.items()]}
+                for c, rec in self._clients.items()
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PrivacyLedger":
+        ledger = cls(delta=data["delta"], accountant=data["accountant"])
+        for entry in data["clients"]:
+            client = entry["client"]
+            rec = ledger._clients.setdefault(client, _ClientRecord())
+            rec.sample_rate = entry["sample_rate"]
+            rec.noise_multiplier = entry["noise_multiplier"]
+            rec.history = [[float(s), float(q), int(n)] for s, q, n in entry["history"]]
+            # JSON turns tuples into lists; round keys must be hashable again
+            rec.rounds = {(tuple(k) if isinstance(k, list) else k): (int(n), float(s), float(q))
+                          for k, n, s, q in entry["rounds"]}
+        return ledger
+
+    def __repr__(self) -> str:
+        return (f"PrivacyLedger(delta={self.delta}, accountant={self.accountant!r}, "
+                f"clients={len(self._clients)})")

@@ -1,0 +1,493 @@
+"""Build ``paper/REPORT.md``: every reproduced number beside the number the paper reports.
+
+Inputs are the JSON files the notebooks write (``results/<profile>/NN_name.json``) and the
+reported numbers in ``paper/reported.yaml``. Nothing in the report is typed by hand: the
+verdict on the paper's ranking (LA-LoRA > RoLoRA > FFA-LoRA > DP-LoRA) is computed from the
+reproduced means for every (profile, notebook, task, ε) that has the methods.
+
+Result-table schema (the notebooks 01-05 write it; anything else is shown generically)::
+
+    {"notebook": "01_main_vision", "profile": "offline", "metric": "test accuracy (%)",
+     "table": [{"task": "digits-swin", "method": "la-lora", "epsilon": 3.0 | "inf",
+                "accuracy_mean": 91.2, "accuracy_std": 0.8, "n_seeds": 3, ...}, ...],
+     "summary": {flat dict of key numbers}}
+
+Every notebook JSON's ``summary`` dict becomes a table in a generic section, so notebooks written
+later (06-12) appear without changes here. ``06_sharpness.json``'s ``top_eigenvalue`` =
+``{"dp-lora": x, "la-lora": y}`` is shown beside the paper's 101.62 / 64.77.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from lalora.plotting import method_label, sort_methods
+
+CLAIMED_RANKING = ["la-lora", "rolora", "ffa-lora", "dp-lora"]
+PROFILE_ORDER = ["paper", "offline", "ci"]
+RESULT_FILE = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.json$")
+# Notebooks with a specific side-by-side section: notebook -> (reported.yaml key, title).
+SIDE_BY_SIDE = {
+    "01_main_vision": ("main_vision", "Main results: vision"),
+    "02_main_language": ("main_language", "Main results: language"),
+    "03_ablation": ("ablation", "Ablation: filter × alternation"),
+}
+VISION_HINTS = ("swin", "vit", "digits", "lfw", "cifar", "imagenet")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def load_reported(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    with open(path) as fh:
+        data = yaml.safe_load(fh)
+    if not isinstance(data, dict) or "paper" not in data:
+        raise ValueError(f"reported: {path} has no 'paper' section")
+    return data
+
+
+def collect_results(results_root: str | os.PathLike,
+                    profiles: Iterable[str] | None = None) -> dict[str, dict[str, dict]]:
+    """{profile: {notebook: json}} for every ``results/<profile>/NN_*.json``.
+
+    Unreadable files are kept as ``{"_error": "..."}`` so the report says so instead of failing.
+    """
+    root = Path(results_root)
+    found: dict[str, dict[str, dict]] = {}
+    if not root.is_dir():
+        return found
+    names = [p.name for p in root.iterdir() if p.is_dir()]
+    wanted = list(profiles) if profiles else sorted(names, key=_profile_key)
+    for profile in wanted:
+        folder = root / profile
+        if not folder.is_dir():
+            continue
+        per_nb = {}
+        for path in sorted(folder.iterdir()):
+            if not RESULT_FILE.match(path.name):
+                continue
+            try:
+                with open(path) as fh:
+                    per_nb[path.stem] = json.load(fh)
+            except (OSError, ValueError) as err:
+                per_nb[path.stem] = {"_error": f"{type(err).__name__}: {err}"}
+        if per_nb:
+            found[profile] = per_nb
+    return found
+
+
+def _profile_key(profile: str):
+    return (PROFILE_ORDER.index(profile) if profile in PROFILE_ORDER else len(PROFILE_ORDER), profile)
+
+
+# --------------------------------------------------------------------------------------------
+# Numbers
+# --------------------------------------------------------------------------------------------
+def as_epsilon(value) -> float:
+    """3, 3.0, "3", "inf", None (= no DP) -> float."""
+    if value is None:
+        return math.inf
+    return float(value)
+
+
+def fmt_eps(eps: float) -> str:
+    return "∞" if math.isinf(eps) else f"{eps:g}"
+
+
+def fmt_acc(mean, std=None, n=None) -> str:
+    if mean is None or (isinstance(mean, float) and not math.isfinite(mean)):
+        return "–"
+    text = f"{mean:.2f}"
+    if std is not None and n and n > 1:
+        text += f" ± {std:.2f}"
+    if n:
+        text += f" (n={n})"
+    return text
+
+
+@dataclass
+class Cell:
+    mean: float
+    std: float = 0.0
+    n: int = 1
+
+
+def table_groups(data: Mapping[str, Any], group_by: tuple[str, ...] = ("task", "epsilon")
+                 ) -> dict[tuple, dict[str, Cell]]:
+    """Rows of a result table grouped by (task, ε): {(task, ε): {method: Cell}}."""
+    groups: dict[tuple, dict[str, Cell]] = {}
+    for row in data.get("table", []) or []:
+        if "method" not in row or "accuracy_mean" not in row:
+            continue
+        key = tuple(as_epsilon(row.get(k)) if k == "epsilon" else row.get(k) for k in group_by)
+        groups.setdefault(key, {})[row["method"]] = Cell(
+            float(row["accuracy_mean"]), float(row.get("accuracy_std") or 0.0), int(row.get("n_seeds") or 1))
+    return groups
+
+
+@dataclass
+class RankingVerdict:
+    """Whether the claimed order holds among the methods present."""
+
+    methods: list[str]                 # claimed order restricted to those present
+    observed: list[str]                # present methods sorted by mean, best first
+    holds: bool
+    violations: list[tuple[str, str, float, float, bool]] = field(default_factory=list)
+    # (should-be-better, should-be-worse, mean of first, mean of second, within noise?)
+
+    def sentence(self) -> str:
+        claimed = " > ".join(method_label(m) for m in self.methods)
+        if self.holds:
+            return f"holds ({claimed})"
+        parts = []
+        for better, worse, mb, mw, noise in self.violations:
+            note = ", within one std" if noise else ""
+            parts.append(f"{method_label(better)} {mb:.2f} ≤ {method_label(worse)} {mw:.2f}{note}")
+        observed = " > ".join(method_label(m) for m in self.observed)
+        return f"does not hold: {'; '.join(parts)} (observed {observed})"
+
+
+def check_ranking(cells: Mapping[str, Cell], claimed: list[str] = CLAIMED_RANKING) -> RankingVerdict | None:
+    """Compare every adjacent pair of the claimed order (restricted to methods present).
+
+    A pair is violated when the method claimed better has a mean that is not strictly higher.
+    "Within noise" flags a violation whose gap is smaller than the larger of the two stds.
+    Returns None with fewer than two of the claimed methods.
+    """
+    present = [m for m in claimed if m in cells and math.isfinite(cells[m].mean)]
+    if len(present) < 2:
+        return None
+    violations = []
+    for better, worse in zip(present, present[1:]):
+        a, b = cells[better], cells[worse]
+        if not a.mean > b.mean:
+            noise = abs(a.mean - b.mean) <= max(a.std, b.std)
+            violations.append((better, worse, a.mean, b.mean, noise))
+    observed = sorted(present, key=lambda m: -cells[m].mean)
+    return RankingVerdict(present, observed, not violations, violations)
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown helpers
+# --------------------------------------------------------------------------------------------
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return "∞" if math.isinf(v) else f"{v:.4g}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out += _flatten(v, key + ".")
+        elif isinstance(v, (list, tuple)) and len(v) > 8:
+            out.append((key, f"[{len(v)} values]"))
+        else:
+            out.append((key, v))
+    return out
+
+
+def _is_vision(task: str) -> bool:
+    return any(h in str(task).lower() for h in VISION_HINTS)
+
+
+def _reported_for(rows: list[dict], task: str, eps: float, vision_section: bool) -> dict | None:
+    """The reported row to show beside a reproduced (task, ε): same task id, else same ε."""
+    for row in rows:
+        if row.get("task") == task and as_epsilon(row.get("epsilon")) == eps:
+            return row
+    for row in rows:
+        if row.get("task") == task:
+            return row
+    for row in rows:
+        if as_epsilon(row.get("epsilon")) == eps:
+            return row
+    return rows[0] if rows else None
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+def _side_by_side(results: dict, reported: dict, notebook: str) -> str:
+    key, title = SIDE_BY_SIDE[notebook]
+    section = reported.get(key, {}) or {}
+    rep_rows = section.get("rows", [])
+    out = [f"## {title}", ""]
+    if rep_rows:
+        out.append(f"Reported ({section.get('source', 'source unknown')}):")
+        out.append("")
+        methods = sort_methods(m for r in rep_rows for m in r.get("accuracy", {}))
+        out.append(md_table(["setting", "ε"] + [method_label(m) for m in methods],
+                            [[f"{r['model']} / {r['dataset']}", fmt_eps(as_epsilon(r["epsilon"]))]
+                             + [f"{r['accuracy'][m]:.2f}" if m in r["accuracy"] else "–" for m in methods]
+                             for r in rep_rows]))
+        out.append("")
+    any_repro = False
+    for profile, per_nb in results.items():
+        data = per_nb.get(notebook)
+        if not data or "_error" in data:
+            if data:
+                out += [f"*{profile}*: could not read {notebook}.json ({data['_error']}).", ""]
+            continue
+        groups = table_groups(data)
+        # The non-private reference (ε = ∞) is shown as an extra row in each finite-ε table.
+        reference = {task: cells for (task, eps), cells in groups.items() if math.isinf(eps)}
+        finite_tasks = {task for (task, eps) in groups if not math.isinf(eps)}
+        for (task, eps), cells in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+            if math.isinf(eps) and task in finite_tasks:
+                continue
+            any_repro = True
+            ref = _reported_for(rep_rows, task, eps, _is_vision(task))
+            same = ref is not None and ref.get("task") == task
+            ref_name = (f"{ref['model']} / {ref['dataset']}, ε = {fmt_eps(as_epsilon(ref['epsilon']))}"
+                        if ref else "none")
+            out.append(f"**Reproduced** — profile `{profile}`, task `{task}`, ε = {fmt_eps(eps)}; "
+                       f"reported column: {ref_name}"
+                       + ("" if same or ref is None else " (a different task and model: compare the order "
+                          "and the gaps, not the absolute values)"))
+            out.append("")
+            rows = []
+            for m in sort_methods(cells):
+                c = cells[m]
+                rep = ref.get("accuracy", {}).get(m) if ref else None
+                rows.append([method_label(m), fmt_acc(c.mean, c.std, c.n),
+                             f"{rep:.2f}" if rep is not None else "–"])
+            if not math.isinf(eps):
+                for m, c in sorted(reference.get(task, {}).items()):
+                    rows.append([f"{method_label(m)} (ε = ∞)", fmt_acc(c.mean, c.std, c.n), "–"])
+            out.append(md_table(["method", f"reproduced ({data.get('metric', 'accuracy %')})", "reported"], rows))
+            verdict = check_ranking(cells, _claimed_for(notebook, reported))
+            if verdict:
+                out += ["", f"Ranking {verdict.sentence()}."]
+            out.append("")
+    if not any_repro:
+        out += [f"No reproduced results yet (`results/<profile>/{notebook}.json` not found).", ""]
+    return "\n".join(out)
+
+
+def _claimed_for(notebook: str, reported: dict) -> list[str]:
+    if notebook == "03_ablation":
+        # The paper's ablation order: full LA-LoRA > LA-LoRA − filter > DP-LoRA + filter > DP-LoRA.
+        rows = (reported.get("ablation") or {}).get("rows") or []
+        if rows:
+            acc = rows[0]["accuracy"]
+            return sorted(acc, key=lambda m: -acc[m])
+    return list(reported.get("claimed_ranking") or CLAIMED_RANKING)
+
+
+def ranking_overview(results: dict, reported: dict) -> tuple[str, dict]:
+    """One line per (profile, notebook, task, ε) with ≥2 of the claimed methods; plus counts."""
+    claimed = list(reported.get("claimed_ranking") or CLAIMED_RANKING)
+    lines, counts = [], {"holds": 0, "fails": 0, "fails_within_noise": 0}
+    for profile, per_nb in results.items():
+        for notebook in sorted(per_nb):
+            data = per_nb[notebook]
+            if notebook == "03_ablation" or "_error" in data:
+                continue
+            group_by = ("task", "epsilon", "beta") if notebook == "05_heterogeneity" else ("task", "epsilon")
+            for key, cells in sorted(table_groups(data, group_by).items(), key=lambda kv: str(kv[0])):
+                verdict = check_ranking(cells, claimed)
+                if verdict is None or math.isinf(key[1]):
+                    continue
+                where = f"`{profile}` / {notebook} / `{key[0]}` / ε = {fmt_eps(key[1])}"
+                if len(key) > 2 and key[2] is not None:
+                    where += f" / β = {key[2]}"
+                lines.append(f"- {where}: {verdict.sentence()}")
+                if verdict.holds:
+                    counts["holds"] += 1
+                else:
+                    counts["fails"] += 1
+                    if all(v[4] for v in verdict.violations):
+                        counts["fails_within_noise"] += 1
+    total = counts["holds"] + counts["fails"]
+    head = ["## Does the ranking LA-LoRA > RoLoRA > FFA-LoRA > DP-LoRA hold?", ""]
+    if total == 0:
+        head.append("No reproduced setting has two or more of these methods yet.")
+        return "\n".join(head), counts
+    head.append(f"Computed from the reproduced means (adjacent pairs of the claimed order, among the "
+                f"methods each setting ran): the full order holds in **{counts['holds']} of {total}** "
+                f"settings and fails in {counts['fails']}"
+                + (f" ({counts['fails_within_noise']} of them only by gaps within one standard "
+                   f"deviation over seeds)" if counts["fails"] else "") + ".")
+    head.append("")
+    return "\n".join(head + lines), counts
+
+
+def privacy_utility_section(results: dict) -> str:
+    out = ["## Accuracy vs ε", ""]
+    have = False
+    for profile, per_nb in results.items():
+        data = per_nb.get("04_privacy_utility")
+        if not data or "_error" in data:
+            continue
+        by_task: dict[str, dict[str, dict[float, Cell]]] = {}
+        for (task, eps), cells in table_groups(data).items():
+            for m, c in cells.items():
+                by_task.setdefault(task, {}).setdefault(m, {})[eps] = c
+        for task, per_method in sorted(by_task.items()):
+            have = True
+            eps_all = sorted({e for d in per_method.values() for e in d})
+            out.append(f"Profile `{profile}`, task `{task}` ({data.get('metric', 'accuracy %')}):")
+            out.append("")
+            out.append(md_table(["method"] + [f"ε = {fmt_eps(e)}" for e in eps_all],
+                                [[method_label(m)] + [fmt_acc(d[e].mean, d[e].std) if e in d else "–"
+                                                      for e in eps_all]
+                                 for m, d in ((m, per_method[m]) for m in sort_methods(per_method))]))
+            out.append("")
+    if not have:
+        out.append("No reproduced results yet (`04_privacy_utility.json` not found).")
+    out.append("The paper reports no numbers for this sweep beyond ε ∈ {1, 3} in the main tables.")
+    return "\n".join(out)
+
+
+def sharpness_section(results: dict, reported: dict) -> str:
+    section = reported.get("sharpness") or {}
+    rows = section.get("rows") or []
+    rep = rows[0]["top_eigenvalue"] if rows else {}
+    setting = f"{rows[0]['model']} / {rows[0]['dataset']}, ε = {rows[0]['epsilon']}" if rows else "?"
+    out = ["## Sharpness: top Hessian eigenvalue", ""]
+    table = []
+    for profile, per_nb in results.items():
+        data = per_nb.get("06_sharpness") or {}
+        eig = data.get("top_eigenvalue")
+        if not isinstance(eig, Mapping):
+            continue
+        where = f"`{profile}`"
+        task = data.get("task") or (data.get("config") or {}).get("task")
+        if task:
+            where += f", `{task}`"
+        for m in sort_methods(set(eig) | set(rep)):
+            v = eig.get(m)
+            table.append([where, method_label(m), f"{v:.4g}" if isinstance(v, (int, float)) else "–",
+                          f"{rep[m]:.2f}" if m in rep else "–"])
+        if "dp-lora" in eig and "la-lora" in eig and isinstance(eig["dp-lora"], (int, float)):
+            flatter = eig["la-lora"] < eig["dp-lora"]
+            table.append([where, "LA-LoRA flatter than DP-LoRA?", "yes" if flatter else "no",
+                          "yes" if rep.get("la-lora", 0) < rep.get("dp-lora", 0) else "no"])
+    if not table:
+        out.append(f"No reproduced value yet (`06_sharpness.json` with key `top_eigenvalue`). "
+                   f"Reported ({setting}): " + ", ".join(f"{method_label(m)} {v}" for m, v in rep.items()) + ".")
+        return "\n".join(out)
+    out.append(f"Reported: {setting} ({section.get('source', '')}).")
+    out.append("")
+    out.append(md_table(["profile / task", "method", "reproduced", "reported"], table))
+    return "\n".join(out)
+
+
+def generic_sections(results: dict) -> str:
+    out = ["## Every notebook's summary", ""]
+    names = sorted({nb for per_nb in results.values() for nb in per_nb})
+    if not names:
+        return "\n".join(out + ["No notebook results found."])
+    for notebook in names:
+        out.append(f"### {notebook}")
+        out.append("")
+        for profile, per_nb in results.items():
+            data = per_nb.get(notebook)
+            if data is None:
+                continue
+            if "_error" in data:
+                out += [f"`{profile}`: could not read the JSON ({data['_error']}).", ""]
+                continue
+            summary = data.get("summary")
+            if not isinstance(summary, Mapping) or not summary:
+                out += [f"`{profile}`: no `summary` in {notebook}.json.", ""]
+                continue
+            out.append(f"Profile `{profile}`:")
+            out.append("")
+            out.append(md_table(["key", "value"], [[k, v] for k, v in _flatten(summary)]))
+            out.append("")
+    return "\n".join(out)
+
+
+def figures_section(results_root: Path, report_dir: Path, results: dict) -> str:
+    out = ["## Figures", ""]
+    any_fig = False
+    for profile in results:
+        folder = results_root / profile / "figures"
+        if not folder.is_dir():
+            continue
+        pngs = sorted(folder.glob("*.png"))
+        if not pngs:
+            continue
+        any_fig = True
+        links = [f"[{p.stem}]({os.path.relpath(p, report_dir)})" for p in pngs]
+        out.append(f"- `{profile}`: " + ", ".join(links))
+    if not any_fig:
+        out.append("No figures yet.")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+def build_report(results_root: str | os.PathLike = "results", reported_path: str | os.PathLike = "paper/reported.yaml",
+                 out_path: str | os.PathLike | None = "paper/REPORT.md",
+                 profiles: Iterable[str] | None = None) -> str:
+    """Render the report (and write it atomically to ``out_path`` unless None); returns the text."""
+    results_root = Path(results_root)
+    reported = load_reported(reported_path)
+    results = collect_results(results_root, profiles)
+    paper = reported["paper"]
+    report_dir = Path(out_path).resolve().parent if out_path else Path.cwd()
+    profiles_line = ", ".join(f"`{p}` ({len(nbs)} notebooks)" for p, nbs in results.items()) or "none"
+    ranking_text, _ = ranking_overview(results, reported)
+    parts = [
+        "# LA-LoRA: reproduced vs reported",
+        "",
+        f"Paper: *{paper['title']}*, arXiv {paper['arxiv']}. Reported numbers: `paper/reported.yaml` "
+        f"(**{paper.get('status', 'transcribed; verify in the PDF')}**). "
+        f"This file is generated by `lalora/report.py` (notebook `10_report`) from "
+        f"`{results_root}/<profile>/*.json`; do not edit it by hand.",
+        "",
+        f"Profiles found: {profiles_line}. `ci` runs are seconds-long smoke runs (their numbers "
+        "mean nothing); `offline` runs use real offline data (scikit-learn digits, scikit-image LFW "
+        "faces, MiniLM on chatterbot topics) with small models on a CPU, so they test the paper's "
+        "*ordering and gaps*, not its absolute accuracies; only `paper` runs use the paper's models "
+        "and data.",
+        "",
+        ranking_text,
+        "",
+    ]
+    for notebook in SIDE_BY_SIDE:
+        parts += [_side_by_side(results, reported, notebook), ""]
+    parts += [privacy_utility_section(results), "", sharpness_section(results, reported), "",
+              generic_sections(results), "", figures_section(results_root, report_dir, results), ""]
+    text = "\n".join(parts).rstrip() + "\n"
+    if out_path:
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out_path)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lalora.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--reported", default="paper/reported.yaml")
+    parser.add_argument("--out", default="paper/REPORT.md")
+    parser.add_argument("--profile", action="append", help="only these profiles (repeatable)")
+    args = parser.parse_args(argv)
+    build_report(args.results, args.reported, args.out, args.profile)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

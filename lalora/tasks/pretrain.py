@@ -1,0 +1,147 @@
+"""Deterministic, cached, non-private pretraining of the offline tasks' small backbones.
+
+Why: the paper fine-tunes *pretrained* Swins. No pretrained small Swin ships offline, so the
+offline vision tasks pretrain one themselves on a PUBLIC split of the data (disjoint from the
+private split the clients fine-tune on, and from the test set). Pretraining is not private and
+uses no private sample, so it costs no privacy budget.
+
+The result is cached on disk under ``cache_dir()`` (env ``LALORA_CACHE``, default
+``~/.cache/lalora``) in a file named by a SHA-256 content hash of everything that can change the
+weights: the protocol and training config, the public data's bytes, the architecture config, the
+package's pretraining code version (``PRETRAIN_CODE_VERSION``) and the torch version. Writes are
+atomic (temporary file in the same folder, then ``os.replace``), so concurrent runs never read a
+half-written file; two runs racing simply both write the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Bump when the pretraining code changes in a way that changes the weights.
+PRETRAIN_CODE_VERSION = "1"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LALORA_CACHE") or Path.home() / ".cache" / "lalora")
+
+
+def content_hash(spec: dict, arrays: dict[str, np.ndarray | torch.Tensor]) -> str:
+    """SHA-256 over a JSON spec (sorted keys) and the raw bytes, dtype and shape of each array."""
+    h = hashlib.sha256()
+    h.update(json.dumps(spec, sort_keys=True, default=str).encode())
+    for key in sorted(arrays):
+        a = arrays[key]
+        a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        a = np.ascontiguousarray(a)
+        h.update(f"{key}|{a.dtype.str}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cached(name: str, key: str, build: Callable[[], dict]) -> tuple[dict, bool]:
+    """Load ``<cache>/<name>-<key[:16]>.pt`` or build, save atomically and return it.
+
+    Returns (payload, was_cached). The payload is a dict (e.g. {"state_dict": ..., "meta": ...}).
+    A corrupt/unreadable cache file is rebuilt and overwritten.
+    """
+    path = cache_dir() / f"{name}-{key[:16]}.pt"
+    if path.exists():
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if payload.get("key") == key:
+                return payload, True
+        except Exception:  # noqa: BLE001 -- fall through and rebuild
+            pass
+    payload = build()
+    payload["key"] = key
+    atomic_torch_save(payload, path)
+    return payload, False
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Supervised pretraining of the whole network on the public split (AdamW, cosine lr)."""
+
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    max_shift: float = 0.1  # random translation, as a fraction of the image side (augmentation)
+    max_rotate_deg: float = 10.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"pretrain epochs must be an int >= 0, got {self.epochs!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"pretrain batch_size must be >= 1, got {self.batch_size}")
+
+
+def _augment(x: torch.Tensor, cfg: PretrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Random small rotation + translation (one affine per image), border filled by replication."""
+    n = x.shape[0]
+    ang = (torch.rand(n, generator=gen) * 2 - 1) * cfg.max_rotate_deg * np.pi / 180
+    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * cfg.max_shift * 2  # grid units span 2
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def pretrain_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PretrainConfig) -> dict:
+    """Train every parameter of ``model`` (an image classifier) on (x, y); returns stats.
+
+    Deterministic: one torch.Generator seeded with ``cfg.seed`` drives the order and the
+    augmentation; model init is the caller's (seed it before building the model).
+    """
+    cfg.validate()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, -(-len(x) // cfg.batch_size))
+    total = max(1, cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, total) / total)))
+    model.train()
+    t0 = time.perf_counter()
+    last = float("nan")
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for s in range(steps_per_epoch):
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            xb = _augment(x[idx], cfg, gen)
+            loss = F.cross_entropy(model(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            last = float(loss)
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(x).argmax(1) == y).float().mean()) if len(x) else float("nan")
+    return {"seconds": time.perf_counter() - t0, "final_loss": last, "public_train_accuracy": acc,
+            "config": asdict(cfg)}

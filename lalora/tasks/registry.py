@@ -1,0 +1,71 @@
+"""The task registry: a name maps to a factory that builds a :class:`Task`.
+
+A task bundles everything an experiment needs besides the method: the private training set,
+the test set, the labels used to split the training set across clients, a model builder
+(pretrained backbone frozen, LoRA injected on ``lora_targets``, a trainable head), how to run
+the model on a batch, and the experiment defaults of SPEC §4. The contract is in
+docs/CONTRACTS.md; fields after ``defaults`` are additive extras (they all have defaults).
+
+Factories are registered with :func:`register` by the modules that define them (``vision``,
+``text``, ``paper``); ``lalora.tasks`` imports them all so ``get_task`` sees every name.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class Task:
+    name: str
+    num_classes: int
+    train: Dataset  # items: dict[str, Tensor], always with "labels"; the PRIVATE training split
+    test: Dataset
+    train_labels: np.ndarray  # int64, len(train); what partition() splits
+    build_model: Callable[[], nn.Module]  # same weights at every call (seeded head and LoRA init)
+    lora_targets: list[str]
+    head_name: str  # module name of the trainable classifier head
+    forward: Callable[[nn.Module, dict], Any]  # (model, batch) -> logits (N, C)
+    collate: Callable[[list[dict]], dict]
+    defaults: dict
+    # --- extras (not in the contract; safe to ignore) ---
+    test_labels: np.ndarray | None = None
+    public: Dataset | None = None  # the public split the backbone was pretrained on (offline tasks)
+    info: dict = field(default_factory=dict)  # sizes, protocol, sources: for notes and reports
+
+
+TASKS: dict[str, Callable[..., Task]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
+    def deco(factory: Callable[..., Task]) -> Callable[..., Task]:
+        if name in TASKS:
+            raise ValueError(f"task name {name!r} registered twice")
+        TASKS[name] = factory
+        return factory
+
+    return deco
+
+
+def list_tasks() -> list[str]:
+    return sorted(TASKS)
+
+
+def get_task(name: str, **overrides: Any) -> Task:
+    """Build task ``name``; ``overrides`` are the factory's keyword parameters (paths, sizes, ...)."""
+    if name not in TASKS:
+        raise ValueError(f"name={name!r} is not a known task; known: {', '.join(list_tasks())}")
+    factory = TASKS[name]
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(overrides) - set(params))
+        if unknown:
+            raise ValueError(
+                f"unknown override(s) {unknown} for task {name!r}; accepted: {sorted(params)}"
+            )
+    return factory(**overrides)

@@ -1,0 +1,60 @@
+"""lalora.plotting: house style, fixed method colours, PNG+PDF output."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from lalora import plotting  # noqa: E402
+
+MAIN = ["fedavg-lora", "dp-lora", "ffa-lora", "rolora", "la-lora", "dp-lora+filter", "la-lora-filter"]
+
+
+def test_method_colours_fixed_and_distinct():
+    colours = [plotting.method_color(m) for m in MAIN]
+    assert len(set(colours)) == len(MAIN), "methods that appear together need distinct colours"
+    # Same method -> same colour every call (figures agree with each other).
+    assert plotting.method_color("la-lora") == plotting.method_color("la-lora")
+    assert plotting.method_palette(["la-lora"])["la-lora"] == plotting.method_color("la-lora")
+    # Unknown methods still get a deterministic colour.
+    assert plotting.method_color("my-method") == plotting.method_color("my-method")
+
+
+def test_labels_and_order():
+    assert plotting.method_label("la-lora") == "LA-LoRA"
+    assert plotting.method_label("unknown-x") == "unknown-x"
+    assert plotting.sort_methods(["la-lora", "zzz", "dp-lora", "rolora", "ffa-lora"]) == \
+        ["dp-lora", "ffa-lora", "rolora", "la-lora", "zzz"]
+    assert plotting.epsilon_label(float("inf")).startswith("ε = ∞")
+    assert plotting.epsilon_label(3.0) == "ε = 3"
+
+
+def test_savefig_writes_png_and_pdf(tmp_path):
+    plotting.use_style()
+    assert matplotlib.rcParams["pdf.fonttype"] == 42
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1], label="x", color=plotting.method_color("la-lora"))
+    ax.set_xlabel("round")
+    ax.legend()
+    paths = plotting.savefig(fig, tmp_path, "00_test_curve", close=True)
+    assert paths["png"] == tmp_path / "figures" / "00_test_curve.png"
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths["pdf"].read_bytes()[:5] == b"%PDF-"
+    assert not plt.fignum_exists(fig.number)
+    # Byte-stable PDF: re-saving the same figure gives the same bytes.
+    fig2, ax2 = plt.subplots()
+    ax2.plot([0, 1], [0, 1])
+    a = plotting.savefig(fig2, tmp_path, "00_a")["pdf"].read_bytes()
+    b = plotting.savefig(fig2, tmp_path, "00_b", close=True)["pdf"].read_bytes()
+    assert a == b
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "x.png"])
+def test_savefig_rejects_bad_names(tmp_path, bad):
+    fig = plt.figure()
+    with pytest.raises(ValueError, match="name"):
+        plotting.savefig(fig, tmp_path, bad)
+    plt.close(fig)
