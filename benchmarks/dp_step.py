@@ -12,6 +12,7 @@ Variants, each on its own copy of the model, same batch, SGD step included:
   lalora        lalora.privacy.dp_gradient (one backward, flat clipping, noise) on our LoRA layers
   opacus_hooks  Opacus PrivacyEngine.make_private(grad_sample_mode="hooks") on the PEFT-LoRA model
   opacus_ghost  the same with grad_sample_mode="ghost" (fast gradient clipping, two backwards)
+  lalora_peft   (optional, --variants) lalora's DP step on the PEFT model Opacus gets
 Opacus gets PEFT LoRA (lora_A/lora_B are nn.Linear, which Opacus supports); our LoRALinear keeps its
 factors as raw Parameters, which Opacus cannot hook. The math is identical.
 Opacus on Swin: timm's windowed attention feeds (B*nW, tokens, C) to qkv/proj, so Opacus' per-sample
@@ -53,7 +54,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-VARIANTS = ("nondp", "lalora", "opacus_hooks", "opacus_ghost")
+from lalora.bench import OPTIONAL_VARIANTS, VARIANTS  # noqa: E402
 CLIP_NORM = 1.0
 NOISE_MULTIPLIER = 1.0
 LR = 1e-3
@@ -193,9 +194,9 @@ def make_step(variant: str, bench: Bench) -> Callable[[], None]:
             opt.step()
         return step
 
-    if variant == "lalora":
+    if variant in ("lalora", "lalora_peft"):
         from lalora.privacy import dp_gradient
-        model = bench.build("ours")
+        model = bench.build("ours" if variant == "lalora" else "peft")
         opt = torch.optim.SGD(_trainable(model), lr=LR)
         gen = torch.Generator().manual_seed(2)
 
@@ -345,28 +346,13 @@ def format_table(results: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    # The options are defined once, in lalora.bench (torch-free, so `lalora --help` stays fast).
+    from lalora.bench import add_arguments, check_arguments
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", metavar="PATH", help="write the results here (atomically)")
-    p.add_argument("--repeats", type=int, default=10, help="timed steps per variant (median)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every variant")
-    p.add_argument("--models", default="minilm,swin", help="comma list of: minilm, swin")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of: {', '.join(VARIANTS)}")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=128, help="MiniLM tokens per sequence")
-    p.add_argument("--rank", type=int, default=8)
+    add_arguments(p)
     args = p.parse_args(argv)
-    for field in ("repeats", "threads", "batch_size", "seq_len", "rank"):
-        if getattr(args, field) < 1:
-            p.error(f"--{field.replace('_', '-')} must be >= 1")
-    if args.warmup < 0:
-        p.error("--warmup must be >= 0")
-    unknown = set(args.models.split(",")) - {"minilm", "swin"}
-    if unknown:
-        p.error(f"--models: unknown {sorted(unknown)}; choices: minilm, swin")
-    unknown = set(args.variants.split(",")) - set(VARIANTS)
-    if unknown:
-        p.error(f"--variants: unknown {sorted(unknown)}; choices: {', '.join(VARIANTS)}")
+    check_arguments(p, args)
     return args
 
 
@@ -389,7 +375,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     _quiet_libraries()
     torch.set_num_threads(args.threads)
-    variants = tuple(v for v in VARIANTS if v in args.variants.split(","))
+    variants = tuple(v for v in VARIANTS + OPTIONAL_VARIANTS if v in args.variants.split(","))
     env = environment(args.threads, args.repeats, args.warmup)
     results = {}
     for name in args.models.split(","):

@@ -126,3 +126,69 @@ def savefig(fig, output_dir: str | os.PathLike, name: str, *, close: bool = Fals
 
         plt.close(fig)
     return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots the result notebooks share (rows as written by lalora.notebooks.accuracy_table)
+# ----------------------------------------------------------------------------------------------
+def _as_float(v) -> float:
+    return float("inf") if v in ("inf", None) else float(v)
+
+
+def grouped_bars(ax, rows: list[dict], *, group_key: str = "epsilon", methods: list[str] | None = None,
+                 value: str = "accuracy_mean", err: str = "accuracy_std", group_label=None,
+                 annotate: bool = True) -> None:
+    """Bars of ``value`` ± ``err``: one group per ``group_key`` value, one bar per method."""
+    import numpy as np
+
+    methods = sort_methods(methods or [r["method"] for r in rows])
+    groups = sorted({r[group_key] for r in rows}, key=_as_float)
+    width = 0.8 / max(len(methods), 1)
+    lookup = {(r[group_key], r["method"]): r for r in rows}
+    for j, m in enumerate(methods):
+        xs, ys, es = [], [], []
+        for i, g in enumerate(groups):
+            r = lookup.get((g, m))
+            if r is None:
+                continue
+            xs.append(i - 0.4 + width * (j + 0.5))
+            ys.append(r[value])
+            es.append(r.get(err, 0.0) or 0.0)
+        if not xs:
+            continue
+        bars = ax.bar(xs, ys, width=width * 0.95, yerr=es, capsize=3, color=method_color(m),
+                      label=method_label(m), edgecolor="white", linewidth=0.5)
+        if annotate:
+            ax.bar_label(bars, labels=[f"{y:.0f}" for y in ys], padding=2, fontsize=7)
+    label = group_label or (lambda g: epsilon_label(_as_float(g)) if group_key == "epsilon" else f"{group_key} = {g}")
+    ax.set_xticks(np.arange(len(groups)), [label(g) for g in groups])
+
+
+def lines_vs(ax, rows: list[dict], *, x_key: str, methods: list[str] | None = None,
+             value: str = "accuracy_mean", err: str = "accuracy_std", inf_at: float | None = None) -> list:
+    """One line per method of ``value`` against ``x_key`` with a ± ``err`` band.
+
+    ``inf_at``: where to draw x = ∞ (e.g. ε = ∞ placed one step right of the largest finite ε).
+    Returns the sorted x positions used (for tick labels).
+    """
+    import numpy as np
+
+    methods = sort_methods(methods or [r["method"] for r in rows])
+    xs_all = set()
+    for m in methods:
+        pts = sorted(((_as_float(r[x_key]), r[value], r.get(err, 0.0) or 0.0) for r in rows if r["method"] == m))
+        if not pts:
+            continue
+        x = np.array([inf_at if (p[0] == float("inf") and inf_at is not None) else p[0] for p in pts])
+        y = np.array([p[1] for p in pts])
+        e = np.array([p[2] for p in pts])
+        ok = np.isfinite(x)
+        ax.plot(x[ok], y[ok], marker=method_marker(m), color=method_color(m), label=method_label(m), lw=1.8, ms=6)
+        ax.fill_between(x[ok], (y - e)[ok], (y + e)[ok], color=method_color(m), alpha=0.15, lw=0)
+        xs_all.update(x[ok].tolist())
+    return sorted(xs_all)
+
+
+def legend_outside(ax, **kwargs) -> None:
+    """Legend to the right of the axes, so it never hides data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kwargs)

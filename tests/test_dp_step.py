@@ -181,10 +181,23 @@ def test_swin_dp_step_clips_per_image():
         assert_close_rel(res.grads[k], expect, 1e-6, k)
 
 
-def test_as_released_is_labelled_not_dp():
+def test_as_released_is_labelled_not_dp_and_follows_the_released_code():
+    """Batch-mean grad, C = min(median tensor norm, 0.4), per-tensor clip, noise sigma C / b."""
     model, batch = mlp_model(D), mlp_batch()
+    params = trainable(model)
+    mean = torch.autograd.grad(ce_loss(model, batch).mean(), list(params.values()))
+    norms = torch.stack([g.norm() for g in mean])
+    C = min(float(norms.median()), 0.4)
     out = as_released_gradient(model, ce_loss, batch, noise_multiplier=0.0, generator=None)
-    assert "NOT differentially private" in out.label == NOT_DP_LABEL or "NOT differentially private" in out.label
-    assert 0 < out.clip_norm <= 0.4
-    for k, g in out.grads.items():
-        assert g.norm() <= out.clip_norm * (1 + 1e-9), k
+    assert out.label == NOT_DP_LABEL and "NOT differentially private" in out.label
+    assert out.clip_norm == pytest.approx(C, rel=1e-12)
+    for (k, p), g, nrm in zip(params.items(), mean, norms):
+        assert_close_rel(out.grads[k], g * min(1.0, C / float(nrm)), 1e-10, k)
+        assert torch.equal(p.grad, out.grads[k])
+    noisy = as_released_gradient(model, ce_loss, batch, noise_multiplier=3.0,
+                                 generator=torch.Generator().manual_seed(0))
+    first = next(iter(params))                               # noise is drawn tensor by tensor
+    diff = noisy.grads[first] - out.grads[first]
+    expect = torch.randn(params[first].shape, generator=torch.Generator().manual_seed(0), dtype=D)
+    expect = expect * 3.0 * C / 6
+    assert_close_rel(diff, expect, 1e-8, "noise of the first tensor")

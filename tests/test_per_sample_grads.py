@@ -313,6 +313,10 @@ def test_random_bert_layernorm_and_embeddings_trainable_match_loop():
         if isinstance(mod, (nn.LayerNorm, nn.Embedding)):
             mod.requires_grad_(True)
     model.head.requires_grad_(True)
+    # BERT's default position_ids are (1, T), broadcast over the batch: the engine must refuse them
+    with pytest.raises(ValueError, match="broadcast"):
+        engine_grads(model, text_loss, text_batch(60), 3)
+    model.encoder.embeddings.position_embeddings.requires_grad_(False)
     psg, _ = check_against_loop(model.eval(), text_loss, text_batch(60), 3, dtype)
     assert "encoder.embeddings.word_embeddings.weight" in psg.grads
     assert "encoder.encoder.layer.1.output.LayerNorm.weight" in psg.grads
@@ -339,3 +343,52 @@ def test_pretrained_minilm_lora_matches_loop(dtype):
     assert model.encoder.config.num_hidden_layers == 6 and model.encoder.config.hidden_size == 384
     psg, _ = check_against_loop(model, text_loss, text_batch(model.encoder.config.vocab_size, t=5), 3, dtype)
     assert len(psg.grads) == 6 * 4 * 2 + 2
+
+
+def test_batchnorm_in_train_mode_is_refused():
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match="BatchNorm"):
+        PerSampleGradEngine(m).__enter__()
+    m.eval()
+    with pytest.raises(ValueError, match=r"1\.weight"):   # eval mode, but BN affine is unsupported
+        PerSampleGradEngine(m).__enter__()
+    m[1].requires_grad_(False)
+    with PerSampleGradEngine(m):
+        pass
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 4), t=st.integers(1, 3), r=st.integers(1, 3), seed=st.integers(0, 99))
+def test_property_mlp_shapes_match_loop(n, t, r, seed):
+    torch.manual_seed(seed)
+    model = SeqMLP(d_in=5, d_h=6).double()
+    freeze_all(model)
+    inject_lora(model, ["fc1", "fc2"], r=r, alpha=2 * r, seed=seed)
+    model.head.requires_grad_(True)
+    randomize_lora_B(model, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    batch = {"x": torch.randn(n, t, 5, generator=g, dtype=torch.float64), "labels": torch.arange(n) % 3}
+    check_against_loop(model.eval(), ce_loss, batch, n, torch.float64)
+
+
+def test_module_called_twice_and_tied_weights_sum_contributions():
+    """A layer applied twice, and one Parameter shared by two layers: per-sample grads add up."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.other = nn.Linear(4, 4, bias=False)
+            self.other.weight = self.fc.weight          # tied
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.other(torch.tanh(self.fc(self.fc(x))))))
+
+    torch.manual_seed(0)
+    m = Twice().double()
+    batch = {"x": torch.randn(3, 4, dtype=torch.float64), "labels": torch.tensor([0, 1, 1])}
+    psg, _ = check_against_loop(m, ce_loss, batch, 3, torch.float64)
+    assert "other.weight" not in psg.grads and "fc.weight" in psg.grads

@@ -203,3 +203,24 @@ def test_dpstep_bad_input(bad, field):
     args.update(bad)
     with pytest.raises(ValueError, match=field):
         dk.DPStep(dk.DPLoRALinear(nn.Linear(4, 4), 2, 2.0), **args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [False, True])
+def test_gpu_dpstep_auto_backend_matches_loop(amp):
+    """On CUDA, backend="auto" is Triton; fp32 matches the float64 loop to 1e-4, bf16 autocast to 3e-2."""
+    N = 6
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(N, 4, 6, generator=gen), torch.randint(0, 3, (N,), generator=gen)
+    want, _ = loop_reference(x, y, 0.3)
+    m = build(torch.float32).cuda()
+    dp = dk.DPStep(m, 0.3, 0.0, expected_batch_size=N)
+    assert dk.resolve_backend(dp.backend, "cuda") == "triton"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        loss = loss_fn(m, x.cuda(), y.cuda())
+    loss.float().backward()
+    dp.clip_and_noise()
+    tol = 3e-2 if amp else 1e-4
+    for p, w in zip([p for p in m.parameters() if p.requires_grad], want):
+        err = (p.grad.double().cpu() * N - w).abs().max().item() / w.abs().max().item()
+        assert err <= tol

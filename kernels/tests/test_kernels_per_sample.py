@@ -183,3 +183,16 @@ def test_gpu_large_shapes(dtype, poisoned):
         _close(gA, wA, TOL[dtype], "gpu grad_A")
         _close(gB, wB, TOL[dtype], "gpu grad_B")
         _close(sqA + sqB, sq(wA) + sq(wB), TOL[dtype], "gpu sqnorm")
+
+
+def test_mixed_dtypes_and_float64_auto(device):
+    """x in fp32 with grad_out in bf16 (autocast backward) works on both paths; float64 under "auto"
+    stays on the torch path (exact), while an explicit triton request is refused above."""
+    x, g, A, B = _data(2, 1, 9, 20, 12, 4, torch.float32, device)
+    wA, wB = lora_loop(x.cpu(), g.bfloat16().cpu(), A.cpu(), B.cpu(), 1.0, 2)
+    for backend in ("torch", "triton"):
+        res = dk.lora_per_sample_grads(x, g.bfloat16(), A, B, 1.0, 2, backend=backend)
+        _close(res.grad_A, wA, TOL[torch.bfloat16], f"{backend} mixed A")
+        _close(res.grad_B, wB, 1e-5, f"{backend} mixed B")    # u = x Aᵀ in fp32, g read exactly
+    res = dk.lora_per_sample_grads(x.double(), g.double(), A.double(), B.double(), 1.0, 2, backend="auto")
+    assert res.grad_A.dtype == torch.float64

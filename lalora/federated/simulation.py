@@ -109,9 +109,21 @@ def _epsilon_for(sigma: float, delta: float, q: float, steps: int, accountant: s
 
 
 def _load_task(cfg: RunConfig):
-    from lalora.tasks import get_task
+    """Build ``cfg.task``; the run's seed and an explicit r/alpha go to the task factory when it
+    takes them (the LoRA init and head init then follow the run seed), unless task_overrides
+    sets them."""
+    import inspect
 
-    return get_task(cfg.task, **cfg.task_overrides)
+    from lalora.tasks import TASKS, get_task
+
+    overrides = dict(cfg.task_overrides)
+    factory = TASKS.get(cfg.task)
+    if factory is not None:
+        params = inspect.signature(factory).parameters
+        for name, value in (("seed", cfg.seed), ("r", cfg.r), ("alpha", cfg.alpha)):
+            if value is not None and name in params and name not in overrides:
+                overrides[name] = value
+    return get_task(cfg.task, **overrides)
 
 
 def resolve_config(cfg: RunConfig, task=None) -> RunConfig:

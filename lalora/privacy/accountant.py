@@ -125,10 +125,14 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
     _check_accountant(accountant)
     if math.isinf(epsilon) or steps == 0:
         return 0.0
-    with _quiet_rdp_order_warnings():
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=q,
-                                          steps=steps, accountant=accountant,
-                                          epsilon_tolerance=epsilon_tolerance))
+    try:
+        with _quiet_rdp_order_warnings():
+            return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                              sample_rate=q, steps=steps, accountant=accountant,
+                                              epsilon_tolerance=epsilon_tolerance))
+    except ValueError as err:  # Opacus: "The privacy budget is too low." (σ would exceed 1e6)
+        raise ValueError(f"epsilon={epsilon} is unreachable for delta={delta}, sample_rate={q}, "
+                         f"steps={steps} ({accountant}): {err}") from err
 
 
 def noise_multiplier_for_clients(epsilon: float, delta: float,

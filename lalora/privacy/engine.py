@@ -8,7 +8,8 @@ Per-sample gradients follow in closed form from (activation, grad_out) pairs:
 
   LoRALinear   G_A,i = s B^T g_i^T x_i, G_B,i = s g_i^T u_i  (x after dropout, u = x A^T)
                -> dplora_kernels.lora_per_sample_grads (Triton on CUDA)
-  nn.Linear    G_W,i = g_i^T x_i, G_b,i = sum g_i  (head, PEFT lora_A/lora_B, anything else)
+  nn.Linear    G_W,i = g_i^T x_i, G_b,i = sum g_i  (head, PEFT lora_A/lora_B, anything else;
+               PEFT's scaling multiplies lora_B's output, so its grad_out already carries s)
                -> dplora_kernels.linear_per_sample_grads
   nn.LayerNorm G_w,i = sum g_i * xhat_i, G_b,i = sum g_i
   nn.Embedding G_i = scatter of g_i into the rows of sample i's token ids  (N x V x d: small vocabularies)
@@ -20,7 +21,8 @@ The clipping unit: an activation whose leading dimension is R is viewed as (N, R
 number of samples. Rows must be sample-major (batch-first): one sequence is one unit with T tokens,
 and under timm Swin's windowed attention (B*nW, 49, C) one *image* is one unit, because timm stores
 windows image-major (tests/test_per_sample_grads.py checks this, shifted windows included).
-R % N != 0 raises. A module called several times (or a parameter shared by modules) gets the sum of
+R % N != 0 raises (so does an input broadcast over the batch, leading dim 1), and so does a
+BatchNorm in training mode (its batch statistics mix samples). A module called several times (or a parameter shared by modules) gets the sum of
 its per-call per-sample gradients. In-place modification of a recorded activation or output after
 the forward is detected (tensor version counter) and raises instead of giving wrong gradients.
 """
@@ -84,6 +86,12 @@ class PerSampleGradEngine:
 
     # ---- setup ---------------------------------------------------------------------------------
     def __enter__(self) -> "PerSampleGradEngine":
+        batchnorms = [n for n, m in self.model.named_modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        if batchnorms:   # batch statistics mix samples: no per-sample gradient (nor DP) exists
+            raise ValueError(f"BatchNorm layers {batchnorms} are in training mode: batch statistics mix "
+                             "samples, so per-sample gradients are undefined; put them in eval mode "
+                             "or use GroupNorm/LayerNorm")
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self._param_names = {id(p): n for n, p in self.params.items()}
         covered: set[int] = set()
@@ -157,7 +165,9 @@ class PerSampleGradEngine:
             if c.x.shape[0] % n:
                 raise ValueError(f"num_samples={n} does not divide the leading dimension {c.x.shape[0]} of "
                                  f"a {type(c.module).__name__} input {tuple(c.x.shape)}: rows must be "
-                                 "sample-major (batch-first), R = N * k")
+                                 "sample-major (batch-first), R = N * k. An input broadcast over the batch "
+                                 "(leading dim 1, e.g. BERT's default position_ids) mixes samples: freeze "
+                                 "that layer or pass per-sample inputs")
         grads: dict[int, torch.Tensor] = {}
         if calls and loss.requires_grad:
             outs = [c.out for c in calls]

@@ -6,6 +6,6 @@ RoBERTa-base; local paths as parameters). Nothing is downloaded.
 """
 from .partition import SCHEMES, label_histograms, partition
 from .registry import TASKS, Task, get_task, list_tasks, register
-from . import vision  # noqa: F401  (registers tasks)
+from . import paper, text, vision  # noqa: F401  (registers tasks)
 
 __all__ = ["Task", "TASKS", "get_task", "list_tasks", "register", "partition", "label_histograms", "SCHEMES"]

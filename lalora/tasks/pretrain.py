@@ -139,7 +139,7 @@ def pretrain_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg:
             loss.backward()
             opt.step()
             sched.step()
-            last = float(loss)
+            last = float(loss.detach())
     model.eval()
     with torch.no_grad():
         acc = float((model(x).argmax(1) == y).float().mean()) if len(x) else float("nan")

@@ -32,6 +32,14 @@ class LinearPerSampleGrads(NamedTuple):
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _pick(backend: str, device, dtypes) -> str:
+    """resolve_backend, except that "auto" keeps float64 work on the torch path (the kernels are
+    fp32-accumulating; float64 is for reference checks)."""
+    if backend == "auto" and torch.float64 in dtypes:
+        return "torch"
+    return resolve_backend(backend, device)
+
+
 def _check_rows(x: torch.Tensor, grad_out: torch.Tensor, num_samples: int | None) -> int:
     """Validate the (R, T, c)/(R, c) layout shared by x and grad_out; return N."""
     if x.dim() not in (2, 3):
@@ -80,7 +88,7 @@ def lora_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, A: torch.Tens
         raise ValueError(f"which must be 'both', 'A' or 'B'; got {which!r}")
     if not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite; got {scale!r}")
-    be = resolve_backend(backend, x.device)
+    be = _pick(backend, x.device, (x.dtype, grad_out.dtype))
     if be == "triton":
         from . import triton_kernels as tk
         gA, gB, sqA, sqB = tk.lora_per_sample_grads(x, grad_out, A, B, float(scale), n_samples, u, which)
@@ -99,7 +107,7 @@ def linear_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, num_samples
     Returns fp32 G_W (N, m, n), G_b (N, m) (None if bias=False) and ||G_W,i||^2 + ||G_b,i||^2 (N,).
     """
     n_samples = _check_rows(x, grad_out, num_samples)
-    be = resolve_backend(backend, x.device)
+    be = _pick(backend, x.device, (x.dtype, grad_out.dtype))
     if be == "triton":
         from . import triton_kernels as tk
         gW, gb, sq = tk.linear_per_sample_grads(x, grad_out, n_samples, bias)
@@ -173,7 +181,7 @@ def clipped_noised_sum(per_sample: Sequence[torch.Tensor], factors: torch.Tensor
     std = _check_noise_std(noise_std)
     device = per_sample[0].device
     noise = gaussian_noise([g.shape[1:] for g in per_sample], std, generator, device)
-    be = resolve_backend(backend, device)
+    be = _pick(backend, device, [g.dtype for g in per_sample])
     if be == "triton":
         from . import triton_kernels as tk
         out, _ = tk.grouped_clip_sum_noise(per_sample, None, factors, 1.0, noise, std)
@@ -196,7 +204,7 @@ def clip_and_noise(per_sample: Sequence[torch.Tensor], sqnorm_total: torch.Tenso
     std = _check_noise_std(noise_std)
     device = per_sample[0].device
     noise = gaussian_noise([g.shape[1:] for g in per_sample], std, generator, device)
-    be = resolve_backend(backend, device)
+    be = _pick(backend, device, [g.dtype for g in per_sample])
     if be == "triton":
         from . import triton_kernels as tk
         return tk.grouped_clip_sum_noise(per_sample, sqnorm_total, None, c, noise, std)

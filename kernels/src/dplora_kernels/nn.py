@@ -55,6 +55,10 @@ class _LoRAFunction(torch.autograd.Function):
     def backward(ctx, g):
         xd, u, weight, A, B = ctx.saved_tensors
         s, module = ctx.scale, ctx.module
+        # under autocast the saved activations and g may be bf16/fp16 while the parameters are fp32:
+        # compute in g's dtype (autograd casts each returned grad back to its input's dtype)
+        dt = g.dtype
+        xd, u, weight, A, B = (t.to(dt) for t in (xd, u, weight, A, B))
         gB = g @ B                                    # (.., r): needed for both dxd and G_A
         dx = g @ weight if ctx.needs_input_grad[0] else None
         dxd = (s * gB) @ A if ctx.needs_input_grad[1] else None
@@ -82,6 +86,7 @@ class _LinearFunction(torch.autograd.Function):
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         module = ctx.module
+        x, weight = x.to(g.dtype), weight.to(g.dtype)
         dx = g @ weight if ctx.needs_input_grad[0] else None
         step = module._dp_step
         if step is None:

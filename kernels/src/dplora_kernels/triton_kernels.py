@@ -187,7 +187,9 @@ def per_sample_outer(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor,
     split = triton.cdiv(max(rows, 1), rows_per_split)
     sq = _empty((N, n_tiles), dev)
     ieee = left.dtype == torch.float32 or right.dtype == torch.float32
-    upcast = _is_interpreter(dev) and torch.bfloat16 in (left.dtype, right.dtype)
+    # fp32 dot when the operand dtypes differ (never round the wider one down), and in the interpreter
+    # for bf16 (its numpy tl.dot mishandles bf16)
+    upcast = left.dtype != right.dtype or (_is_interpreter(dev) and torch.bfloat16 in (left.dtype, right.dtype))
     ieee = ieee or upcast
     if split > 1:
         work = _empty((split, N, P, Q), dev)
@@ -223,7 +225,8 @@ def lora_per_sample_grads(x, grad_out, A, B, scale, num_samples, u=None, which="
     """Triton path of api.lora_per_sample_grads (inputs already validated). out_A (N, r, n) / out_B
     (N, m, r) may be given as fp32 views into a per-sample-gradient arena; gB_prod = grad_out @ B
     (unscaled) when the caller already has it (the autograd backward computes it for the input grad)."""
-    dt = _compute_dtype(x)
+    _compute_dtype(x)
+    _compute_dtype(grad_out)
     N = num_samples
     r, n = A.shape
     m = B.shape[0]
@@ -234,16 +237,16 @@ def lora_per_sample_grads(x, grad_out, A, B, scale, num_samples, u=None, which="
     sqA = sqB = torch.zeros(N, device=dev, dtype=torch.float32)
     if which in ("both", "A"):
         if gB_prod is not None:
-            v = ref.per_sample_view(gB_prod.to(dt).contiguous(), N) if N else gB_prod.reshape(0, 1, r)
+            v = ref.per_sample_view(gB_prod.contiguous(), N) if N else gB_prod.reshape(0, 1, r)
         else:
-            v = gs @ B.to(dt)                                        # (N, L, r); scale applied in-kernel
+            v = gs @ B.to(gs.dtype)                                  # (N, L, r); scale applied in-kernel
         gA = out_A if out_A is not None else _empty((N, r, n), dev)
         sqA = per_sample_outer(v, xs, gA, scale, split)
     if which in ("both", "B"):
         if u is not None:
-            us = ref.per_sample_view(u.to(dt).contiguous(), N) if N else u.reshape(0, 1, r)
+            us = ref.per_sample_view(u.contiguous(), N) if N else u.reshape(0, 1, r)
         else:
-            us = xs @ A.to(dt).T
+            us = xs @ A.to(xs.dtype).T
         gB = out_B if out_B is not None else _empty((N, m, r), dev)
         sqB = per_sample_outer(us, gs, gB.transpose(1, 2), scale, split)   # G_Bᵀ = s uᵀ g
     return gA, gB, sqA, sqB

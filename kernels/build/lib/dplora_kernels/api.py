@@ -1,0 +1,215 @@
+"""Public functions of dplora_kernels: validate inputs, pick a backend, dispatch.
+
+Signatures follow docs/CONTRACTS.md. Every function accepts a `backend` ("auto" | "torch" | "triton");
+the two backends compute the same math (tests hold them to stated tolerances) and draw the same noise.
+Bad input raises ValueError naming the offending argument.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+
+from . import reference as ref
+from ._backend import resolve_backend
+
+
+class LoRAPerSampleGrads(NamedTuple):
+    grad_A: torch.Tensor | None   # (N, r, n), fp32 (None when which="B")
+    grad_B: torch.Tensor | None   # (N, m, r), fp32 (None when which="A")
+    sqnorm_A: torch.Tensor        # (N,) fp32, zeros when grad_A was not computed
+    sqnorm_B: torch.Tensor        # (N,) fp32
+
+
+class LinearPerSampleGrads(NamedTuple):
+    grad_weight: torch.Tensor          # (N, m, n) fp32
+    grad_bias: torch.Tensor | None     # (N, m) fp32, or None when bias=False
+    sqnorm: torch.Tensor               # (N,) fp32: ||G_W,i||^2 + ||G_b,i||^2
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_rows(x: torch.Tensor, grad_out: torch.Tensor, num_samples: int | None) -> int:
+    """Validate the (R, T, c)/(R, c) layout shared by x and grad_out; return N."""
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be (R, T, n) or (R, n); got shape {tuple(x.shape)}")
+    if grad_out.dim() != x.dim() or grad_out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"grad_out must match x in all but the last dim; got x {tuple(x.shape)}, "
+                         f"grad_out {tuple(grad_out.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be a floating tensor; got dtype {x.dtype}")
+    if grad_out.device != x.device:
+        raise ValueError(f"grad_out is on {grad_out.device} but x is on {x.device}")
+    rows = x.shape[0]
+    if num_samples is None:
+        return rows
+    if not isinstance(num_samples, int) or num_samples < 0:
+        raise ValueError(f"num_samples must be a non-negative int; got {num_samples!r}")
+    if num_samples == 0:
+        if rows != 0:
+            raise ValueError(f"num_samples=0 but x has {rows} rows")
+        return 0
+    if rows % num_samples:
+        raise ValueError(f"num_samples={num_samples} must divide the row count R={rows} "
+                         "(rows are sample-major: each sample owns R/N contiguous rows)")
+    return num_samples
+
+
+def lora_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                          scale: float, num_samples: int | None = None, *, u: torch.Tensor | None = None,
+                          backend: str = "auto", which: str = "both") -> LoRAPerSampleGrads:
+    """Per-sample gradients of a LoRA layer h = W0 x + scale * B A x, and their squared norms.
+
+    x: LoRA input after dropout, (R, T, n) or (R, n); grad_out: dL/dh, (R, T, m) or (R, m).
+    A: (r, n); B: (m, r). R = N * k rows, sample-major. u: optional precomputed x A^T (R, [T,] r).
+    which: "both" (default), "A" or "B" — compute only one factor's gradients (alternating LoRA).
+    Returns fp32 (fp64 for fp64 inputs) G_A (N, r, n), G_B (N, m, r) and their squared norms (N,).
+    """
+    n_samples = _check_rows(x, grad_out, num_samples)
+    if A.dim() != 2 or A.shape[1] != x.shape[-1]:
+        raise ValueError(f"A must be (r, n) with n = x.shape[-1] = {x.shape[-1]}; got {tuple(A.shape)}")
+    if B.dim() != 2 or B.shape[1] != A.shape[0] or B.shape[0] != grad_out.shape[-1]:
+        raise ValueError(f"B must be (m, r) = ({grad_out.shape[-1]}, {A.shape[0]}); got {tuple(B.shape)}")
+    if u is not None and (u.shape[:-1] != x.shape[:-1] or u.shape[-1] != A.shape[0]):
+        raise ValueError(f"u must be x A^T with shape {tuple(x.shape[:-1]) + (A.shape[0],)}; "
+                         f"got {tuple(u.shape)}")
+    if which not in ("both", "A", "B"):
+        raise ValueError(f"which must be 'both', 'A' or 'B'; got {which!r}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite; got {scale!r}")
+    be = resolve_backend(backend, x.device)
+    if be == "triton":
+        from . import triton_kernels as tk
+        gA, gB, sqA, sqB = tk.lora_per_sample_grads(x, grad_out, A, B, float(scale), n_samples, u, which)
+        return LoRAPerSampleGrads(gA, gB, sqA, sqB)
+    gA, gB = ref.lora_per_sample_grads(x, grad_out, A, B, float(scale), n_samples, u, which)
+    dt = ref.acc_dtype(x.dtype)
+    return LoRAPerSampleGrads(gA, gB, ref.sqnorm(gA, n_samples, x.device, dt),
+                              ref.sqnorm(gB, n_samples, x.device, dt))
+
+
+def linear_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, num_samples: int | None = None, *,
+                            bias: bool = True, backend: str = "auto") -> LinearPerSampleGrads:
+    """Per-sample gradients of a linear layer y = x W^T + b (e.g. a classifier head).
+
+    x: (R, T, n) or (R, n); grad_out: (R, T, m) or (R, m); R = N * k, sample-major.
+    Returns fp32 G_W (N, m, n), G_b (N, m) (None if bias=False) and ||G_W,i||^2 + ||G_b,i||^2 (N,).
+    """
+    n_samples = _check_rows(x, grad_out, num_samples)
+    be = resolve_backend(backend, x.device)
+    if be == "triton":
+        from . import triton_kernels as tk
+        gW, gb, sq = tk.linear_per_sample_grads(x, grad_out, n_samples, bias)
+        return LinearPerSampleGrads(gW, gb, sq)
+    gW, gb = ref.linear_per_sample_grads(x, grad_out, n_samples, bias)
+    dt = ref.acc_dtype(x.dtype)
+    sq = ref.sqnorm(gW, n_samples, x.device, dt)
+    if gb is not None:
+        sq = sq + ref.sqnorm(gb, n_samples, x.device, dt)
+    return LinearPerSampleGrads(gW, gb, sq)
+
+
+def _check_clip_norm(clip_norm: float) -> float:
+    c = float(clip_norm)
+    if not (c > 0):   # also rejects NaN
+        raise ValueError(f"clip_norm must be > 0 (inf disables clipping); got {clip_norm!r}")
+    return c
+
+
+def clip_factors(sqnorm_total: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Per-sample clip factors c_i = min(1, C / (||g_i|| + 1e-6)) from total squared norms (N,)."""
+    if sqnorm_total.dim() != 1:
+        raise ValueError(f"sqnorm_total must be 1-D (N,); got shape {tuple(sqnorm_total.shape)}")
+    return ref.clip_factors(sqnorm_total, _check_clip_norm(clip_norm))
+
+
+def gaussian_noise(shapes: Sequence[torch.Size], noise_std: float, generator: torch.Generator | None,
+                   device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """One flat N(0, 1) draw for all tensors (concatenated in list order), or None when noise_std == 0.
+
+    Both backends use this, so for the same generator state they add exactly the same noise. The draw
+    happens on the generator's device and is moved if needed.
+    """
+    if noise_std == 0:
+        return None
+    total = sum(math.prod(s) for s in shapes)
+    gen_device = generator.device if generator is not None else device
+    z = torch.randn(total, generator=generator, device=gen_device, dtype=dtype)
+    return z.to(device)
+
+
+def _check_per_sample(per_sample: Sequence[torch.Tensor], n: int | None) -> int:
+    if len(per_sample) == 0:
+        raise ValueError("per_sample must be a non-empty list of (N, ...) tensors")
+    n0 = per_sample[0].shape[0] if n is None else n
+    for j, g in enumerate(per_sample):
+        if g.dim() < 1 or g.shape[0] != n0:
+            raise ValueError(f"per_sample[{j}] must have leading dim N={n0}; got shape {tuple(g.shape)}")
+        if g.device != per_sample[0].device:
+            raise ValueError(f"per_sample[{j}] is on {g.device}, per_sample[0] on {per_sample[0].device}")
+    return n0
+
+
+def _check_noise_std(noise_std: float) -> float:
+    s = float(noise_std)
+    if not (s >= 0 and math.isfinite(s)):
+        raise ValueError(f"noise_std must be finite and >= 0; got {noise_std!r}")
+    return s
+
+
+def clipped_noised_sum(per_sample: Sequence[torch.Tensor], factors: torch.Tensor, noise_std: float,
+                       generator: torch.Generator | None = None, *, backend: str = "auto") -> list[torch.Tensor]:
+    """For each (N, ...) tensor G in per_sample: sum_i factors[i] * G_i + N(0, noise_std^2), in fp32.
+
+    Noise is one flat draw from `generator` for all tensors (see gaussian_noise). With the triton backend
+    all tensors are handled by one kernel launch (zero-copy when they are views of one PerSampleArena).
+    """
+    n = _check_per_sample(per_sample, None)
+    if factors.dim() != 1 or factors.shape[0] != n:
+        raise ValueError(f"factors must be (N,) with N={n}; got shape {tuple(factors.shape)}")
+    std = _check_noise_std(noise_std)
+    device = per_sample[0].device
+    noise = gaussian_noise([g.shape[1:] for g in per_sample], std, generator, device)
+    be = resolve_backend(backend, device)
+    if be == "triton":
+        from . import triton_kernels as tk
+        out, _ = tk.grouped_clip_sum_noise(per_sample, None, factors, 1.0, noise, std)
+        return out
+    out = ref.clipped_sum(list(per_sample), factors.to(device))
+    return _add_noise(out, noise, std)
+
+
+def clip_and_noise(per_sample: Sequence[torch.Tensor], sqnorm_total: torch.Tensor, clip_norm: float,
+                   noise_std: float, generator: torch.Generator | None = None, *,
+                   backend: str = "auto") -> tuple[list[torch.Tensor], torch.Tensor]:
+    """clip_factors + clipped_noised_sum in one step (one grouped kernel launch with triton).
+
+    Returns (list of sum_i c_i G_i + noise, factors (N,)).
+    """
+    n = _check_per_sample(per_sample, None)
+    if sqnorm_total.dim() != 1 or sqnorm_total.shape[0] != n:
+        raise ValueError(f"sqnorm_total must be (N,) with N={n}; got shape {tuple(sqnorm_total.shape)}")
+    c = _check_clip_norm(clip_norm)
+    std = _check_noise_std(noise_std)
+    device = per_sample[0].device
+    noise = gaussian_noise([g.shape[1:] for g in per_sample], std, generator, device)
+    be = resolve_backend(backend, device)
+    if be == "triton":
+        from . import triton_kernels as tk
+        return tk.grouped_clip_sum_noise(per_sample, sqnorm_total, None, c, noise, std)
+    factors = ref.clip_factors(sqnorm_total, c)
+    return _add_noise(ref.clipped_sum(list(per_sample), factors), noise, std), factors
+
+
+def _add_noise(out: list[torch.Tensor], noise: torch.Tensor | None, std: float) -> list[torch.Tensor]:
+    if noise is None:
+        return out
+    res, off = [], 0
+    for t in out:
+        k = t.numel()
+        res.append(t + std * noise[off:off + k].reshape(t.shape).to(t.dtype))
+        off += k
+    return res

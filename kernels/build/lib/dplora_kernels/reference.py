@@ -1,0 +1,77 @@
+"""PyTorch reference implementations of the per-sample gradient and clipping math.
+
+This is the backend used on the CPU and the yardstick the Triton kernels are tested against. Everything
+is computed in float32 (float64 if the inputs are float64), whatever the input dtype, because squared
+norms of bf16/fp16 sums lose too many digits for DP clipping.
+
+Layout: rows are sample-major. x has R = N * k rows; sample i owns rows i*k .. i*k+k-1 (e.g. the k
+windows of one Swin image), so per-sample sums run over k*T positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def per_sample_view(t: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """(R, T, c) or (R, c) -> (N, R//N * T, c): all positions of one sample on one axis (zero-copy
+    when t is contiguous)."""
+    rows_per_sample = (t.numel() // t.shape[-1]) // num_samples if num_samples else 0
+    return t.reshape(num_samples, rows_per_sample, t.shape[-1])
+
+
+def lora_per_sample_grads(x, grad_out, A, B, scale, num_samples, u=None, which="both"):
+    """Per-sample G_A,i = v_i^T x_i (v = s * g B) and G_B,i = s * g_i^T u_i (u = x A^T), with squared
+    Frobenius norms. Inputs already validated; returns fp32 (fp64 for fp64 inputs) tensors."""
+    dt = acc_dtype(x.dtype)
+    xs = per_sample_view(x, num_samples).to(dt)
+    gs = per_sample_view(grad_out, num_samples).to(dt)
+    grad_A = grad_B = None
+    if which in ("both", "A"):
+        v = scale * (gs @ B.to(dt))                       # (N, L, r)
+        grad_A = torch.einsum("nlr,nld->nrd", v, xs)      # (N, r, n)
+    if which in ("both", "B"):
+        us = per_sample_view(u, num_samples).to(dt) if u is not None else xs @ A.to(dt).T
+        grad_B = scale * torch.einsum("nlm,nlr->nmr", gs, us)   # (N, m, r)
+    return grad_A, grad_B
+
+
+def linear_per_sample_grads(x, grad_out, num_samples, bias=True):
+    """Per-sample G_W,i = g_i^T x_i (m, n) and G_b,i = sum_t g_i,t (m,)."""
+    dt = acc_dtype(x.dtype)
+    xs = per_sample_view(x, num_samples).to(dt)
+    gs = per_sample_view(grad_out, num_samples).to(dt)
+    grad_weight = torch.einsum("nlm,nld->nmd", gs, xs)
+    grad_bias = gs.sum(dim=1) if bias else None
+    return grad_weight, grad_bias
+
+
+def sqnorm(per_sample: torch.Tensor | None, num_samples: int, device, dtype=torch.float32) -> torch.Tensor:
+    """Squared Frobenius norm of each sample's gradient; zeros for a missing (not computed) gradient."""
+    if per_sample is None:
+        return torch.zeros(num_samples, device=device, dtype=dtype)
+    flat = per_sample.reshape(num_samples, math.prod(per_sample.shape[1:]))
+    return flat.pow(2).sum(dim=1).to(dtype)
+
+
+def clip_factors(sqnorm_total: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Abadi et al. clipping: c_i = min(1, C / (||g_i|| + 1e-6)). NaN norms stay NaN (callers check)."""
+    norms = sqnorm_total.to(acc_dtype(sqnorm_total.dtype)).sqrt()
+    return torch.clamp(clip_norm / (norms + 1e-6), max=1.0)
+
+
+def clipped_sum(per_sample: list[torch.Tensor], factors: torch.Tensor) -> list[torch.Tensor]:
+    """sum_i c_i G_i for each tensor in the list (fp32 accumulation)."""
+    out = []
+    for g in per_sample:
+        dt = acc_dtype(g.dtype)
+        flat = g.reshape(g.shape[0], math.prod(g.shape[1:])).to(dt)
+        out.append((factors.to(dt) @ flat).reshape(g.shape[1:]))
+    return out

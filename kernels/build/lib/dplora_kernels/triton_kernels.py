@@ -1,0 +1,319 @@
+"""Triton kernels for per-sample LoRA / linear gradients and the grouped clip + sum + noise step.
+
+Two kernels do all the work:
+
+* `_per_sample_outer_kernel` computes, for every sample i, P_i = scale * Lᵢᵀ Rᵢ where Lᵢ (L rows × p)
+  and Rᵢ (L rows × q) are the sample's rows of two activations, plus the squared Frobenius norm of P_i
+  — in one pass over the activations, fp32 accumulation. The grid is samples × (p-tile, q-tile) ×
+  T-splits. LoRA uses it twice: G_A,i = v_iᵀ x_i (p = r, q = n) and G_B,iᵀ = s · u_iᵀ g_i (p = r,
+  q = m, written transposed through the output strides, so no copy). r is padded to ≥ 16 for tl.dot by
+  masked loads. With a T-split (long sequences, e.g. Swin stage 1 with 3136 tokens per image) each split
+  writes an fp32 partial to a workspace and `_reduce_splits_kernel` sums them in a fixed order — no
+  atomics, so results are bitwise reproducible. Norm partials per output tile are summed in a fixed
+  order too.
+* `_clip_sum_noise_kernel` is one launch over a flat (N, P_total) per-sample-gradient arena holding every
+  module's gradients: each program owns a column block, loops over samples in order, turns the
+  per-sample squared norm into c_i = min(1, C / (||g_i|| + 1e-6)) (or reads given factors), accumulates
+  sum_i c_i G_i and adds noise_std * z (z drawn by torch beforehand, so both backends add the same noise).
+
+Per-sample rows are sample-major: sample i owns rows i*k .. i*k+k-1 of x, so with x contiguous the
+sample is one contiguous (k*T, n) slab, addressed with a single per-sample stride.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference as ref
+
+
+@triton.jit
+def _per_sample_outer_kernel(
+    L_ptr, R_ptr, O_ptr, W_ptr, SQ_ptr,
+    rows, P, Q, scale, rows_per_split,
+    sl_n, sl_t, sl_p, sr_n, sr_t, sr_q,
+    so_n, so_p, so_q,
+    sw_s, sw_n, sw_p,
+    ssq_n,
+    BP: tl.constexpr, BQ: tl.constexpr, BT: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_tile = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    n_q_tiles = tl.cdiv(Q, BQ)
+    pid_p = pid_tile // n_q_tiles
+    pid_q = pid_tile % n_q_tiles
+    offs_p = pid_p * BP + tl.arange(0, BP)
+    offs_q = pid_q * BQ + tl.arange(0, BQ)
+    offs_t = tl.arange(0, BT)
+    mask_p = offs_p < P
+    mask_q = offs_q < Q
+
+    l_base = L_ptr + pid_n * sl_n
+    r_base = R_ptr + pid_n * sr_n
+    t_start = pid_s * rows_per_split
+    t_end = tl.minimum(t_start + rows_per_split, rows)
+    acc = tl.zeros((BP, BQ), dtype=tl.float32)
+    for t0 in range(t_start, t_end, BT):
+        t = t0 + offs_t
+        mask_t = t < t_end
+        lt = tl.load(l_base + t[:, None] * sl_t + offs_p[None, :] * sl_p,
+                     mask=mask_t[:, None] & mask_p[None, :], other=0.0)
+        rt = tl.load(r_base + t[:, None] * sr_t + offs_q[None, :] * sr_q,
+                     mask=mask_t[:, None] & mask_q[None, :], other=0.0)
+        if UPCAST:   # Triton's CPU interpreter computes bf16 tl.dot wrongly (numpy has no bf16)
+            lt = lt.to(tl.float32)
+            rt = rt.to(tl.float32)
+        else:
+            lt = lt.to(rt.dtype)
+        if IEEE:
+            acc = tl.dot(tl.trans(lt), rt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(lt), rt, acc)
+
+    mask_pq = mask_p[:, None] & mask_q[None, :]
+    if SPLIT == 1:
+        acc = acc * scale
+        tl.store(O_ptr + pid_n * so_n + offs_p[:, None] * so_p + offs_q[None, :] * so_q, acc, mask=mask_pq)
+        # padded rows/cols are exact zeros (masked loads), so they add nothing to the norm
+        tl.store(SQ_ptr + pid_n * ssq_n + pid_tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+    else:
+        # workspace is (SPLIT, N, P, Q) contiguous fp32: unscaled partials, reduced in fixed order later
+        w = W_ptr + pid_s.to(tl.int64) * sw_s + pid_n * sw_n + offs_p[:, None] * sw_p + offs_q[None, :]
+        tl.store(w, acc, mask=mask_pq)
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    W_ptr, O_ptr, SQ_ptr, P, Q, scale, n_splits,
+    sw_s, sw_n, sw_p, so_n, so_p, so_q, ssq_n,
+    BP: tl.constexpr, BQ: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_tile = tl.program_id(1)
+    n_q_tiles = tl.cdiv(Q, BQ)
+    offs_p = (pid_tile // n_q_tiles) * BP + tl.arange(0, BP)
+    offs_q = (pid_tile % n_q_tiles) * BQ + tl.arange(0, BQ)
+    mask = (offs_p < P)[:, None] & (offs_q < Q)[None, :]
+    acc = tl.zeros((BP, BQ), dtype=tl.float32)
+    w = W_ptr + pid_n * sw_n + offs_p[:, None] * sw_p + offs_q[None, :]
+    for s in range(0, n_splits):   # fixed order -> deterministic
+        acc += tl.load(w + s * sw_s, mask=mask, other=0.0)
+    acc = acc * scale
+    tl.store(O_ptr + pid_n * so_n + offs_p[:, None] * so_p + offs_q[None, :] * so_q, acc, mask=mask)
+    tl.store(SQ_ptr + pid_n * ssq_n + pid_tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
+
+
+@triton.jit
+def _clip_sum_noise_kernel(
+    G_ptr, SQ_ptr, F_ptr, Z_ptr, OUT_ptr, FOUT_ptr,
+    N, P, sg_n, clip_norm, noise_std,
+    HAS_FACTORS: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < P
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, N):          # fixed sample order -> deterministic
+        if HAS_FACTORS:
+            c = tl.load(F_ptr + i).to(tl.float32)
+        else:
+            sq = tl.load(SQ_ptr + i).to(tl.float32)
+            c = tl.minimum(clip_norm / (tl.sqrt(sq) + 1e-6), 1.0)
+            if pid == 0:
+                tl.store(FOUT_ptr + i, c)
+        g = tl.load(G_ptr + i * sg_n + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += c * g
+    if HAS_NOISE:
+        acc += noise_std * tl.load(Z_ptr + offs, mask=mask, other=0.0)
+    tl.store(OUT_ptr + offs, acc, mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+
+# Tests set this to True: every buffer a kernel must fill is then allocated full of NaN, so an element
+# the kernel forgets to write shows up as NaN instead of as plausible leftover memory.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), device=device, dtype=torch.float32)
+    return torch.empty(shape, device=device, dtype=torch.float32)
+
+
+def _pow2_at_least(x: int, lo: int) -> int:
+    return max(lo, triton.next_power_of_2(max(1, x)))
+
+
+def _is_interpreter(device: torch.device) -> bool:
+    return device.type != "cuda"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def per_sample_outer(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor, scale: float,
+                     split: int | None = None) -> torch.Tensor:
+    """out[i] = scale * left[i]ᵀ right[i] for left (N, L, p), right (N, L, q); out is a (N, p, q)
+    strided view (a transposed view is fine). Returns squared norms (N,) fp32.
+
+    `split` = number of T-chunks (None: chosen from the grid size; tests force values)."""
+    N, rows, P = left.shape
+    Q = right.shape[2]
+    dev = left.device
+    sq_dtype = torch.float32
+    if N == 0:
+        return torch.zeros(0, device=dev, dtype=sq_dtype)
+    BP = _pow2_at_least(P, 16) if P <= 64 else 64
+    BQ = 64 if Q > 32 else _pow2_at_least(Q, 16)
+    BT = 32 if _is_interpreter(dev) else 64
+    n_tiles = triton.cdiv(P, BP) * triton.cdiv(Q, BQ)
+    if split is None:
+        # enough programs to fill the GPU (~4 per SM), but each split keeps >= 4 BT-blocks of rows
+        want = triton.cdiv(4 * _num_sms(dev), N * n_tiles)
+        split = max(1, min(want, triton.cdiv(rows, 4 * BT)))
+    split = max(1, min(split, max(1, rows)))
+    rows_per_split = triton.cdiv(max(rows, 1), split)
+    split = triton.cdiv(max(rows, 1), rows_per_split)
+    sq = _empty((N, n_tiles), dev)
+    ieee = left.dtype == torch.float32 or right.dtype == torch.float32
+    upcast = _is_interpreter(dev) and torch.bfloat16 in (left.dtype, right.dtype)
+    ieee = ieee or upcast
+    if split > 1:
+        work = _empty((split, N, P, Q), dev)
+        ws = work.stride()
+    else:
+        work, ws = out, (0, 0, 0)   # unused
+    _per_sample_outer_kernel[(N, n_tiles, split)](
+        left, right, out, work, sq,
+        rows, P, Q, float(scale), rows_per_split,
+        left.stride(0), left.stride(1), left.stride(2),
+        right.stride(0), right.stride(1), right.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        ws[0], ws[1], ws[2], sq.stride(0),
+        BP=BP, BQ=BQ, BT=BT, SPLIT=split, IEEE=ieee, UPCAST=upcast,
+    )
+    if split > 1:
+        _reduce_splits_kernel[(N, n_tiles)](
+            work, out, sq, P, Q, float(scale), split,
+            ws[0], ws[1], ws[2], out.stride(0), out.stride(1), out.stride(2), sq.stride(0),
+            BP=BP, BQ=BQ,
+        )
+    return sq.sum(dim=1)   # fixed-shape torch reduction: deterministic
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if x.dtype == torch.float64:
+        raise ValueError("the triton backend does not take float64 inputs (x); use backend='torch'")
+    return x.dtype
+
+
+def lora_per_sample_grads(x, grad_out, A, B, scale, num_samples, u=None, which="both", split=None,
+                          out_A=None, out_B=None, gB_prod=None):
+    """Triton path of api.lora_per_sample_grads (inputs already validated). out_A (N, r, n) / out_B
+    (N, m, r) may be given as fp32 views into a per-sample-gradient arena; gB_prod = grad_out @ B
+    (unscaled) when the caller already has it (the autograd backward computes it for the input grad)."""
+    dt = _compute_dtype(x)
+    N = num_samples
+    r, n = A.shape
+    m = B.shape[0]
+    xs = ref.per_sample_view(x.contiguous(), N) if N else x.reshape(0, 1, n)
+    gs = ref.per_sample_view(grad_out.contiguous(), N) if N else grad_out.reshape(0, 1, m)
+    dev = x.device
+    gA = gB = None
+    sqA = sqB = torch.zeros(N, device=dev, dtype=torch.float32)
+    if which in ("both", "A"):
+        if gB_prod is not None:
+            v = ref.per_sample_view(gB_prod.to(dt).contiguous(), N) if N else gB_prod.reshape(0, 1, r)
+        else:
+            v = gs @ B.to(dt)                                        # (N, L, r); scale applied in-kernel
+        gA = out_A if out_A is not None else _empty((N, r, n), dev)
+        sqA = per_sample_outer(v, xs, gA, scale, split)
+    if which in ("both", "B"):
+        if u is not None:
+            us = ref.per_sample_view(u.to(dt).contiguous(), N) if N else u.reshape(0, 1, r)
+        else:
+            us = xs @ A.to(dt).T
+        gB = out_B if out_B is not None else _empty((N, m, r), dev)
+        sqB = per_sample_outer(us, gs, gB.transpose(1, 2), scale, split)   # G_Bᵀ = s uᵀ g
+    return gA, gB, sqA, sqB
+
+
+def linear_per_sample_grads(x, grad_out, num_samples, bias=True, split=None, out_weight=None):
+    """Triton path of api.linear_per_sample_grads: G_W,i = g_iᵀ x_i via the same kernel (p = m)."""
+    _compute_dtype(x)
+    N = num_samples
+    n, m = x.shape[-1], grad_out.shape[-1]
+    xs = ref.per_sample_view(x.contiguous(), N) if N else x.reshape(0, 1, n)
+    gs = ref.per_sample_view(grad_out.contiguous(), N) if N else grad_out.reshape(0, 1, m)
+    gW = out_weight if out_weight is not None else _empty((N, m, n), x.device)
+    sq = per_sample_outer(gs, xs, gW, 1.0, split)
+    gb = None
+    if bias:
+        gb = gs.sum(dim=1, dtype=torch.float32)
+        sq = sq + gb.pow(2).sum(dim=1)
+    return gW, gb, sq
+
+
+def _as_arena(per_sample) -> torch.Tensor | None:
+    """If the tensors are consecutive column blocks of one (N, P) fp32 arena (see PerSampleArena),
+    return the arena; else None."""
+    base = per_sample[0]._base
+    if base is None or base.dim() != 2 or not base.is_contiguous() or base.dtype != torch.float32:
+        return None
+    N, P = base.shape
+    off = 0
+    for g in per_sample:
+        if g._base is not base or g.shape[0] != N:
+            return None
+        k = math.prod(g.shape[1:])
+        if g.storage_offset() != base.storage_offset() + off or (N > 1 and g.stride(0) != P):
+            return None
+        # the non-batch part must be dense row-major inside the block
+        expected = torch.empty(g.shape[1:], device="meta").stride()
+        if tuple(g.stride()[1:]) != tuple(expected):
+            return None
+        off += k
+    return base if off == P else None
+
+
+def grouped_clip_sum_noise(per_sample, sqnorm_total, factors, clip_norm, noise, noise_std):
+    """One launch: sum_i c_i G_i + noise_std * z over all tensors. Either factors (N,) or sqnorm_total
+    (N,) (then c_i = min(1, C/(||g_i||+1e-6)) computed in-kernel) is given. Returns (list, factors)."""
+    arena = _as_arena(per_sample)
+    N = per_sample[0].shape[0]
+    dev = per_sample[0].device
+    if arena is None:
+        arena = torch.cat([g.reshape(N, -1).float() for g in per_sample], dim=1) if N else \
+            torch.zeros((0, sum(math.prod(g.shape[1:]) for g in per_sample)), device=dev)
+    P = arena.shape[1]
+    out = _empty((P,), dev)
+    has_factors = factors is not None
+    f_in = factors.to(device=dev, dtype=torch.float32).contiguous() if has_factors else out
+    sq_in = sqnorm_total.to(device=dev, dtype=torch.float32).contiguous() if not has_factors else out
+    f_out = _empty((N,), dev) if not has_factors else f_in
+    z = noise if noise is not None else out
+    BLOCK = 1024 if dev.type == "cuda" else 2048   # interpreter: fewer, wider programs
+    if P > 0:
+        _clip_sum_noise_kernel[(triton.cdiv(P, BLOCK),)](
+            arena, sq_in, f_in, z, out, f_out, N, P, max(arena.stride(0), 1), float(clip_norm),
+            float(noise_std), HAS_FACTORS=has_factors, HAS_NOISE=noise is not None, BLOCK=BLOCK,
+        )
+    elif not has_factors:
+        f_out = ref.clip_factors(sq_in, clip_norm).float()
+    res, off = [], 0
+    for g in per_sample:
+        k = math.prod(g.shape[1:])
+        res.append(out[off:off + k].view(g.shape[1:]))
+        off += k
+    return res, f_out

@@ -1,0 +1,87 @@
+"""Planted privacy bugs, to show that the audit can fail.
+
+Each is a context manager that monkeypatches a name *inside* `lalora.privacy.dp_step` for the
+duration of the `with` block (the real code is never edited), so the audit runs the genuine
+`dp_gradient` with one piece broken -- exactly the kind of silent bug auditing exists to catch:
+
+- `noise_halved`:        the Gaussian noise is drawn with std σC/2 instead of σC.
+- `clipping_off`:        every clip factor is 1 (per-sample gradients summed unclipped).
+- `per_window_clipping`: the per-sample-gradient engine is asked for N·nW "samples" instead of N,
+                         so under Swin's windowed attention each *window* is clipped to C and an
+                         image contributes up to nW·C (the Opacus failure mode, SPEC §3).
+
+    with planted.plant("noise_halved"):
+        result = audit_dp_step(epsilon=1.0, planted="noise_halved")
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+from unittest import mock
+
+import torch
+
+__all__ = ["PLANTED_BUGS", "plant", "noise_halved", "clipping_off", "per_window_clipping"]
+
+
+def _dp_step():
+    from ..privacy import dp_step
+
+    return dp_step
+
+
+@contextmanager
+def noise_halved() -> Iterator[None]:
+    mod = _dp_step()
+    real = mod.clipped_noised_sum
+
+    def halved(per_sample, factors, noise_std, generator, *args, **kwargs):
+        return real(per_sample, factors, noise_std / 2.0, generator, *args, **kwargs)
+
+    with mock.patch.object(mod, "clipped_noised_sum", halved):
+        yield
+
+
+@contextmanager
+def clipping_off() -> Iterator[None]:
+    mod = _dp_step()
+
+    def no_clip(sqnorm, clip_norm, *args, **kwargs):
+        return torch.ones_like(sqnorm)
+
+    with mock.patch.object(mod, "_clip_factors", no_clip):
+        yield
+
+
+@contextmanager
+def per_window_clipping(windows_per_sample: int = 4) -> Iterator[None]:
+    mod = _dp_step()
+    real_engine = mod.PerSampleGradEngine
+
+    class PerWindowEngine(real_engine):  # type: ignore[misc, valid-type]
+        def backward(self, loss, num_samples=None, **kwargs):
+            return super().backward(loss, num_samples * windows_per_sample, **kwargs)
+
+    with mock.patch.object(mod, "PerSampleGradEngine", PerWindowEngine):
+        yield
+
+
+PLANTED_BUGS = {
+    "noise_halved": noise_halved,
+    "clipping_off": clipping_off,
+    "per_window_clipping": per_window_clipping,
+}
+
+
+def plant(name: str | None, **kwargs):
+    """The context manager of planted bug `name` (None: no bug, a no-op context)."""
+    if name is None:
+        return _nothing()
+    if name not in PLANTED_BUGS:
+        raise ValueError(f"planted bug {name!r} is unknown; choices: {', '.join(PLANTED_BUGS)}")
+    return PLANTED_BUGS[name](**kwargs)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield

@@ -1,0 +1,362 @@
+"""The paper's tasks (SPEC §4) on local data and local weights; nothing is downloaded.
+
+Vision: CIFAR-100 and Tiny-ImageNet, resized to ``image_size`` (224) with ImageNet
+normalisation, on timm Swin-T (``swin_tiny_patch4_window7_224``) or Swin-B
+(``swin_base_patch4_window7_224.ms_in22k``) loaded from a local checkpoint file
+(``weights_path``); the checkpoint's classifier is dropped and a fresh seeded head is added.
+Language: GLUE SST-2 / QNLI / MNLI / QQP from the GLUE TSV files, on RoBERTa-base loaded from a
+local directory (``weights_path``, ``local_files_only=True``) with the RobertaForSequenceClassification
+head on the <s> token. LoRA and the experiment defaults follow SPEC §4.
+
+Accepted layouts (``data_root``):
+- CIFAR-100: torchvision's ``<root>/cifar-100-python/{train,test,meta}``, or an ImageFolder tree
+  ``<root>/train/<class>/*`` and ``<root>/test/<class>/*``.
+- Tiny-ImageNet: ``<root>/tiny-imagenet-200/`` or ``<root>/`` holding ``train/<wnid>/images/*``
+  and ``val/images/*`` + ``val/val_annotations.txt`` (the official zip); ``val/<wnid>/*`` works
+  too. The labelled val set is the test set (the official test set has no labels).
+- GLUE: ``<root>/<SST-2|QNLI|MNLI|QQP>/{train,dev}.tsv`` (MNLI: ``dev_matched.tsv``), as written
+  by the GLUE download script, or those files directly in ``<root>``. The dev set is the test set.
+A missing path raises FileNotFoundError naming it and saying how to obtain it.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .data import stack_collate
+from .registry import Task, register
+from .text import LANGUAGE_DEFAULTS, load_encoder_and_tokenizer, make_text_task
+from .vision import VISION_TARGETS, freeze_backbone_inject_lora, vision_forward
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PAPER_VISION_DEFAULTS = dict(
+    clients=8, clients_per_round=4, partition="dirichlet-released", beta=0.1, rounds=100,
+    local_steps=20, batch_size=16, optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=1e-3,
+    lr_decay=0.99,
+)
+
+HOW = {
+    "cifar100": "download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it into "
+                "data_root (giving data_root/cifar-100-python/), e.g. with "
+                "torchvision.datasets.CIFAR100(data_root, download=True) on a machine with internet",
+    "tinyimagenet": "download http://cs231n.stanford.edu/tiny-imagenet-200.zip and unzip it into data_root "
+                    "(giving data_root/tiny-imagenet-200/train, val)",
+    "glue": "download GLUE (https://gluebenchmark.com/tasks, or the GLUE download script) so that "
+            "data_root/<SST-2|QNLI|MNLI|QQP>/train.tsv and dev.tsv exist",
+    "swin": "on a machine with internet: m = timm.create_model('{name}', pretrained=True); "
+            "torch.save(m.state_dict(), weights_path) (or download model.safetensors of timm/{name} "
+            "from the Hugging Face hub)",
+    "roberta": "on a machine with internet: huggingface-cli download FacebookAI/roberta-base "
+               "--local-dir weights_path (or AutoModel/AutoTokenizer.from_pretrained('roberta-base')"
+               ".save_pretrained(weights_path))",
+}
+
+
+def _missing(what: str, path: Path | str, how: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{what} not found at {path}: {how}")
+
+
+def _need_path(param: str, path) -> Path:
+    if path is None:
+        raise ValueError(f"{param} is required for this paper task (a local path; nothing is downloaded)")
+    return Path(path).expanduser()
+
+
+# --------------------------------------------------------------------------- image datasets
+class ImageDictDataset(Dataset):
+    """(path-or-PIL, label) samples -> {"pixel_values": transformed tensor, "labels": int64}."""
+
+    def __init__(self, base: Dataset, targets: list[int], transform: Callable):
+        self.base, self.targets, self.transform = base, list(targets), transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        img, label = self.base[i]
+        return {"pixel_values": self.transform(img), "labels": torch.tensor(int(label))}
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        idx = [int(i) for i in np.asarray(indices).reshape(-1)]
+        if not idx:  # an empty Poisson batch: zero-length tensors of the right shape
+            one = self[0]
+            return {k: v.new_empty((0, *v.shape)) for k, v in one.items()}
+        return stack_collate([self[i] for i in idx])
+
+
+class _FileList(Dataset):
+    def __init__(self, files: list[Path], labels: list[int]):
+        self.files, self.labels = files, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            return im.convert("RGB"), self.labels[i]
+
+
+def image_transform(image_size: int):
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Lambda(lambda im: im.convert("RGB")),
+        T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def load_cifar100(data_root, image_size: int = 224):
+    """(train, test, class_names) as ImageDictDatasets; see the module docstring for layouts."""
+    from torchvision.datasets import CIFAR100, ImageFolder
+
+    root = _need_path("data_root", data_root)
+    tf = image_transform(image_size)
+    if (root / "cifar-100-python").is_dir():
+        tr, te = CIFAR100(str(root), train=True, download=False), CIFAR100(str(root), train=False, download=False)
+        classes = list(tr.classes)
+    elif (root / "train").is_dir() and (root / "test").is_dir():
+        tr, te = ImageFolder(str(root / "train")), ImageFolder(str(root / "test"))
+        if tr.classes != te.classes:
+            raise ValueError(f"data_root {root}: train/ and test/ have different class folders")
+        classes = list(tr.classes)
+    else:
+        raise _missing("CIFAR-100 (cifar-100-python/ or train/ + test/ folders)", root, HOW["cifar100"])
+    return ImageDictDataset(tr, tr.targets, tf), ImageDictDataset(te, te.targets, tf), classes
+
+
+def load_tiny_imagenet(data_root, image_size: int = 224):
+    from torchvision.datasets import ImageFolder
+
+    root = _need_path("data_root", data_root)
+    if (root / "tiny-imagenet-200").is_dir():
+        root = root / "tiny-imagenet-200"
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise _missing("Tiny-ImageNet (train/ and val/ folders)", root, HOW["tinyimagenet"])
+    tf = image_transform(image_size)
+    tr = ImageFolder(str(root / "train"))  # train/<wnid>/images/*.JPEG: ImageFolder recurses
+    ann = root / "val" / "val_annotations.txt"
+    if ann.exists():
+        files, labels = [], []
+        for line in ann.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) < 2:
+                continue
+            if parts[1] not in tr.class_to_idx:
+                raise ValueError(f"{ann}: class {parts[1]!r} is not a train/ folder")
+            files.append(root / "val" / "images" / parts[0])
+            labels.append(tr.class_to_idx[parts[1]])
+        te: Dataset = _FileList(files, labels)
+        te_targets = labels
+    else:
+        te = ImageFolder(str(root / "val"))
+        if te.classes != tr.classes:
+            raise ValueError(f"{root}/val has class folders different from train/")
+        te_targets = te.targets
+    return ImageDictDataset(tr, tr.targets, tf), ImageDictDataset(te, te_targets, tf), list(tr.classes)
+
+
+# --------------------------------------------------------------------------- timm Swin weights
+SWIN_NAMES = {"swin-t": "swin_tiny_patch4_window7_224", "swin-b": "swin_base_patch4_window7_224.ms_in22k"}
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        for cand in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            if (path / cand).exists():
+                path = path / cand
+                break
+        else:
+            found = sorted(p.name for p in path.glob("*.pth")) + sorted(p.name for p in path.glob("*.pt"))
+            if len(found) != 1:
+                raise FileNotFoundError(f"no checkpoint (model.safetensors, pytorch_model.bin or one .pth) in {path}")
+            path = path / found[0]
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    return sd
+
+
+def build_timm_swin(model_name: str, weights_path, num_classes: int, model_kwargs: dict | None = None,
+                    state: dict | None = None) -> nn.Module:
+    """timm Swin with ``num_classes`` outputs; backbone from ``weights_path`` (or ``state``), head fresh."""
+    import timm
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **(model_kwargs or {}))
+    if state is None:
+        path = _need_path("weights_path", weights_path)
+        if not path.exists():
+            raise _missing(f"Swin checkpoint for {model_name}", path, HOW["swin"].format(name=model_name))
+        state = load_state_dict_file(path)
+    sd = {k: v for k, v in checkpoint_filter_fn(dict(state), model).items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    bad_missing = [k for k in missing if not k.startswith("head.")]
+    if bad_missing or unexpected:
+        raise RuntimeError(f"checkpoint {weights_path} does not fit {model_name}: missing "
+                           f"{bad_missing[:8]}, unexpected {unexpected[:8]}")
+    return model
+
+
+def _subsample(ds: ImageDictDataset, max_samples: int | None, seed: int) -> ImageDictDataset:
+    if max_samples is None:
+        return ds
+    if max_samples < 1:
+        raise ValueError(f"max_train_samples must be >= 1, got {max_samples}")
+    keep = np.sort(np.random.default_rng(seed).permutation(len(ds))[:max_samples])
+    base = torch.utils.data.Subset(ds.base, keep.tolist())
+    return ImageDictDataset(base, [ds.targets[i] for i in keep], ds.transform)
+
+
+def _paper_vision_task(name, loader, data_root, weights_path, model_name, image_size, model_kwargs,
+                       r, alpha, dropout, seed, max_train_samples) -> Task:
+    wpath = _need_path("weights_path", weights_path)
+    if not wpath.exists():  # fail before reading a large dataset
+        raise _missing(f"Swin checkpoint for {model_name}", wpath, HOW["swin"].format(name=model_name))
+    train, test, classes = loader(data_root, image_size)
+    train = _subsample(train, max_train_samples, seed)
+    memo: dict = {}
+
+    def build_model(r: int = r, alpha: float = alpha, dropout: float = dropout) -> nn.Module:
+        if "state" not in memo:
+            memo["state"] = load_state_dict_file(wpath)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = build_timm_swin(model_name, wpath, len(classes), model_kwargs, state=memo["state"])
+        return freeze_backbone_inject_lora(model, VISION_TARGETS, r, alpha, dropout, seed, "head.fc")
+
+    return Task(
+        name=name, num_classes=len(classes), train=train, test=test,
+        train_labels=np.asarray(train.targets, np.int64), build_model=build_model,
+        lora_targets=list(VISION_TARGETS), head_name="head.fc", forward=vision_forward,
+        collate=stack_collate, defaults=dict(PAPER_VISION_DEFAULTS, r=r, alpha=float(alpha)),
+        test_labels=np.asarray(test.targets, np.int64),
+        info={"data_root": str(data_root), "weights_path": str(wpath), "model": model_name,
+              "classes": classes, "sizes": {"private": len(train), "test": len(test)}},
+    )
+
+
+def _vision_factory(name: str, loader, swin: str):
+    def factory(*, data_root=None, weights_path=None, model_name: str = SWIN_NAMES[swin], image_size: int = 224,
+                model_kwargs: dict | None = None, r: int = 16, alpha: float = 16.0, dropout: float = 0.05,
+                seed: int = 0, max_train_samples: int | None = None) -> Task:
+        return _paper_vision_task(name, loader, data_root, weights_path, model_name, image_size,
+                                  model_kwargs, r, alpha, dropout, seed, max_train_samples)
+
+    factory.__name__ = name.replace("-", "_")
+    factory.__doc__ = f"{name}: {SWIN_NAMES[swin]} on local data; see the lalora.tasks.paper docstring."
+    register(name)(factory)
+    return factory
+
+
+for _data, _loader in (("cifar100", load_cifar100), ("tinyimagenet", load_tiny_imagenet)):
+    for _swin in ("swin-t", "swin-b"):
+        _vision_factory(f"{_data}-{_swin}", _loader, _swin)
+
+
+# --------------------------------------------------------------------------- GLUE + RoBERTa
+GLUE = {
+    "sst2": dict(dir="SST-2", cols=("sentence", None), label="label", labels=["0", "1"], test="dev.tsv", max_len=64),
+    "qnli": dict(dir="QNLI", cols=("question", "sentence"), label="label",
+                 labels=["entailment", "not_entailment"], test="dev.tsv", max_len=128),
+    "mnli": dict(dir="MNLI", cols=("sentence1", "sentence2"), label="gold_label",
+                 labels=["entailment", "neutral", "contradiction"], test="dev_matched.tsv", max_len=128),
+    "qqp": dict(dir="QQP", cols=("question1", "question2"), label="is_duplicate", labels=["0", "1"],
+                test="dev.tsv", max_len=128),
+}
+
+
+def read_glue_tsv(path: Path, spec: dict) -> tuple[list[str], list[str] | None, np.ndarray, int]:
+    """(texts_a, texts_b, labels, skipped_rows) of one GLUE TSV (header row, no quoting)."""
+    a_col, b_col = spec["cols"]
+    label_of = {s: i for i, s in enumerate(spec["labels"])}
+    texts_a, texts_b, labels, skipped = [], [], [], 0
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(rows, None)
+        if header is None:
+            raise ValueError(f"{path} is empty")
+        need = [c for c in (a_col, b_col, spec["label"]) if c is not None]
+        if any(c not in header for c in need):
+            raise ValueError(f"{path}: header {header} lacks one of the columns {need}")
+        ia, il = header.index(a_col), header.index(spec["label"])
+        ib = header.index(b_col) if b_col else None
+        for row in rows:
+            if len(row) != len(header) or row[il].strip() not in label_of:
+                skipped += 1  # QQP has a few malformed rows; MNLI gold_label "-" has no consensus
+                continue
+            texts_a.append(row[ia])
+            if ib is not None:
+                texts_b.append(row[ib])
+            labels.append(label_of[row[il].strip()])
+    if not labels:
+        raise ValueError(f"{path}: no labelled rows")
+    return texts_a, (texts_b if b_col else None), np.asarray(labels, np.int64), skipped
+
+
+def glue_files(data_root, glue: str) -> tuple[Path, Path]:
+    spec = GLUE[glue]
+    root = _need_path("data_root", data_root)
+    for d in (root / spec["dir"], root):
+        tr, te = d / "train.tsv", d / spec["test"]
+        if tr.exists() and te.exists():
+            return tr, te
+    raise _missing(f"GLUE {spec['dir']} (train.tsv and {spec['test']})", root / spec["dir"], HOW["glue"])
+
+
+def _glue_factory(glue: str):
+    name = f"{glue}-roberta"
+
+    def factory(*, data_root=None, weights_path=None, max_len: int | None = None, r: int = 8,
+                alpha: float = 8.0, dropout: float = 0.05, seed: int = 0,
+                max_train_samples: int | None = None, max_test_samples: int | None = None) -> Task:
+        spec = GLUE[glue]
+        wpath = _need_path("weights_path", weights_path)
+        if not (wpath / "config.json").exists():
+            raise _missing("RoBERTa-base (a directory with config.json, weights and tokenizer)", wpath,
+                           HOW["roberta"])
+        tr_file, te_file = glue_files(data_root, glue)
+        tr_a, tr_b, tr_y, tr_skip = read_glue_tsv(tr_file, spec)
+        te_a, te_b, te_y, te_skip = read_glue_tsv(te_file, spec)
+
+        def cut(a, b, y, n, s):
+            if n is None:
+                return a, b, y
+            if n < 1:
+                raise ValueError(f"max_train_samples/max_test_samples must be >= 1, got {n}")
+            keep = np.sort(np.random.default_rng(s).permutation(len(y))[:n])
+            return [a[i] for i in keep], (None if b is None else [b[i] for i in keep]), y[keep]
+
+        tr_a, tr_b, tr_y = cut(tr_a, tr_b, tr_y, max_train_samples, seed)
+        te_a, te_b, te_y = cut(te_a, te_b, te_y, max_test_samples, seed + 1)
+        encoder, tok = load_encoder_and_tokenizer(wpath)
+        return make_text_task(
+            name=name, encoder=encoder, tokenizer=tok, num_classes=len(spec["labels"]),
+            train_texts=(tr_a, tr_b), train_labels=tr_y, test_texts=(te_a, te_b), test_labels=te_y,
+            max_len=max_len or spec["max_len"], pooling="cls", head="roberta", r=r, alpha=alpha,
+            dropout=dropout, seed=seed, defaults=LANGUAGE_DEFAULTS,
+            info={"data": [str(tr_file), str(te_file)], "weights_path": str(wpath), "classes": spec["labels"],
+                  "skipped_rows": {"train": tr_skip, "test": te_skip}},
+        )
+
+    factory.__name__ = name.replace("-", "_")
+    factory.__doc__ = f"{name}: GLUE {GLUE[glue]['dir']} on RoBERTa-base from a local directory."
+    register(name)(factory)
+    return factory
+
+
+for _glue in GLUE:
+    _glue_factory(_glue)

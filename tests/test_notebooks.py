@@ -1,0 +1,233 @@
+"""The notebook pipeline: the runner (lalora.notebooks) on tiny fake notebooks, every notebook of
+issue 6 executed once in the ``ci`` profile through the runner (asserting on the JSON each one
+writes), and every ``paper`` profile resolving with ``--prepare-only``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lalora import notebooks as nbr
+
+REPO = Path(__file__).resolve().parents[1]
+MINE = ["00_quickstart", "01_main_vision", "02_main_language", "03_ablation", "04_privacy_utility",
+        "05_heterogeneity", "10_report"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Runner on fake notebooks (fast: four kernel starts)
+# ------------------------------------------------------------------------------------------------
+NB_HEADER = '# %% tags=["parameters"]\nprofile = "ci"\noutput_dir = "results/ci"\nruns_dir = "runs"\n'
+
+
+def _fake_repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    (root / "lalora").mkdir(parents=True)
+    nbdir = root / "notebooks"
+    (nbdir / "params" / "ci").mkdir(parents=True)
+    (nbdir / "params" / "paper").mkdir(parents=True)
+    body = NB_HEADER + 'x = 1\n\n# %%\nimport json, os, pathlib\npathlib.Path(output_dir).mkdir(parents=True, exist_ok=True)\n'
+    (nbdir / "01_first.py").write_text(
+        body + 'json.dump({"x": x, "profile": profile, "cwd": os.getcwd(), "runs_dir": runs_dir}, '
+               'open(f"{output_dir}/01_first.json", "w"))\n')
+    (nbdir / "02_broken.py").write_text(body + 'raise RuntimeError("boom in cell two")\n')
+    (nbdir / "03_third.py").write_text(body + 'open(f"{output_dir}/03_third.json", "w").write("{}")\n')
+    (nbdir / "00_zreport.py").write_text(body.replace("x = 1", "") +
+        'import glob\njson.dump(sorted(glob.glob(f"{output_dir}/0*.json")), open(f"{output_dir}/seen.json", "w"))\n')
+    (nbdir / "00_zreport.py").rename(nbdir / "00_z_report.py")
+    (nbdir / "notes.py").write_text("raise SystemExit('not a notebook')\n")
+    (nbdir / "params" / "ci" / "01_first.yaml").write_text("x: 41\n")
+    (nbdir / "params" / "paper" / "01_first.yaml").write_text("x: 7\ntypo_param: 3\n")
+    return root
+
+
+def test_discover_orders_reports_last(tmp_path):
+    root = _fake_repo(tmp_path)
+    names = [p.stem for p in nbr.discover(root / "notebooks")]
+    assert names == ["01_first", "02_broken", "03_third", "00_z_report"]
+    assert [p.stem for p in nbr.select(nbr.discover(root / "notebooks"), ["03", "first"])] == ["01_first", "03_third"]
+    with pytest.raises(ValueError, match="only: no notebook named 'nope'"):
+        nbr.select(nbr.discover(root / "notebooks"), ["nope"])
+
+
+def test_unknown_parameter_names_file_and_key(tmp_path):
+    root = _fake_repo(tmp_path)
+    summary = nbr.run_notebooks("paper", root=root, only=["01_first"], prepare_only=True, echo=lambda *_: None)
+    [outcome] = summary.outcomes
+    assert outcome.status == "failed"
+    assert "typo_param" in outcome.error and "01_first.yaml" in outcome.error
+
+
+def test_runner_keeps_going_and_names_the_failure(tmp_path):
+    root = _fake_repo(tmp_path)
+    lines: list[str] = []
+    summary = nbr.run_notebooks("ci", root=root, output_dir="out/ci", runs_dir="cache/runs", quiet=True,
+                                echo=lines.append)
+    status = {o.name: o.status for o in summary.outcomes}
+    assert status == {"01_first": "ok", "02_broken": "failed", "03_third": "ok", "00_z_report": "ok"}
+    [failed] = summary.failed
+    assert "RuntimeError" in failed.error and "boom in cell two" in failed.error
+    text = "\n".join(lines)
+    assert "[02_broken] FAILED" in text and "failed: 02_broken" in text
+    # Parameters injected from the YAML plus the runner's; cwd = repository root.
+    out = json.loads((root / "out/ci/01_first.json").read_text())
+    assert out == {"x": 41, "profile": "ci", "cwd": str(root), "runs_dir": "cache/runs"}
+    # The report notebook ran last and saw the others' results.
+    assert json.loads((root / "out/ci/seen.json").read_text()) == ["out/ci/01_first.json", "out/ci/03_third.json"]
+    assert (root / "out/ci/notebooks/02_broken.ipynb").exists()
+    assert json.loads((root / "out/ci/notebooks/runner_summary.json").read_text())["profile"] == "ci"
+
+
+def test_cli_exit_code(tmp_path, monkeypatch):
+    from lalora.cli import main
+
+    root = _fake_repo(tmp_path)
+    monkeypatch.chdir(root)
+    assert main(["notebooks", "--profile", "ci", "--only", "03_third", "--quiet"]) == 0
+    assert main(["notebooks", "--profile", "ci", "--only", "02", "--quiet"]) == 1
+    assert main(["notebooks", "--list"]) == 0
+
+
+def test_ensure_kernel_points_at_this_interpreter():
+    import sys
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    name = nbr.ensure_kernel()
+    spec = KernelSpecManager().get_kernel_spec(name)
+    exe = spec.argv[0]
+    assert exe in ("python", "python3") or Path(exe).resolve() == Path(sys.executable).resolve()
+
+
+# ------------------------------------------------------------------------------------------------
+# The real notebooks, ci profile, executed once (module-scoped)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ci_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nb_ci")
+    out = tmp / "results" / "ci"
+    summary = nbr.run_notebooks("ci", root=REPO, only=MINE, output_dir=out, runs_dir=tmp / "runs", quiet=True)
+    return summary, out
+
+
+def _load(out: Path, name: str) -> dict:
+    path = out / f"{name}.json"
+    assert path.exists(), f"{name} wrote no {path.name}"
+    return json.loads(path.read_text())
+
+
+def _check_table(table, expected_rows, keys=("task", "method", "epsilon")):
+    assert len(table) == expected_rows
+    assert len({tuple(r[k] for k in keys) for r in table}) == expected_rows
+    for r in table:
+        assert math.isfinite(r["accuracy_mean"]) and 0.0 <= r["accuracy_mean"] <= 100.0
+        assert math.isfinite(r["accuracy_std"]) and r["accuracy_std"] >= 0.0
+        assert r["n_seeds"] >= 1
+        if r["epsilon"] != "inf":
+            # The ε the most-used client spent never exceeds the target (tolerance: accountant rounding).
+            assert r["epsilon_spent"] <= float(r["epsilon"]) + 1e-6, r
+            assert r["noise_multiplier"] > 0
+
+
+def _params(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "notebooks/params/ci" / f"{name}.yaml").read_text()) or {}
+
+
+def test_ci_all_notebooks_succeed(ci_results):
+    summary, out = ci_results
+    assert [o.name for o in summary.outcomes] == MINE
+    assert not summary.failed, nbr.format_summary(summary)
+    for name in MINE:
+        assert (out / "notebooks" / f"{name}.ipynb").exists()
+
+
+def test_ci_quickstart(ci_results):
+    data = _load(ci_results[1], "00_quickstart")
+    s = data["summary"]
+    assert s["epsilon_spent"] <= s["target_epsilon"] + 1e-6
+    assert s["noise_multiplier"] > 0 and math.isfinite(s["final_accuracy"])
+    assert len(data["curve"]["round"]) == s["rounds"]
+    assert all(e <= s["target_epsilon"] + 1e-6 for e in data["per_client_epsilon"])
+    assert (ci_results[1] / "figures" / "00_quickstart_curve.png").exists()
+
+
+@pytest.mark.parametrize("name", ["01_main_vision", "02_main_language"])
+def test_ci_main_tables(ci_results, name):
+    p = _params(name)
+    data = _load(ci_results[1], name)
+    ref = 1 if p.get("reference_method", "fedavg-lora") else 0
+    _check_table(data["table"], len(p["tasks"]) * (len(p["methods"]) * len(p["epsilons"]) + ref))
+    assert data["summary"]["max_epsilon_spent_minus_target"] <= 1e-6
+    assert all(r["n_seeds"] == len(p["seeds"]) for r in data["table"])
+    assert (ci_results[1] / "figures" / f"{name}_bars.pdf").exists()
+
+
+def test_ci_ablation(ci_results):
+    p = _params("03_ablation")
+    data = _load(ci_results[1], "03_ablation")
+    _check_table(data["table"], len(p["tasks"]) * len(p["arms"]) * len(p["epsilons"]))
+    assert {r["method"] for r in data["table"]} == set(p["arms"])
+    # The four arms are four different runs (the filter flag reached the config).
+    runs = {r["run_dir"] for r in data["runs"]}
+    assert len(runs) == len(data["runs"])
+    for effects in data["effects"].values():
+        assert all(math.isfinite(v) for v in effects.values())
+
+
+def test_ci_privacy_utility(ci_results):
+    p = _params("04_privacy_utility")
+    data = _load(ci_results[1], "04_privacy_utility")
+    _check_table(data["table"], len(p["methods"]) * len(p["epsilons"]))
+    # Smaller ε -> more noise.
+    for m in p["methods"]:
+        sig = sorted((float(r["epsilon"]), r["noise_multiplier"]) for r in data["table"]
+                     if r["method"] == m and r["epsilon"] != "inf")
+        assert all(a[1] > b[1] for a, b in zip(sig, sig[1:])), sig
+
+
+def test_ci_heterogeneity(ci_results):
+    p = _params("05_heterogeneity")
+    data = _load(ci_results[1], "05_heterogeneity")
+    _check_table(data["table"], len(p["methods"]) * len(p["betas"]), keys=("method", "beta"))
+    hists = data["histograms"]
+    assert len(hists) == len(p["heatmap_betas"])
+    for h in hists.values():
+        assert min(sum(row) for row in h) >= 1  # every client holds data
+    # Smaller β -> more skewed clients.
+    shares = sorted((float(b), v) for b, v in
+                    ((k.split("=")[1].rstrip("]"), v) for k, v in data["summary"].items()
+                     if k.startswith("largest_class_share")))
+    assert shares[0][1] >= shares[-1][1]
+
+
+def test_ci_report(ci_results):
+    out = ci_results[1]
+    data = _load(out, "10_report")
+    text = (out / "REPORT.md").read_text()
+    for name in MINE[:-1]:
+        assert f"### {name}" in text
+    assert "60.07" in text  # a reported number is beside the reproduced ones
+    assert data["summary"]["profiles"] == ["ci"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Paper profile: every notebook's parameters resolve (no data, no GPU needed)
+# ------------------------------------------------------------------------------------------------
+def test_paper_profiles_prepare(tmp_path):
+    summary = nbr.run_notebooks("paper", root=REPO, output_dir=tmp_path / "paper", prepare_only=True,
+                                echo=lambda *_: None)
+    assert not summary.failed, nbr.format_summary(summary)
+    names = {o.name for o in summary.outcomes}
+    assert set(MINE) <= names
+    for name in MINE:
+        yaml_path = REPO / "notebooks/params/paper" / f"{name}.yaml"
+        assert yaml_path.exists(), f"{name} has no paper profile"
+        nb = json.loads((tmp_path / "paper/notebooks" / f"{name}.ipynb").read_text())
+        assert any("injected-parameters" in c["metadata"].get("tags", []) for c in nb["cells"])
