@@ -376,14 +376,15 @@ def main(argv=None) -> int:
     _quiet_libraries()
     torch.set_num_threads(args.threads)
     variants = tuple(v for v in VARIANTS + OPTIONAL_VARIANTS if v in args.variants.split(","))
-    env = environment(args.threads, args.repeats, args.warmup)
     results = {}
     for name in args.models.split(","):
+        env = environment(args.threads, args.repeats, args.warmup)
         bench = (minilm_bench(args.batch_size, args.seq_len, args.rank) if name == "minilm"
                  else swin_bench(args.batch_size, args.rank))
         results[name] = run_model(bench, variants, args.repeats, args.warmup,
                                   log=lambda s: print(s, file=sys.stderr, flush=True))
-        results[name]["meta"] = env
+        # load average before/after: the machine is shared, so say how busy it was
+        results[name]["meta"] = {**env, "loadavg_end": list(os.getloadavg())}
         for v in VARIANTS:  # fields the issue asks for are always present (null if not run)
             results[name].setdefault(f"{v}_ms", None)
             results[name].setdefault(f"{v}_peak_mb", None)

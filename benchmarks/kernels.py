@@ -192,22 +192,24 @@ def make_step(method: str, wl: Workload, device):
     return step
 
 
-def time_step(step, device, warmup: int, iters: int) -> tuple[float, float | None]:
-    """Median wall time per step (ms) and peak allocated memory (MiB, CUDA only)."""
+def time_step(step, device, warmup: int, iters: int) -> tuple[float, float, float | None]:
+    """Median wall time per step (ms), median process CPU time per step (ms; the steadier number on a
+    shared CPU machine) and peak allocated memory (MiB, CUDA only)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         step()
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None
-    return statistics.median(times), peak
+    return statistics.median(times), statistics.median(cpu), peak
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,10 +223,10 @@ def bench_fn(fn, device, reps: int) -> float:
         return triton.testing.do_bench(fn, return_mode="median")
     fn()
     ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    for _ in range(reps):   # CPU: process CPU time (torch runs single-threaded here), steadier when shared
+        t0 = time.process_time()
         fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
+        ts.append((time.process_time() - t0) * 1e3)
     return statistics.median(ts)
 
 
@@ -325,25 +327,29 @@ def main(argv=None) -> int:
               f"NO GPU: CPU run at SMALL shapes with the torch REFERENCE backend on {machine}. "
               "These numbers do not measure the Triton kernels or GPU performance.")
     print(banner, flush=True)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1))) if not gpu else None
+    load_start = os.getloadavg()
+    if not gpu:
+        torch.set_num_threads(1)   # so that process CPU time is the step's compute time
+        print(f"load average at start: {load_start}", flush=True)
 
     step_rows = []
     methods = ["nonprivate", "dplora"] + ([] if args.skip_opacus else ["opacus_hooks", "opacus_ghost"])
     builders = {"roberta": roberta_workload, "swin": swin_workload}
     for wname in args.workloads.split(","):
         wl = builders[wname](gpu)
-        base_ms = base_mem = None
+        base_ms = base_mem = base_cpu = None
         for method in methods:
-            row = dict(workload=wl.name, method=method, ms=None, peak_mib=None, vs_nonprivate=None, mem_vs_nonprivate=None,
+            row = dict(workload=wl.name, method=method, ms=None, cpu_ms=None, cpu_vs_nonprivate=None, peak_mib=None, vs_nonprivate=None, mem_vs_nonprivate=None,
                        status="ok")
             try:
                 step = make_step(method, wl, device)
-                ms, peak = time_step(step, device, warmup, iters)
-                row.update(ms=ms, peak_mib=peak)
+                ms, cpu_ms, peak = time_step(step, device, warmup, iters)
+                row.update(ms=ms, cpu_ms=cpu_ms, peak_mib=peak)
                 if method == "nonprivate":
-                    base_ms, base_mem = ms, peak
+                    base_ms, base_mem, base_cpu = ms, peak, cpu_ms
                 if base_ms:
                     row["vs_nonprivate"] = ms / base_ms
+                    row["cpu_vs_nonprivate"] = cpu_ms / base_cpu
                 if base_mem and peak:
                     row["mem_vs_nonprivate"] = peak / base_mem
             except Exception as e:   # e.g. Opacus cannot handle Swin's windowed rows: record, go on
@@ -356,8 +362,9 @@ def main(argv=None) -> int:
             step_rows.append(row)
 
     dtype = torch.bfloat16 if gpu else torch.float32
-    kern = kernel_rows(device, backend, dtype, reps=iters)
-    bw = copy_bandwidth(device, reps=iters)
+    kern = kernel_rows(device, backend, dtype, reps=iters if gpu else 4 * iters)
+    bw = copy_bandwidth(device, reps=iters if gpu else 4 * iters)
+    load_end = os.getloadavg()
     for k in kern:
         k["frac_of_copy_bw"] = k["gb_per_s"] / bw
         print(k, flush=True)
@@ -366,27 +373,32 @@ def main(argv=None) -> int:
     out = Path(args.out)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["machine", "backend", "section", "workload_or_kernel", "method_or_shape", "ms", "peak_mib",
-                "vs_nonprivate", "mem_vs_nonprivate", "gb_per_s", "frac_of_copy_bw", "status"])
+    w.writerow(["machine", "backend", "section", "workload_or_kernel", "method_or_shape", "ms", "cpu_ms",
+                "peak_mib", "vs_nonprivate", "cpu_vs_nonprivate", "mem_vs_nonprivate", "gb_per_s",
+                "frac_of_copy_bw", "status"])
     for r in step_rows:
-        w.writerow([machine, backend, "step", r["workload"], r["method"], r["ms"], r["peak_mib"], r["vs_nonprivate"],
-                    r["mem_vs_nonprivate"], "", "", r["status"]])
+        w.writerow([machine, backend, "step", r["workload"], r["method"], r["ms"], r["cpu_ms"], r["peak_mib"],
+                    r["vs_nonprivate"], r["cpu_vs_nonprivate"], r["mem_vs_nonprivate"], "", "", r["status"]])
     for k in kern:
-        w.writerow([machine, backend, "kernel", k["kernel"], k["shape"], k["ms"], "", "", "", k["gb_per_s"],
+        w.writerow([machine, backend, "kernel", k["kernel"], k["shape"], k["ms"], "", "", "", "", "", k["gb_per_s"],
                     k["frac_of_copy_bw"], "ok"])
-    w.writerow([machine, backend, "copy", "device copy bandwidth", "", "", "", "", "", bw, 1.0, "ok"])
+    w.writerow([machine, backend, "copy", "device copy bandwidth", "", "", "", "", "", "", "", bw, 1.0, "ok"])
     atomic_write(out / f"kernels_{tag}.csv", buf.getvalue())
 
     f = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"
     md = [f"**{banner}**", "", f"Command: `{' '.join([Path(sys.executable).name] + sys.argv)}`; "
-          f"torch {torch.__version__}; median of {iters} steps after {warmup} warm-up.", "",
-          "| workload | method | ms/step | × non-private | peak MiB | mem × non-private | status |",
-          "|---|---|---|---|---|---|---|"]
+          f"torch {torch.__version__}; median of {iters} steps after {warmup} warm-up."
+          + ("" if gpu else f" torch threads: 1. Load average at start {load_start}, at end {load_end} "
+             "(a shared machine: wall times are noisy; process CPU time is the steadier measure)."), "",
+          "| workload | method | wall ms/step | × non-private (wall) | CPU ms/step | × non-private (CPU) | "
+          "peak MiB | mem × non-private | status |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in step_rows:
-        md.append(f"| {r['workload']} | {r['method']} | {f(r['ms'])} | {f(r['vs_nonprivate'])} | {f(r['peak_mib'], 0)} | "
-                  f"{f(r['mem_vs_nonprivate'])} | {r['status']} |")
-    md += ["", f"Measured copy bandwidth (read+write): {bw:.1f} GB/s", "",
-           "| kernel | shape | ms | GB moved | GB/s | fraction of copy BW |", "|---|---|---|---|---|---|"]
+        md.append(f"| {r['workload']} | {r['method']} | {f(r['ms'])} | {f(r['vs_nonprivate'])} | {f(r['cpu_ms'])} | "
+                  f"{f(r['cpu_vs_nonprivate'])} | {f(r['peak_mib'], 0)} | {f(r['mem_vs_nonprivate'])} | {r['status']} |")
+    timing = "CUDA (triton.testing.do_bench median)" if gpu else "process CPU time, median"
+    md += ["", f"Measured copy bandwidth (read+write, {timing}): {bw:.2f} GB/s", "",
+           f"| kernel | shape | ms ({timing}) | GB moved | GB/s | fraction of copy BW |", "|---|---|---|---|---|---|"]
     for k in kern:
         md.append(f"| {k['kernel']} | {k['shape']} | {k['ms']:.4f} | {k['gbytes']:.4f} | {k['gb_per_s']:.1f} | "
                   f"{k['frac_of_copy_bw']:.2f} |")

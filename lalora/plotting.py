@@ -143,17 +143,20 @@ def grouped_bars(ax, rows: list[dict], *, group_key: str = "epsilon", methods: l
 
     methods = sort_methods(methods or [r["method"] for r in rows])
     groups = sorted({r[group_key] for r in rows}, key=_as_float)
-    width = 0.8 / max(len(methods), 1)
     lookup = {(r[group_key], r["method"]): r for r in rows}
-    for j, m in enumerate(methods):
+    # Bars are centred within each group on the methods that group has (the ε = ∞ group usually
+    # holds only the non-private reference).
+    per_group = [[m for m in methods if (g, m) in lookup] for g in groups]
+    width = 0.8 / max(max((len(p) for p in per_group), default=1), 1)
+    for m in methods:
         xs, ys, es = [], [], []
-        for i, g in enumerate(groups):
-            r = lookup.get((g, m))
-            if r is None:
+        for i, (g, present) in enumerate(zip(groups, per_group)):
+            if m not in present:
                 continue
-            xs.append(i - 0.4 + width * (j + 0.5))
-            ys.append(r[value])
-            es.append(r.get(err, 0.0) or 0.0)
+            j = present.index(m)
+            xs.append(i + width * (j - (len(present) - 1) / 2))
+            ys.append(lookup[(g, m)][value])
+            es.append(lookup[(g, m)].get(err, 0.0) or 0.0)
         if not xs:
             continue
         bars = ax.bar(xs, ys, width=width * 0.95, yerr=es, capsize=3, color=method_color(m),
@@ -182,9 +185,16 @@ def lines_vs(ax, rows: list[dict], *, x_key: str, methods: list[str] | None = No
         x = np.array([inf_at if (p[0] == float("inf") and inf_at is not None) else p[0] for p in pts])
         y = np.array([p[1] for p in pts])
         e = np.array([p[2] for p in pts])
+        # Finite x joined by a line with a ± band; the x = ∞ point (drawn at inf_at) stands alone.
+        finite = np.array([p[0] != float("inf") for p in pts])
         ok = np.isfinite(x)
-        ax.plot(x[ok], y[ok], marker=method_marker(m), color=method_color(m), label=method_label(m), lw=1.8, ms=6)
-        ax.fill_between(x[ok], (y - e)[ok], (y + e)[ok], color=method_color(m), alpha=0.15, lw=0)
+        ax.plot(x[finite], y[finite], marker=method_marker(m), color=method_color(m), label=method_label(m),
+                lw=1.8, ms=6)
+        ax.fill_between(x[finite], (y - e)[finite], (y + e)[finite], color=method_color(m), alpha=0.15, lw=0)
+        alone = ok & ~finite
+        if alone.any():
+            ax.errorbar(x[alone], y[alone], yerr=e[alone], fmt=method_marker(m), color=method_color(m),
+                        ms=6, capsize=3)
         xs_all.update(x[ok].tolist())
     return sorted(xs_all)
 

@@ -178,7 +178,7 @@ def test_swin_audit_correct_and_per_window_caught():
 
 
 def test_one_run_audit_correct_and_clipping_off():
-    """One-run audit (300 canaries, 60 guesses, 10 DP steps at q = 0.5): below the accountant's ε for
+    """One-run audit (300 canaries, 60 guesses, 10 DP steps at q = 0.25): below the accountant's ε for
     the real mechanism at ε = 1 and 8; with clipping off at ε = 1 the guesses become near perfect and
     the bound exceeds ε."""
     kw = dict(canaries=300, guesses=60, steps=10, real=100)

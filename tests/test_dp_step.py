@@ -201,3 +201,52 @@ def test_as_released_is_labelled_not_dp_and_follows_the_released_code():
     expect = torch.randn(params[first].shape, generator=torch.Generator().manual_seed(0), dtype=D)
     expect = expect * 3.0 * C / 6
     assert_close_rel(diff, expect, 1e-8, "noise of the first tensor")
+
+
+_TRITON_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_per_sample_grads import small_swin, swin_batch, img_loss, mlp_model, ce_loss
+from lalora.privacy import dp_gradient
+cases = [(lambda: mlp_model(torch.float32), ce_loss, {{"x": torch.randn(5, 4, 6), "labels": torch.arange(5) % 3}}),
+         (lambda: small_swin(torch.float32), img_loss, swin_batch(torch.float32))]
+for build, loss, batch in cases:
+    out = {{}}
+    for be in ("torch", "triton"):
+        out[be] = dp_gradient(build(), loss, batch, clip_norm=0.01, noise_multiplier=1.0,
+                              expected_batch_size=4, generator=torch.Generator().manual_seed(0), backend=be)
+    for k, a in out["torch"].grads.items():
+        err = ((a - out["triton"].grads[k]).abs().max() / a.abs().max()).item()
+        assert err < 1e-4, (k, err)
+    torch.testing.assert_close(out["triton"].per_sample_norms, out["torch"].per_sample_norms, rtol=1e-4, atol=0)
+print("OK")
+"""
+
+
+@pytest.mark.slow
+def test_triton_backend_slots_in_under_the_interpreter():
+    """The engine's Triton path (dplora_kernels, run by Triton's CPU interpreter) gives the torch
+    path's DP step (same noise draw, 1e-4 relative in float32), on the MLP and on Swin."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT.format(tests=tests)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_auto_backend_matches_cpu():
+    """On CUDA backend='auto' picks Triton; the DP step must equal the CPU torch path (float32)."""
+    batch = swin_batch(torch.float32)
+    kw = dict(clip_norm=0.01, noise_multiplier=0.0, expected_batch_size=4, generator=None)
+    cpu = dp_gradient(small_swin(torch.float32), img_loss, batch, backend="torch", **kw)
+    gpu_batch = {k: v.cuda() for k, v in batch.items()}
+    gpu = dp_gradient(small_swin(torch.float32).cuda(), img_loss, gpu_batch, backend="auto", **kw)
+    for k, a in cpu.grads.items():
+        assert_close_rel(gpu.grads[k].cpu(), a, 1e-4, k)
+    torch.testing.assert_close(gpu.per_sample_norms.cpu(), cpu.per_sample_norms, rtol=1e-4, atol=0)

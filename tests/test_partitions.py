@@ -80,12 +80,15 @@ def test_label_histograms_counts():
 
 
 def test_no_empty_client_per_class_resamples_or_raises():
-    # 12 samples, 10 clients, tiny beta: many draws leave a client empty; the scheme redraws.
+    # 12 samples, 6 clients, beta 0.5: most single draws leave some client empty; the scheme
+    # redraws until none is. With beta 0.01 and 10 clients no draw succeeds: a clear error.
     labels = np.repeat(np.arange(3), 4)
-    parts = partition(labels, 10, "dirichlet-per-class", beta=0.05, seed=0)
-    assert min(len(p) for p in parts) >= 1
+    for seed in range(10):
+        parts = partition(labels, 6, "dirichlet-per-class", beta=0.5, seed=seed)
+        assert min(len(p) for p in parts) >= 1
+        assert sum(len(p) for p in parts) == 12
     with pytest.raises(ValueError, match="min_samples"):
-        partition(labels, 10, "dirichlet-per-class", beta=0.05, seed=0, min_samples=2)
+        partition(labels, 10, "dirichlet-per-class", beta=0.01, seed=0, max_redraws=50)
 
 
 @pytest.mark.parametrize("kw,field", [

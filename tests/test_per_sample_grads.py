@@ -392,3 +392,34 @@ def test_module_called_twice_and_tied_weights_sum_contributions():
     batch = {"x": torch.randn(3, 4, dtype=torch.float64), "labels": torch.tensor([0, 1, 1])}
     psg, _ = check_against_loop(m, ce_loss, batch, 3, torch.float64)
     assert "other.weight" not in psg.grads and "fc.weight" in psg.grads
+
+
+def test_activation_checkpointing_is_refused():
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(SeqMLP):
+        def forward(self, x):
+            h = checkpoint(lambda z: torch.tanh(self.fc2(torch.tanh(self.fc1(z)))), x, use_reentrant=False)
+            return self.head(h)
+
+    torch.manual_seed(0)
+    m = Ckpt().double()
+    freeze_all(m)
+    inject_lora(m, ["fc1"], r=2, alpha=2)
+    m.head.requires_grad_(True)
+    batch = {"x": torch.randn(3, 6, dtype=torch.float64), "labels": torch.tensor([0, 1, 1])}
+    with pytest.raises(RuntimeError, match="checkpointing"):
+        engine_grads(m, ce_loss, batch, 3)
+
+
+def test_functional_use_of_a_trainable_weight_is_refused():
+    """nn.MultiheadAttention uses out_proj.weight without calling out_proj: no hook sees it."""
+    mha = nn.MultiheadAttention(4, 1, batch_first=True).double()
+    for p in mha.parameters():
+        p.requires_grad_(False)
+    mha.out_proj.requires_grad_(True)
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    with PerSampleGradEngine(mha) as eng:
+        loss = mha(x, x, x)[0].sum()
+        with pytest.raises(ValueError, match="out_proj.weight"):
+            eng.backward(loss, 2)

@@ -224,3 +224,16 @@ def test_gpu_dpstep_auto_backend_matches_loop(amp):
     for p, w in zip([p for p in m.parameters() if p.requires_grad], want):
         err = (p.grad.double().cpu() * N - w).abs().max().item() / w.abs().max().item()
         assert err <= tol
+
+
+def test_second_batch_before_clip_is_refused():
+    """Two backward passes into one arena would add batch 2's sample i onto batch 1's sample i."""
+    lin = dk.DPLoRALinear(nn.Linear(4, 4), r=2, alpha=2.0)
+    dp = dk.DPStep(lin, 1.0, 0.0, expected_batch_size=2, backend="torch")
+    lin(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match="clip_and_noise"):
+        lin(torch.randn(2, 4))
+    with torch.no_grad():
+        lin(torch.randn(2, 4))            # evaluation in between is fine
+    dp.clip_and_noise()
+    lin(torch.randn(2, 4)).sum().backward()   # next step is fine

@@ -61,7 +61,7 @@ class OneRunResult:
 
 @single_thread()
 def audit_one_run(epsilon: float = 8.0, *, delta: float = 1e-5, canaries: int = 1000, real: int = 200,
-                  d: int = 8, k: int = 4, r: int = 4, steps: int = 20, sample_rate: float = 0.5,
+                  d: int = 8, k: int = 4, r: int = 4, steps: int = 20, sample_rate: float = 0.25,
                   clip_norm: float = 1.0, lr: float = 0.5, guesses: int = 100, method: str = "dp-lora",
                   canary_scale: float = 100.0, confidence: float = 0.95, seed: int = 0,
                   planted: str | None = None) -> OneRunResult:

@@ -82,7 +82,6 @@ class PerSampleGradEngine:
     backend: str = "auto"
     _calls: list = field(default_factory=list, init=False, repr=False)
     _handles: list = field(default_factory=list, init=False, repr=False)
-    _owner: dict = field(default_factory=dict, init=False, repr=False)
 
     # ---- setup ---------------------------------------------------------------------------------
     def __enter__(self) -> "PerSampleGradEngine":
@@ -93,7 +92,6 @@ class PerSampleGradEngine:
                              "samples, so per-sample gradients are undefined; put them in eval mode "
                              "or use GroupNorm/LayerNorm")
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self._param_names = {id(p): n for n, p in self.params.items()}
         covered: set[int] = set()
         for name, m in self.model.named_modules():
             own = [p for p in m.parameters(recurse=False) if p.requires_grad]
@@ -169,10 +167,27 @@ class PerSampleGradEngine:
                                  "(leading dim 1, e.g. BERT's default position_ids) mixes samples: freeze "
                                  "that layer or pass per-sample inputs")
         grads: dict[int, torch.Tensor] = {}
-        if calls and loss.requires_grad:
+        if loss.requires_grad:
             outs = [c.out for c in calls]
-            grad_outs = torch.autograd.grad(loss, outs, allow_unused=True, retain_graph=retain_graph)
-            for c, g in zip(calls, grad_outs):
+            # Trainable parameters whose module never ran may still be used functionally (e.g.
+            # nn.MultiheadAttention reads out_proj.weight without calling out_proj): ask autograd for
+            # their gradient in the same pass and refuse if the loss depends on them.
+            called = {id(p) for c in calls for p in c.module.parameters(recurse=False)}
+            uncalled = [(n, p) for n, p in self.params.items() if id(p) not in called]
+            res = torch.autograd.grad(loss, outs + [p for _, p in uncalled], allow_unused=True,
+                                      retain_graph=retain_graph)
+            grad_outs = list(res[:len(outs)])
+            used = [n for (n, _), g in zip(uncalled, res[len(outs):]) if g is not None]
+            del res, outs
+            if used:
+                raise ValueError(f"trainable parameters {used} are used outside their module's forward "
+                                 "(functional use), so hooks cannot see them; freeze them or call the module")
+            if self._calls:   # forwards re-run inside backward: activation checkpointing
+                self._calls.clear()
+                raise RuntimeError("a hooked layer ran during the backward pass (activation checkpointing?): "
+                                   "its per-sample gradients would be lost; disable gradient checkpointing")
+            for i, c in enumerate(calls):
+                g, grad_outs[i], calls[i] = grad_outs[i], None, None   # free each pair once used
                 if g is None:
                     continue
                 for p, gs in self._per_sample(c, g, n):

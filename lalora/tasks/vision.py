@@ -5,15 +5,16 @@
 
 Protocol (both tasks; documented in the README too):
 
-1. Images are scaled to [0, 1], upsampled bilinearly to 32x32 (1 channel) and normalised as
-   (x - 0.5) / 0.5.
+1. Images are scaled to [0, 1], resized bilinearly to ``swin.img_size`` (16x16 for digits,
+   24x24 for lfw; 1 channel) and normalised as (x - 0.5) / 0.5.
 2. The data are split ONCE, stratified by class and seeded (``split_seed``), into three disjoint
    parts: a PUBLIC split (``public_fraction``), a TEST split (``test_fraction``) and the PRIVATE
    rest. Clients only ever see the private split; the test split is used only for evaluation.
 3. The backbone is pretrained non-privately on the public split: a whole SwinTransformer
-   (``SmallSwinConfig``: img 32, patch 2, window 4, embed 32, depths (2, 2), heads (2, 4), so
-   stage 1 has 16 windows of 4x4 tokens per image and stage 2 has 4; per-image DP clipping is
-   therefore exercised in every stage) trained from a seeded random init with AdamW, cosine lr,
+   (``SmallSwinConfig``: patch 2, window 4, embed 32, depths (2, 2), heads (2, 4); digits at 16x16
+   give 8x8 tokens = 4 windows of 4x4 per image in stage 1 and one 4x4 window in stage 2; lfw at
+   24x24 gives 9 windows in stage 1 and 4 (padded) in stage 2, so per-image DP clipping over
+   several windows is exercised) trained from a seeded random init with AdamW, cosine lr,
    random small rotations/translations, for ``pretrain_epochs`` epochs (``PretrainConfig``).
    The result is cached on disk under a content hash (``lalora.tasks.pretrain``).
 4. ``build_model()`` rebuilds the Swin with a fresh seeded head for the task's classes, loads the
@@ -44,7 +45,7 @@ VISION_TARGETS = ["attn.qkv", "attn.proj"]
 
 @dataclass(frozen=True)
 class SmallSwinConfig:
-    img_size: int = 32
+    img_size: int = 16
     patch_size: int = 2
     in_chans: int = 1
     embed_dim: int = 32
@@ -182,7 +183,7 @@ _VISION_DEFAULTS = dict(
 @register("digits-swin")
 def digits_swin(
     *, public_fraction: float = 0.2, test_fraction: float = 0.2, split_seed: int = 0,
-    pretrain_epochs: int = 40, pretrain_seed: int = 0, r: int = 8, alpha: float = 8.0,
+    pretrain_epochs: int = 30, pretrain_seed: int = 0, r: int = 8, alpha: float = 8.0,
     dropout: float = 0.05, seed: int = 0, max_train_samples: int | None = None,
     swin: SmallSwinConfig | None = None,
 ) -> Task:
@@ -223,7 +224,7 @@ def lfw_swin(
     return _offline_vision_task(
         name="lfw-swin", images=x, labels=labels, class_names=["non-face", "face"],
         source="skimage.data.lfw_subset", public_fraction=public_fraction, test_fraction=test_fraction,
-        split_seed=split_seed, swin=swin or SmallSwinConfig(),
+        split_seed=split_seed, swin=swin or SmallSwinConfig(img_size=24),
         pretrain=PretrainConfig(epochs=pretrain_epochs, batch_size=32, seed=pretrain_seed),
         r=r, alpha=alpha, dropout=dropout, seed=seed, max_train_samples=max_train_samples,
         defaults=dict(_VISION_DEFAULTS, clients=4, clients_per_round=2, beta=0.5),

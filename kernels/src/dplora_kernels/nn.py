@@ -123,6 +123,8 @@ class DPLoRALinear(nn.Module):
         self._dp_step: DPStep | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dp_step is not None:
+            self._dp_step._check_forward(self)
         return _LoRAFunction.apply(x, self.dropout(x), self.base.weight, self.base.bias,
                                    self.lora_A, self.lora_B, self.scaling, self)
 
@@ -146,6 +148,8 @@ class DPLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dp_step is not None:
+            self._dp_step._check_forward(self)
         return _LinearFunction.apply(x, self.weight, self.bias, self)
 
     def dp_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -224,6 +228,15 @@ class DPStep:
         self._written: dict[int, int] = {}             # id(param) -> times written this step
         self._sq: dict[int, torch.Tensor] = {}         # id(module) -> (N,) squared norm
         self._N: int | None = None
+
+    def _check_forward(self, module) -> None:
+        """A forward after this module's backward, before clip_and_noise, would be a second batch whose
+        samples the arena would add onto the first batch's samples (a wrong clipping unit): refuse.
+        (Weight sharing — two forwards, then one backward — is fine and handled in _store.)"""
+        if torch.is_grad_enabled() and any(self._written.get(id(p), 0) for _, p in module.dp_parameters()):
+            raise RuntimeError("forward of a DP module after its backward and before clip_and_noise(): "
+                               "call dp.clip_and_noise() once per batch (gradient accumulation across "
+                               "batches is not supported)")
 
     def set_num_samples(self, n: int | None) -> None:
         """Number of samples in the coming backward (the clipping unit). None: each layer's leading

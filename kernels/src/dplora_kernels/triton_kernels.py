@@ -119,6 +119,7 @@ def _clip_sum_noise_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    g_ptrs = G_ptr + offs
     for i in range(0, N):          # fixed sample order -> deterministic
         if HAS_FACTORS:
             c = tl.load(F_ptr + i).to(tl.float32)
@@ -127,8 +128,9 @@ def _clip_sum_noise_kernel(
             c = tl.minimum(clip_norm / (tl.sqrt(sq) + 1e-6), 1.0)
             if pid == 0:
                 tl.store(FOUT_ptr + i, c)
-        g = tl.load(G_ptr + i * sg_n + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
         acc += c * g
+        g_ptrs += sg_n             # pointer arithmetic is 64-bit: no int32 overflow for large N * P
     if HAS_NOISE:
         acc += noise_std * tl.load(Z_ptr + offs, mask=mask, other=0.0)
     tl.store(OUT_ptr + offs, acc, mask=mask)

@@ -1,0 +1,140 @@
+"""`lalora run`: one federated experiment from the command line.
+
+    lalora run --task digits-swin --method la-lora --epsilon 3
+    lalora run --task digits-swin --method dp-lora --epsilon 3 --filter --rounds 20 --seed 1
+
+Unset options take the task's defaults (``Task.defaults``), then RunConfig's fallbacks. The run
+lives in ``<runs-dir>/<task>/<method>/<hash>/``; a finished run is served from there (``--force``
+recomputes), an interrupted one resumes from its last checkpoint (``--no-resume`` restarts).
+Progress bars (rounds, and clients within a round) go to stderr when it is a terminal; ``--quiet``
+or ``LALORA_PROGRESS=0`` turns them off, ``LALORA_PROGRESS=1`` forces them on.
+The last stdout line is the summary: accuracy, ε spent (max over clients), run folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+
+def _float_or_inf(text: str) -> float:
+    try:
+        return float(text)   # accepts "inf"
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use 'inf' for no DP)") from None
+
+
+def register(subparsers) -> None:
+    from lalora.federated.methods import METHODS
+
+    p = subparsers.add_parser("run", help="run one federated LoRA experiment (resumable, cached)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, help="task name (see `lalora run --list-tasks`)")
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+    p.add_argument("--epsilon", type=_float_or_inf, default=3.0, help="target ε per client (inf: no DP)")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--clip-norm", type=float, default=1.0)
+    p.add_argument("--clipping", choices=["flat", "per_layer"], default="flat")
+    p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--local-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--clients", type=int)
+    p.add_argument("--clients-per-round", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--lr-decay", type=float)
+    p.add_argument("--r", type=int, help="LoRA rank")
+    p.add_argument("--alpha", type=float, help="LoRA alpha")
+    p.add_argument("--partition", choices=["dirichlet-released", "dirichlet-per-class", "iid"])
+    p.add_argument("--beta", type=float, help="Dirichlet concentration")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--filter", action=argparse.BooleanOptionalAction, default=None,
+                   help="low-pass filter on the noised LoRA gradient (default: the method's)")
+    p.add_argument("--lr-B-ratio", dest="lr_B_ratio", type=float, default=1.0)
+    p.add_argument("--alternation-period", type=int, default=1)
+    p.add_argument("--weighted-aggregation", action="store_true", help="weight clients by n_k")
+    p.add_argument("--head", choices=["train", "freeze"], default="train")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=JSON",
+                   help="extra task factory keyword, e.g. max_train_samples=500 (repeatable)")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue an interrupted run from its checkpoint (default on)")
+    p.add_argument("--force", action="store_true", help="recompute even if the run is finished")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--json", action="store_true", help="also print final.json to stdout")
+    p.set_defaults(func=main)
+
+
+def _task_options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--task-option must be KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _fmt_eps(value) -> str:
+    if isinstance(value, str) or (isinstance(value, float) and math.isinf(value)):
+        return "inf (no DP)"
+    return f"{value:.3f}"
+
+
+def main(args: argparse.Namespace) -> int:
+    from lalora.federated.methods import METHODS
+
+    if args.method not in METHODS:
+        print(f"lalora run: error: unknown method {args.method!r}; choices: {', '.join(METHODS)}",
+              file=sys.stderr)
+        return 2
+    from lalora.tasks import list_tasks
+
+    if args.task not in list_tasks():
+        print(f"lalora run: error: unknown task {args.task!r}; choices: {', '.join(list_tasks())}",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    from lalora.config import RunConfig
+    from lalora.federated.simulation import run_experiment
+
+    try:
+        cfg = RunConfig(
+            task=args.task, method=args.method, epsilon=args.epsilon, delta=args.delta,
+            clip_norm=args.clip_norm, clipping=args.clipping, accountant=args.accountant, seed=args.seed,
+            rounds=args.rounds, local_steps=args.local_steps, batch_size=args.batch_size,
+            clients=args.clients, clients_per_round=args.clients_per_round, lr=args.lr,
+            optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+            lr_decay=args.lr_decay, r=args.r, alpha=args.alpha, partition=args.partition, beta=args.beta,
+            eval_every=args.eval_every, filter=args.filter, lr_B_ratio=args.lr_B_ratio,
+            alternation_period=args.alternation_period, weighted_aggregation=args.weighted_aggregation,
+            head=args.head, task_overrides=_task_options(args.task_option))
+    except ValueError as err:
+        print(f"lalora run: error: {err}", file=sys.stderr)
+        return 2
+    result = run_experiment(cfg, runs_dir=args.runs_dir, resume=args.resume,
+                            progress=not args.quiet, force=args.force)
+    final = result.final
+    if args.json:
+        print(json.dumps(final, indent=2, sort_keys=True))
+    acc = final.get("accuracy")
+    acc_text = "n/a" if acc is None else f"{acc:.4f}"
+    cached = " (cached)" if result.cached else ""
+    print(f"{cfg.method} on {cfg.task}: accuracy {acc_text} | epsilon spent {_fmt_eps(final['epsilon_spent'])}"
+          f" (max over {len(final['per_client_epsilon'])} clients, delta={cfg.delta:g}, "
+          f"target {_fmt_eps(final['target_epsilon'])}) | wall {final['wall_time_s']:.1f}s | "
+          f"run {result.run_dir}{cached}")
+    return 0
