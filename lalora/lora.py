@@ -123,8 +123,10 @@ def inject_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float, 
         targets = [targets]
     if not targets:
         raise ValueError("targets must name at least one module pattern")
+    # never wrap a layer that already belongs to a LoRA layer (our base, PEFT's base/lora_A/lora_B)
+    owned = {f"{n}.{c}" for n, m in lora_modules(model).items() for c, _ in m.named_modules() if c}
     matched = sorted(name for name, m in model.named_modules()
-                     if isinstance(m, nn.Linear) and name and _matches(name, targets))
+                     if isinstance(m, nn.Linear) and name and name not in owned and _matches(name, targets))
     if not matched:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:12]
         raise ValueError(f"targets={list(targets)!r} match no nn.Linear module of the model "

@@ -49,6 +49,7 @@ import time
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from lalora.config import RunConfig
 from lalora.federated.simulation import run_experiment
@@ -110,12 +111,15 @@ ax.set_xlabel("communication round")
 ax.set_ylabel("test accuracy of the global model (%)")
 ax.set_title(f"{task}: {method_label(method)} under DP")
 ax.set_xlim(0.5, max(curve["round"]) + 0.5)
+ax.set_ylim(0, 100)
+ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 ax.legend(loc="lower right")
 ax2 = ax.twinx()
 ax2.plot(curve["round"], curve["ε spent"], ls="--", color="0.4", label="ε spent (most-used client)")
 ax2.set_ylabel("ε spent so far", color="0.3")
 ax2.grid(False)
-ax2.set_ylim(0, max(target, curve["ε spent"].max()) * 1.1)
+ax2.axhline(target, color="0.4", lw=0.8, ls=":", label=f"target ε = {target:g}")
+ax2.set_ylim(0, max(target, curve["ε spent"].max()) * 1.15)
 ax2.legend(loc="upper left")
 savefig(fig, output_dir, "00_quickstart_curve")
 curve

@@ -37,7 +37,7 @@ output_dir = "results/ci"
 runs_dir = "runs"
 tasks = ["topics-minilm"]
 methods = ["dp-lora", "ffa-lora", "rolora", "la-lora"]
-reference_method = "fedavg-lora"   # non-private upper bound at ε = ∞; None to skip
+reference_method = "fedavg-lora"   # the non-private upper bound (ε = ∞), or None
 epsilons = [3.0]
 seeds = [0]
 rounds = 2

@@ -49,8 +49,8 @@ def test_infinite_epsilon_is_the_non_private_reference():
 
 
 def test_noise_multiplier_resolution():
-    assert DPConfig(epsilon=8.0).resolve_noise_multiplier(0.032, 20) == \
-        noise_multiplier_for(8.0, 1e-5, 0.032, 20)
+    assert DPConfig(epsilon=3.0).resolve_noise_multiplier(0.032, 100) == \
+        noise_multiplier_for(3.0, 1e-5, 0.032, 100)
     assert DPConfig(noise_multiplier=1.25).resolve_noise_multiplier(0.032, 100) == 1.25
 
 

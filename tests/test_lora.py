@@ -72,6 +72,13 @@ def test_inject_swin_and_bert_names():
     assert "encoder.layer.0.output.dense" not in names                # the FFN output is not matched
 
 
+def test_reinjection_does_not_wrap_lora_bases():
+    m = mlp()
+    inject_lora(m, [r"\d"], r=2, alpha=2)
+    with pytest.raises(ValueError, match="targets"):       # "0.base" etc. are not candidates
+        inject_lora(m, [r".*"], r=2, alpha=2)
+
+
 def test_errors_name_the_field():
     with pytest.raises(ValueError, match="targets"):
         inject_lora(mlp(), ["nope"], r=2, alpha=2)

@@ -63,41 +63,43 @@ def loop_reference(x, y, clip_norm, active=None):
 
 @pytest.mark.parametrize("backend, dtype, tol", [("torch", torch.float64, 1e-5), ("triton", torch.float32, 2e-5)])
 @pytest.mark.parametrize("clip_norm", [0.3, math.inf])
-def test_dpstep_matches_per_sample_loop(backend, dtype, tol, clip_norm, poisoned):
+def test_dpstep_matches_per_sample_loop(backend, dtype, tol, clip_norm, device, poisoned):
     N, T = 5, 3
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(N, T, 6, generator=gen)
     y = torch.randint(0, 3, (N,), generator=gen)
     want, want_norms = loop_reference(x, y, clip_norm)
-    m = build(dtype)
+    dev = device if backend == "triton" else "cpu"    # triton: CUDA if present, else the interpreter
+    m = build(dtype).to(dev)
     dp = dk.DPStep(m, clip_norm, 0.0, expected_batch_size=N, backend=backend)
-    loss_fn(m, x.to(dtype), y).backward()
+    loss_fn(m, x.to(dev, dtype), y.to(dev)).backward()
     res = dp.clip_and_noise()
-    torch.testing.assert_close(res.per_sample_norms.double(), want_norms, rtol=1e-5, atol=0)
+    torch.testing.assert_close(res.per_sample_norms.double().cpu(), want_norms, rtol=1e-5, atol=0)
     params = [p for p in m.parameters() if p.requires_grad]
     assert len(params) == len(want) == 6
     for p, w in zip(params, want):
         assert p.grad is not None
-        err = (p.grad.double() * N - w).abs().max().item() / w.abs().max().item()
+        err = (p.grad.double().cpu() * N - w).abs().max().item() / w.abs().max().item()
         assert err <= tol
 
 
-def test_alternating_factor_only_B(poisoned):
+def test_alternating_factor_only_B(device, poisoned):
     """Only lora_B (and the head) trainable: G_A is not computed and the norm covers only active params."""
     N = 4
     x, y = torch.randn(N, 3, 6), torch.randint(0, 3, (N,))
     active = {"fc1.lora_B", "fc2.lora_B", "head.weight", "head.bias"}
     want, _ = loop_reference(x, y, 0.2, active)
     for backend in ("torch", "triton"):
-        m = build(torch.float32)
+        dev = device if backend == "triton" else "cpu"
+        m = build(torch.float32).to(dev)
         for n, p in m.named_parameters():
             p.requires_grad_(n in active)
         dp = dk.DPStep(m, 0.2, 0.0, expected_batch_size=N, backend=backend)
-        loss_fn(m, x, y).backward()
+        loss_fn(m, x.to(dev), y.to(dev)).backward()
         dp.clip_and_noise()
         assert m.fc1.lora_A.grad is None
         for p, w in zip([p for p in m.parameters() if p.requires_grad], want):
-            torch.testing.assert_close(p.grad.double() * N, w, rtol=2e-5, atol=2e-6)
+            torch.testing.assert_close(p.grad.double().cpu() * N, w, rtol=2e-5, atol=2e-6)
 
 
 def test_rows_per_sample_swin_style():

@@ -155,11 +155,11 @@ def test_lora_bad_input_names_field(bad, field):
         dk.lora_per_sample_grads(**args)
 
 
-def test_float64_triton_refused():
-    x = torch.zeros(2, 3, 16, dtype=torch.float64)
+def test_float64_triton_refused(device):
+    x = torch.zeros(2, 3, 16, dtype=torch.float64, device=device)
     with pytest.raises(ValueError, match="float64"):
-        dk.lora_per_sample_grads(x, x, torch.zeros(2, 16, dtype=torch.float64),
-                                 torch.zeros(16, 2, dtype=torch.float64), 1.0, backend="triton")
+        dk.lora_per_sample_grads(x, x, torch.zeros(2, 16, dtype=torch.float64, device=device),
+                                 torch.zeros(16, 2, dtype=torch.float64, device=device), 1.0, backend="triton")
 
 
 def test_backend_resolution():

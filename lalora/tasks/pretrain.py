@@ -53,6 +53,7 @@ def atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should be readable
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

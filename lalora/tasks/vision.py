@@ -127,6 +127,7 @@ def _offline_vision_task(
             "fine-tuned on the private split"
         ),
         "swin": asdict(swin),
+        "split_indices": {"public": pub_idx, "private": priv_idx, "test": test_idx},  # into the source data
         "pretrain": None,  # filled at first build_model()
     }
     memo: dict = {}

@@ -155,7 +155,8 @@ def _pow2_at_least(x: int, lo: int) -> int:
 
 
 def _is_interpreter(device: torch.device) -> bool:
-    return device.type != "cuda"
+    from ._backend import interpreter_enabled
+    return device.type != "cuda" or interpreter_enabled()
 
 
 def _num_sms(device: torch.device) -> int:

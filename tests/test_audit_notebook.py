@@ -1,0 +1,48 @@
+"""Notebook 12_privacy_audit, ci profile, through the runner: it succeeds and its JSON says the real
+mechanism never violates its ε while every planted bug does."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lalora import notebooks as nbr
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "12_privacy_audit"
+
+
+@pytest.fixture(scope="module")
+def audit_ci(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nb_audit")
+    out = tmp / "results" / "ci"
+    summary = nbr.run_notebooks("ci", root=REPO, only=[NAME], output_dir=out, runs_dir=tmp / "runs", quiet=True)
+    return summary, out
+
+
+def test_ci_privacy_audit(audit_ci):
+    summary, out = audit_ci
+    assert not summary.failed, nbr.format_summary(summary)
+    data = json.loads((out / f"{NAME}.json").read_text())
+    rows = data["one_step"]
+    import yaml
+
+    params = yaml.safe_load((REPO / "notebooks/params/ci" / f"{NAME}.yaml").read_text())
+    assert len(rows) == 3 * len(params["epsilons"]) + 2          # (correct + 2 bugs) per ε, + 2 Swin
+    for r in rows:
+        assert math.isfinite(r["cp_lb"]) and r["cp_lb"] >= 0
+        assert r["gaussian_lb"] >= 0
+        if r["planted"] == "none":
+            assert not r["violates"] and max(r["cp_lb"], r["gaussian_lb"]) <= r["accountant_epsilon"]
+        else:
+            assert r["violates"], r
+    assert data["correct_never_violates"] and data["every_bug_caught"]
+    assert data["sensitivity_probes"]["block_correct"] <= 1 + 1e-4
+    assert data["sensitivity_probes"]["swin_per_window"] > 3
+    for r in data["one_run"]:
+        if r["planted"] is None:
+            assert r["epsilon_lb"] <= r["accountant_epsilon"]
+    for ext in ("png", "pdf"):
+        assert (out / "figures" / f"{NAME}_bounds.{ext}").exists()
