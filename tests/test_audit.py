@@ -18,7 +18,7 @@ from scipy import stats as sst
 from lalora.audit import (audit_dp_step, audit_one_run, audit_swin_step, mechanism_epsilons, plant,
                           sensitivity_probe, sensitivity_probe_swin)
 from lalora.audit import stats
-from lalora.audit.canary import BlockLoRA, _block_setup, single_thread
+from lalora.audit.canary import _block_setup, single_thread
 
 DELTA = 1e-5
 
@@ -63,7 +63,8 @@ def test_threshold_bound_is_valid_on_synthetic_gaussians():
     for rep in range(40):
         out, inn = rng.normal(0, 1, n), rng.normal(mu, 1, n)
         for method in ("split", "bonferroni"):
-            above += stats.threshold_epsilon_lb(out, inn, delta=DELTA, method=method, seed=rep).epsilon_lb > true_eps
+            res = stats.threshold_epsilon_lb(out, inn, delta=DELTA, method=method, seed=rep)
+            above += res.epsilon_lb > true_eps
     assert above <= 4
 
 
@@ -87,7 +88,8 @@ def test_one_run_bound_matches_binomial_for_delta_zero():
     assert stats.one_run_epsilon_lb(1000, 100, 100, delta=0.0) == pytest.approx(math.log(p / (1 - p)), rel=1e-6)
     assert stats.one_run_epsilon_lb(1000, 100, 50, delta=0.0) == 0.0
     # δ > 0 only loosens (lowers) the bound
-    assert stats.one_run_epsilon_lb(1000, 100, 90, delta=1e-5) <= stats.one_run_epsilon_lb(1000, 100, 90, delta=0.0)
+    loose = stats.one_run_epsilon_lb(1000, 100, 90, delta=1e-5)
+    assert loose <= stats.one_run_epsilon_lb(1000, 100, 90, delta=0.0)
 
 
 # ----------------------------------------------------------------------------- the block model is honest
@@ -114,6 +116,8 @@ def test_sensitivity_probe_correct_and_planted():
     with clipping off; noise does not enter the probe."""
     assert sensitivity_probe() == pytest.approx(1.0, abs=1e-4)
     assert sensitivity_probe(which="A") == pytest.approx(1.0, abs=1e-4)
+    assert sensitivity_probe(which="B") == pytest.approx(1.0, abs=1e-4)
+    assert sensitivity_probe(clipping="per_layer") <= 1.0 + 1e-4   # C/sqrt(K) per tensor: total <= C
     with plant("clipping_off"):
         assert sensitivity_probe() == pytest.approx(10.0, rel=1e-3)
 

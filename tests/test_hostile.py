@@ -84,7 +84,8 @@ def test_runconfig_rejects_non_numbers_naming_the_field(field, value):
 @FAST
 @given(field=st.sampled_from(["epsilon", "delta", "clip_norm", "noise_multiplier", "clipping", "accountant",
                               "mode"]),
-       value=st.one_of(st.sampled_from(HOSTILE), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=5)))
+       value=st.one_of(st.sampled_from(HOSTILE), st.floats(allow_nan=True, allow_infinity=True),
+                       st.text(max_size=5)))
 def test_dpconfig_rejects_bad_values_naming_the_field(field, value):
     try:
         DPConfig(**{field: value})
@@ -247,7 +248,7 @@ def test_no_run_reports_an_epsilon_it_did_not_honour(tmp_path_factory, method, e
 
 
 # ----------------------------------------------------------------------------- malformed data files
-SST2 = None
+
 
 
 def _spec():

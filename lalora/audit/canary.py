@@ -222,7 +222,7 @@ def audit_dp_step(epsilon: float = 1.0, *, delta: float = 1e-5, clip_norm: float
                   trials: int = 2000, trials_per_call: int = 50, which: str = "both",
                   d: int = 4, k: int = 3, r: int = 2, batch: int = 3, canary_norm: float = 10.0,
                   confidence: float = 0.95, method: str = "split", seed: int = 0,
-                  planted: str | None = None) -> CanaryAuditResult:
+                  planted: str | None = None, clipping: str = "flat") -> CanaryAuditResult:
     """Canary audit of one DP step on the block LoRA model (module docstring); `trials` per world.
 
     `which` picks the trainable factors ("both" = a DP-LoRA step, "A"/"B" = an LA-LoRA step).
@@ -241,23 +241,25 @@ def audit_dp_step(epsilon: float = 1.0, *, delta: float = 1e-5, clip_norm: float
         done = 0
         while done < trials:
             res = _dp_gradient(model, model.loss_fn, b, clip_norm=clip_norm, noise_multiplier=sigma,
-                               expected_batch_size=batch + 1, generator=gen)
+                               expected_batch_size=batch + 1, generator=gen, clipping=clipping)
             s = model.block_grads(res.grads, which) @ u * (batch + 1) / clip_norm
             scores[with_canary].append(s[: trials - done].numpy())
             done += len(s)
     out, inn = np.concatenate(scores[False]), np.concatenate(scores[True])
-    return _finish(f"BlockLoRA(d={d}, k={k}, r={r}, factors={which}, batch={batch}+canary)", planted,
+    return _finish(f"BlockLoRA(d={d}, k={k}, r={r}, factors={which}, clipping={clipping}, "
+                   f"batch={batch}+canary)", planted,
                    epsilon, delta, mech, trials, raw / clip_norm, out, inn, confidence, method, seed, t0)
 
 
 @single_thread()
 def sensitivity_probe(*, clip_norm: float = 1.0, which: str = "both", d: int = 4, k: int = 3, r: int = 2,
-                      batch: int = 3, canary_norm: float = 10.0, seed: int = 0) -> float:
+                      batch: int = 3, canary_norm: float = 10.0, seed: int = 0, clipping: str = "flat") -> float:
     """||released(in) − released(out)|| · ebs / C with noise 0: the canary's clipped contribution,
     in units of C. Must be ≤ 1 for any canary (here ≈ 1: the canary's norm exceeds C)."""
     model, b_out, b_in, _, _ = _block_setup(1, d, k, r, batch, which, canary_norm * clip_norm, seed)
     g = [model.block_grads(_dp_gradient(model, model.loss_fn, b, clip_norm=clip_norm, noise_multiplier=0.0,
-                                        expected_batch_size=batch + 1, generator=None).grads, which)
+                                        expected_batch_size=batch + 1, generator=None,
+                                        clipping=clipping).grads, which)
          for b in (b_out, b_in)]
     return float((g[1] - g[0]).norm() * (batch + 1) / clip_norm)
 

@@ -8,7 +8,6 @@ Exit status: 0 when no lower bound exceeds the accountant's ε, 1 when one does 
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def register(subparsers) -> None:

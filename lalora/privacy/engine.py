@@ -15,15 +15,19 @@ Per-sample gradients follow in closed form from (activation, grad_out) pairs:
   nn.Embedding G_i = scatter of g_i into the rows of sample i's token ids  (N x V x d: small vocabularies)
 
 Any other trainable parameter -> ValueError listing its name (silently missing a parameter from the
-clipping norm would break the privacy guarantee).
+clipping norm would break the privacy guarantee). So does a trainable parameter of a supported layer
+that the loss reaches without the layer being called (functional use, e.g. nn.MultiheadAttention's
+out_proj), and a layer re-run inside the backward (activation checkpointing). Not detectable: a
+parameter used both by its module and functionally elsewhere (e.g. a tied LM head via F.linear).
 
 The clipping unit: an activation whose leading dimension is R is viewed as (N, R // N, ...), N = the
 number of samples. Rows must be sample-major (batch-first): one sequence is one unit with T tokens,
 and under timm Swin's windowed attention (B*nW, 49, C) one *image* is one unit, because timm stores
 windows image-major (tests/test_per_sample_grads.py checks this, shifted windows included).
 R % N != 0 raises (so does an input broadcast over the batch, leading dim 1), and so does a
-BatchNorm in training mode (its batch statistics mix samples). A module called several times (or a parameter shared by modules) gets the sum of
-its per-call per-sample gradients. In-place modification of a recorded activation or output after
+BatchNorm in training mode (its batch statistics mix samples). A sequence-first layout whose T
+happens to be a multiple of N cannot be told apart: models must be batch-first. A module called
+several times (or a parameter shared by modules) gets the sum of its per-call per-sample gradients. In-place modification of a recorded activation or output after
 the forward is detected (tensor version counter) and raises instead of giving wrong gradients.
 """
 
@@ -224,7 +228,6 @@ class PerSampleGradEngine:
             dt = _acc(c.x.dtype)
             shape = tuple(m.normalized_shape)
             xhat = F.layer_norm(c.x.to(dt), shape, None, None, m.eps)
-            k = len(shape)
             gs = g.to(dt).reshape(n, -1, *shape)
             yield m.weight, (gs * xhat.reshape(n, -1, *shape)).sum(1)
             if m.bias is not None:
