@@ -293,6 +293,8 @@ def ranking_overview(results: dict, reported: dict) -> tuple[str, dict]:
     """One line per (profile, notebook, task, ε) with ≥2 of the claimed methods; plus counts."""
     claimed = list(reported.get("claimed_ranking") or CLAIMED_RANKING)
     lines, counts = [], {"holds": 0, "fails": 0, "fails_within_noise": 0}
+    # Every ordered pair of the claimed ranking (better, worse) -> [settings where it holds, settings with both].
+    pairs = {(a, b): [0, 0] for i, a in enumerate(claimed) for b in claimed[i + 1:]}
     for profile, per_nb in results.items():
         for notebook in sorted(per_nb):
             data = per_nb[notebook]
@@ -303,6 +305,10 @@ def ranking_overview(results: dict, reported: dict) -> tuple[str, dict]:
                 verdict = check_ranking(cells, claimed)
                 if verdict is None or math.isinf(key[1]):
                     continue
+                for (a, b), tally in pairs.items():
+                    if a in cells and b in cells:
+                        tally[1] += 1
+                        tally[0] += cells[a].mean > cells[b].mean
                 where = f"`{profile}` / {notebook} / `{key[0]}` / ε = {fmt_eps(key[1])}"
                 if len(key) > 2 and key[2] is not None:
                     where += f" / β = {key[2]}"
@@ -324,6 +330,10 @@ def ranking_overview(results: dict, reported: dict) -> tuple[str, dict]:
                 + (f" ({counts['fails_within_noise']} of them only by gaps within one standard "
                    f"deviation over seeds)" if counts["fails"] else "") + ".")
     head.append("")
+    pair_rows = [[f"{method_label(a)} > {method_label(b)}", f"{t[0]} of {t[1]}"] for (a, b), t in pairs.items() if t[1]]
+    if pair_rows:
+        head += ["Pair by pair (settings where the first method's mean is higher / settings that ran both):", "",
+                 md_table(["claim", "holds in"], pair_rows), "", "Per setting:", ""]
     return "\n".join(head + lines), counts
 
 

@@ -42,7 +42,8 @@ output_dir = "results/ci"
 runs_dir = "runs"
 tasks = ["digits-swin"]
 methods = ["dp-lora", "ffa-lora", "rolora", "la-lora"]
-reference_method = "fedavg-lora"   # the non-private upper bound (ε = ∞), or None
+# the non-private upper bound at epsilon = inf (None to skip it):
+reference_method = "fedavg-lora"
 epsilons = [3.0]
 seeds = [0]
 rounds = 2

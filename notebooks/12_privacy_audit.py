@@ -22,9 +22,11 @@
 # (one DP-LoRA step, full batch: sampling rate q = 1, so the accountant's ε is for one step of the
 # Gaussian mechanism with σ = `noise_multiplier_for(ε, δ, 1, 1)`), with and without a canary whose
 # gradient norm is 10·C. Score = projection of the released noisy gradient on the canary direction.
-# Two lower bounds at 95% confidence: *Clopper–Pearson* (threshold chosen on half the trials,
-# assumption-free) and *Gaussian scores* (μ-GDP fit of the two score distributions, valid when they
-# are Gaussian with equal variance — checked).
+# Two lower bounds, each at 97.5% confidence so that both hold jointly at 95%: *Clopper–Pearson*
+# (threshold chosen on half the trials, assumption-free) and *Gaussian scores* (μ-GDP fit of the two
+# score distributions, valid when they are Gaussian with equal variance — checked). The audit's
+# bound is the larger of the two. Counting bounds top out near log(trials), so at realistic trial
+# counts only the Gaussian-score bound can see a noise scale that is 2× too small.
 #
 # **Planted bugs** (monkeypatched inside `dp_step`, real code untouched): noise σ halved; clipping
 # off; per-window clipping on a small Swin (each of the image's 4 windows clipped to C).
@@ -130,7 +132,7 @@ for bug, marker in zip(["none", *planted_bugs], ["o", "v", "s"]):
     ax[0].plot(sub.accountant_epsilon, sub.cp_lb.clip(upper=top), marker=marker, ls=":", alpha=0.6,
                label=f"{bug}: Clopper–Pearson")
 ax[0].plot([0, max(epsilons)], [0, max(epsilons)], "k--", lw=1, label="accountant ε (must not exceed)")
-ax[0].set(xlabel="accountant ε (one step)", ylabel="empirical ε lower bound (95%)",
+ax[0].set(xlabel="accountant ε (one step)", ylabel="empirical ε lower bound (joint 95%)",
           title=f"one DP step, {trials} trials/world (capped at {top:.0f})")
 ax[0].legend(fontsize=7)
 sub = one_run[one_run.planted.isna()]

@@ -87,6 +87,8 @@ def test_report_on_fake_results(fake_results, tmp_path):
     assert "`offline` / 01_main_vision / `digits-swin` / ε = 1: does not hold: RoLoRA 42.00 ≤ FFA-LoRA 48.00" in text
     assert "`paper` / 01_main_vision / `cifar100-swin-t` / ε = 3: does not hold" in text
     assert "holds in **3 of 5** settings" in text
+    assert "| LA-LoRA > DP-LoRA | 5 of 5 |" in text
+    assert "| RoLoRA > FFA-LoRA | 1 of 3 |" in text
     # The paper profile's task matches the reported row by id (no "different task" caveat there).
     paper_block = text.split("profile `paper`, task `cifar100-swin-t`")[1].split("**Reproduced**")[0]
     assert "different task" not in paper_block.split("\n")[0]

@@ -9,6 +9,7 @@ local wheel directory (DPLORA_TORCH_WHEELS, default /opt/wheels; skipped if none
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -66,7 +67,10 @@ def test_fresh_venv_pip_install_kernels_only(tmp_path):
     # torch from the local wheel file (never a multi-GB CUDA download; its small deps come from the
     # index), then only ./kernels
     subprocess.run(pip + [wheels[-1]], check=True, timeout=900)
-    subprocess.run(pip + [str(KERNELS_DIR)], check=True, timeout=900)
+    # install from a copy, so that setuptools leaves no build/ or egg-info in the source tree
+    src = tmp_path / "kernels"
+    shutil.copytree(KERNELS_DIR, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "tests"))
+    subprocess.run(pip + [str(src)], check=True, timeout=900)
     script = tmp_path / "example.py"
     script.write_text(_script())
     out = subprocess.run([py, str(script)], capture_output=True, text=True, env=_env(), cwd=tmp_path,

@@ -48,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"one DP step ({res.model}), {res.trials_per_world} trials/world, planted={args.planted}")
         print(f"  accountant ε (1 step, q=1, σ={res.noise_multiplier:.4f}): {res.accountant_epsilon:.4f}"
               f"   exact ε of that Gaussian mechanism: {res.exact_epsilon:.4f}")
-        print(f"  ε lower bound, Clopper–Pearson ({res.threshold['method']}, 95%): "
+        print(f"  ε lower bound, Clopper–Pearson ({res.threshold['method']}, 97.5%): "
               f"{res.threshold['epsilon_lb']:.4f}")
-        print(f"  ε lower bound, Gaussian scores (95%): {res.gaussian['epsilon_lb']:.4f}"
+        print(f"  ε lower bound, Gaussian scores (97.5%): {res.gaussian['epsilon_lb']:.4f}"
               f"   (assumption {'ok' if res.gaussian['assumption_ok'] else 'REJECTED'})")
         violated = res.violates
         if args.one_run:
@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"one-run audit: {one.canaries} canaries, {one.correct}/{one.guesses} correct, "
                   f"ε lower bound {one.epsilon_lb:.4f} vs accountant ε {one.accountant_epsilon:.4f}")
             violated = violated or one.violates
-    print("VIOLATION: an empirical lower bound exceeds the accountant's ε" if violated
-          else "ok: every lower bound is <= the accountant's ε")
+    print("VIOLATION: an empirical lower bound exceeds the accountant's ε (joint confidence 95%)"
+          if violated else "ok: every lower bound is <= the accountant's ε")
     if args.json:
         atomic_write_json(args.json, to_jsonable(out))
     return 1 if violated else 0

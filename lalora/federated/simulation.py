@@ -93,19 +93,53 @@ def _binding_pairs(pairs) -> tuple:
 
 @functools.lru_cache(maxsize=256)
 def _sigma_for(epsilon: float, delta: float, pairs: tuple, accountant: str) -> float:
-    # Memoised: the accountant's bisection takes seconds; every run of one config needs the same σ.
-    from lalora.privacy.accountant import noise_multiplier_for_clients
+    """One σ with which every (q, steps) pair meets ``epsilon`` (the largest per-pair σ, up to the
+    bisection tolerance). The accountant's bisection costs seconds, so bisect only for the pair
+    most likely to bind (largest q·√steps) and merely check the others, re-bisecting for any that
+    still exceeds ε (σ only grows, so earlier checks stay valid). Memoised per config."""
+    from lalora.privacy.accountant import noise_multiplier_for
 
-    return noise_multiplier_for_clients(epsilon, delta, pairs, accountant=accountant)
+    ordered = sorted(pairs, key=lambda p: p[0] * math.sqrt(p[1]), reverse=True)
+    sigma = noise_multiplier_for(epsilon, delta, ordered[0][0], ordered[0][1], accountant)
+    for q, steps in ordered[1:]:
+        if _epsilon_for(sigma, delta, q, steps, accountant) > epsilon:
+            sigma = noise_multiplier_for(epsilon, delta, q, steps, accountant)
+    return sigma
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_one_step(q: float, sigma: float) -> np.ndarray:
+    from opacus.accountants.analysis import rdp as rdp_analysis
+    from opacus.accountants.rdp import RDPAccountant
+
+    return np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+                                               orders=RDPAccountant.DEFAULT_ALPHAS))
 
 
 @functools.lru_cache(maxsize=65536)
 def _epsilon_for(sigma: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    """ε of ``steps`` steps at (σ, q): exactly the ledger's value for a client with a single
-    (σ, q) history (tests check), memoised because metrics ask for it every round."""
-    from lalora.privacy.accountant import epsilon_for
+    """ε of ``steps`` steps at (σ, q), i.e. the ledger's value for a client whose history is this one
+    (σ, q) entry (tests check equality). RDP is linear in the number of steps, so for the RDP
+    accountant the one-step RDP curve is computed once per (q, σ) and scaled -- the same arithmetic
+    as Opacus' ``compute_rdp`` -- which makes the per-round metric cheap."""
+    if steps == 0:
+        return 0.0
+    if sigma == 0:
+        return math.inf
+    if accountant != "rdp":
+        from lalora.privacy.accountant import epsilon_for
 
-    return epsilon_for(sigma, delta, q, steps, accountant) if steps else 0.0
+        return epsilon_for(sigma, delta, q, steps, accountant)
+    import warnings
+
+    from opacus.accountants.analysis import rdp as rdp_analysis
+    from opacus.accountants.rdp import RDPAccountant
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS,
+                                                rdp=_rdp_one_step(q, sigma) * steps, delta=delta)
+    return float(eps)
 
 
 def _load_task(cfg: RunConfig):

@@ -1,0 +1,237 @@
+"""The Flower side of the server: a Strategy that is our aggregator, and the ServerApp around it.
+
+:class:`LaLoraStrategy` keeps the global LoRA state as torch tensors and delegates every decision
+to the in-process engine, so the two engines cannot drift apart:
+
+- who trains in round t: exactly ``Simulator.sampled_clients(t)`` -- the seeded, data-independent
+  schedule for which σ was calibrated (Flower's own random node sampling is never used);
+- what goes down: ``encoding.downlink_groups``; what comes back: the client's
+  ``ClientUpdate.state`` = ``Simulator.aggregated_groups(t)`` (RoLoRA's round parity, FFA-LoRA's B,
+  FedSA-LoRA's A);
+- how it is combined: ``Simulator.server_aggregate`` (float64 mean, keys nobody sent unchanged),
+  over the replies sorted by client id, as the in-process loop does;
+- privacy: the server's ledger records each reply's K steps (idempotent per (client, round)) and
+  must agree with the step count the client's own ledger reports;
+- evaluation: centralized on the common test set, except FedSA-LoRA, whose model is global A with
+  each client's local B and head: every node evaluates its own (federated evaluation).
+
+A missing or failed reply aborts the run: averaging over fewer clients than scheduled would change
+both the aggregate and the accounting assumptions.
+
+``make_server_app(cfg)`` wraps it in a ServerApp that first sends every node a setup query (the
+run config; the node answers with its partition id, i.e. its client id).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from lalora.flower.encoding import (KEYS, downlink_groups, payload_bytes, record_to_state,
+                                    state_to_record)
+
+__all__ = ["LaLoraStrategy", "discover_clients", "make_server_app"]
+
+
+def _check_replies(replies, expected: int, what: str) -> list:
+    replies = list(replies)
+    errors = [r.error.reason for r in replies if r.has_error()]
+    if errors:
+        raise RuntimeError(f"{len(errors)} client(s) failed during {what}: {errors[0]}")
+    if len(replies) != expected:
+        raise RuntimeError(f"{what}: got {len(replies)} replies, expected {expected} "
+                           "(a client timed out or left; refusing to aggregate a partial cohort)")
+    return replies
+
+
+def discover_clients(grid, sim, *, timeout: float = 600.0) -> dict[int, int]:
+    """Send the setup query to every node; return {client id: node id}. Waits for all
+    ``cfg.clients`` nodes to connect (a deployment's SuperNodes may come up late)."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < sim.cfg.clients:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(list(grid.get_node_ids()))} of {sim.cfg.clients} "
+                               f"SuperNodes connected within {timeout:.0f}s")
+        time.sleep(0.5)
+    node_ids = sorted(grid.get_node_ids())
+    setup = ConfigRecord({"config": json.dumps(sim.cfg.to_dict()),
+                          "noise_multiplier": float(sim.noise_multiplier)})
+    messages = [Message(RecordDict({KEYS.CONFIG: setup}), dst_node_id=n,
+                        message_type=MessageType.QUERY, group_id="setup") for n in node_ids]
+    replies = _check_replies(grid.send_and_receive(messages, timeout=timeout), len(node_ids), "setup")
+    node_of: dict[int, int] = {}
+    for r in replies:
+        cid = int(r.content[KEYS.CONFIG]["partition-id"])
+        if not 0 <= cid < sim.cfg.clients or cid in node_of:
+            raise ValueError(f"partition-id {cid} is out of range 0..{sim.cfg.clients - 1} or used "
+                             "by two SuperNodes")
+        node_of[cid] = r.metadata.src_node_id
+    missing = sorted(set(range(sim.cfg.clients)) - set(node_of))
+    if missing:
+        raise ValueError(f"no SuperNode serves partition-id(s) {missing}")
+    return node_of
+
+
+def _strategy_base():
+    from flwr.serverapp.strategy import Strategy
+
+    return Strategy
+
+
+class LaLoraStrategy(_strategy_base()):
+    """Flower Strategy running one lalora config (see the module docstring). After ``start``,
+    ``records`` holds one metrics dict per round (the in-process ``metrics.jsonl`` fields plus
+    message sizes) and ``global_state`` the final global LoRA/head state."""
+
+    def __init__(self, sim, node_of: dict[int, int], *, timeout: float = 3600.0, progress=None):
+        self.sim = sim
+        self.node_of = node_of
+        self.timeout = timeout
+        self.progress = progress
+        self.global_state = sim.initial_global_state()
+        self.down_groups = downlink_groups(sim.method, sim.train_head)
+        self.down_names = set(sim.groups.names(self.down_groups))
+        self.records: list[dict] = []
+        self._round: dict = {}
+
+    # ------------------------------------------------------------------ train
+    def configure_train(self, server_round, arrays, config, grid):
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+        t = server_round
+        clients = self.sim.sampled_clients(t)
+        down = {k: v for k, v in self.global_state.items() if k in self.down_names}
+        record = state_to_record(down)
+        self._round = {"round": t, "clients": clients, "lr": self.sim.local.lr_at(t),
+                       "t0": time.perf_counter(),
+                       "downlink_payload_bytes_per_client": payload_bytes(down),
+                       "downlink_record_bytes_per_client": record.count_bytes()}
+        return [Message(RecordDict({KEYS.ARRAYS: record, KEYS.CONFIG: ConfigRecord({"round": t})}),
+                        dst_node_id=self.node_of[cid], message_type=MessageType.TRAIN,
+                        group_id=str(t)) for cid in clients]
+
+    def aggregate_train(self, server_round, replies):
+        from lalora.federated.server import ClientUpdate
+
+        t = server_round
+        clients = self._round["clients"]
+        replies = _check_replies(replies, len(clients), f"round {t}")
+        cid_of = {node: cid for cid, node in self.node_of.items()}
+        by_cid = {cid_of[r.metadata.src_node_id]: r for r in replies}
+        if sorted(by_cid) != clients:
+            raise RuntimeError(f"round {t}: replies from clients {sorted(by_cid)}, scheduled {clients}")
+        expected = set(self.sim.groups.names(self.sim.aggregated_groups(t)))
+        updates, up_payload, up_record, ledger = [], 0, 0, self.sim.ledger
+        for cid in clients:    # sorted, as in the in-process loop
+            r = by_cid[cid]
+            arrays, m = r.content[KEYS.ARRAYS], r.content[KEYS.METRICS]
+            if set(arrays) != expected:
+                raise RuntimeError(f"round {t}: client {cid} sent {sorted(set(arrays) ^ expected)[:3]}"
+                                   " beyond/short of what the method aggregates")
+            up_payload += payload_bytes(arrays)
+            up_record += arrays.count_bytes()
+            ledger.record_steps(cid, int(m["num_steps"]), round=t)
+            if int(m["ledger_steps"]) != ledger.steps(cid):
+                raise RuntimeError(f"client {cid} reports {int(m['ledger_steps'])} DP steps, the "
+                                   f"server's ledger {ledger.steps(cid)}")
+            updates.append(ClientUpdate(state=record_to_state(arrays), num_samples=int(m["num_samples"]),
+                                        num_steps=int(m["num_steps"]), client_id=cid,
+                                        metrics={"train_loss": float(m["train_loss"]),
+                                                 "mean_batch_size": float(m["mean_batch_size"])}))
+        self.global_state = self.sim.server_aggregate(updates, t, self.global_state)
+        privacy = self.sim.privacy_summary()
+        self._round.update({
+            "train_loss": float(np.mean([u.metrics["train_loss"] for u in updates])),
+            "mean_batch_size": float(np.mean([u.metrics["mean_batch_size"] for u in updates])),
+            "epsilon_spent": privacy["epsilon_spent"],
+            "uplink_payload_bytes": up_payload, "uplink_record_bytes": up_record,
+            "downlink_payload_bytes": self._round["downlink_payload_bytes_per_client"] * len(clients),
+            "downlink_record_bytes": self._round["downlink_record_bytes_per_client"] * len(clients),
+        })
+        return state_to_record(self.global_state), None
+
+    # ------------------------------------------------------------------ evaluate
+    def _eval_round(self, t: int) -> bool:
+        return t >= 1 and (t % self.sim.cfg.eval_every == 0 or t == self.sim.cfg.rounds)
+
+    def _federated_eval(self) -> bool:
+        return bool(self.sim.method.local_only)   # the model differs per client (FedSA-LoRA)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        from flwr.app import Message, MessageType, RecordDict
+
+        if not (self._federated_eval() and self._eval_round(server_round)):
+            return []
+        record = state_to_record({k: v for k, v in self.global_state.items() if k in self.down_names})
+        return [Message(RecordDict({KEYS.ARRAYS: record}), dst_node_id=self.node_of[cid],
+                        message_type=MessageType.EVALUATE, group_id=f"eval-{server_round}")
+                for cid in range(self.sim.cfg.clients)]
+
+    def aggregate_evaluate(self, server_round, replies):
+        replies = list(replies)
+        if not (self._federated_eval() and self._eval_round(server_round)):
+            return None
+        replies = _check_replies(replies, self.sim.cfg.clients, f"evaluation of round {server_round}")
+        cid_of = {node: cid for cid, node in self.node_of.items()}
+        by_cid = {cid_of[r.metadata.src_node_id]: r.content[KEYS.METRICS] for r in replies}
+        accs = [float(by_cid[c]["accuracy"]) for c in range(self.sim.cfg.clients)]
+        losses = [float(by_cid[c]["loss"]) for c in range(self.sim.cfg.clients)]
+        self._round.update({"test_accuracy": float(np.mean(accs)), "test_loss": float(np.mean(losses)),
+                            "test_per_client_accuracy": accs})
+        return None
+
+    def evaluate_fn(self, server_round, arrays):
+        """Centralized evaluation (Strategy.start calls it last in every round): closes the round."""
+        if server_round == 0:
+            return None
+        if self._eval_round(server_round) and not self._federated_eval():
+            ev = self.sim.evaluate(self.global_state)
+            self._round.update({f"test_{k}": v for k, v in ev.items()})
+        record = {k: v for k, v in self._round.items()
+                  if k not in ("t0", "downlink_payload_bytes_per_client",
+                               "downlink_record_bytes_per_client")}
+        record["round_s"] = time.perf_counter() - self._round["t0"]
+        record["elapsed_s"] = record["round_s"] + (self.records[-1]["elapsed_s"] if self.records else 0.0)
+        self.records.append(record)
+        if self.progress is not None:
+            self.progress(record)
+        return None
+
+    def summary(self) -> None:
+        from flwr.common.logger import log
+        from logging import INFO
+
+        log(INFO, "LaLoraStrategy: method=%s, %d of %d clients per round, downlink %s",
+            self.sim.cfg.method, self.sim.cfg.clients_per_round, self.sim.cfg.clients,
+            sorted(self.down_groups))
+
+    def run(self, grid):
+        """Strategy.start with our round count, centralized evaluation and no Flower sampling."""
+        return self.start(grid, state_to_record(self.global_state), num_rounds=self.sim.cfg.rounds,
+                          timeout=self.timeout, evaluate_fn=self.evaluate_fn)
+
+
+def make_server_app(cfg, *, holder: dict | None = None, task=None, partitions=None,
+                    timeout: float = 3600.0, progress=None):
+    """A ServerApp running ``cfg`` (a RunConfig). The finished strategy is put in
+    ``holder["strategy"]`` (the simulation runs the ServerApp in a thread of this process)."""
+    from flwr.serverapp import ServerApp
+
+    from lalora.federated.simulation import Simulator
+
+    server_app = ServerApp()
+    holder = holder if holder is not None else {}
+
+    @server_app.main()
+    def main(grid, context) -> None:
+        sim = Simulator(cfg, task=task, partitions=partitions)
+        node_of = discover_clients(grid, sim, timeout=timeout)
+        strategy = LaLoraStrategy(sim, node_of, timeout=timeout, progress=progress)
+        strategy.run(grid)
+        holder["strategy"] = strategy
+
+    return server_app
+
