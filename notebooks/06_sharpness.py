@@ -120,15 +120,16 @@ for r in per_run:
                  color=plotting.method_color(m), label=f"{plotting.method_label(m)} (seed {r['seed']})")
 axes[0].set_xlabel("step α along a filter-normalised random direction")
 axes[0].set_ylabel("training loss (cross-entropy)")
-axes[0].set_title("1-D loss landscape around the global model")
+axes[0].set_title("1-D loss landscape around the global model", fontsize=10)
 axes[0].legend()
 xs = np.arange(len(methods))
 axes[1].bar(xs, [top[m] for m in methods], color=[plotting.method_color(m) for m in methods],
             yerr=[0 if np.isnan(top_std[m]) else top_std[m] for m in methods])
 axes[1].set_xticks(xs, [plotting.method_label(m) for m in methods])
 axes[1].set_ylabel(r"top Hessian eigenvalue $\lambda_{max}$")
-axes[1].set_title(f"{task}, ε = {epsilon:g} (paper, Swin-B/CIFAR-100 ε=1: "
+axes[1].set_title(f"{task}, ε = {epsilon:g}\n(paper, Swin-B / CIFAR-100, ε = 1: "
                   f"{PAPER['dp-lora']} vs {PAPER['la-lora']})", fontsize=9)
+fig.tight_layout()
 plotting.savefig(fig, output_dir, "06_sharpness_landscape_1d")
 
 # %%

@@ -39,7 +39,7 @@ local_steps = 4  # the K of questions 2-4
 k_values = [2, 4]
 k_methods = ["dp-lora", "la-lora"]
 periods = [1, 2]
-alternation_local_steps = None  # K for question 2 (None: local_steps); needs K >= 2 * max(periods)
+alternation_local_steps = None  # K for question 2; None means local_steps
 batch_size = None
 clients = None
 clients_per_round = None

@@ -93,7 +93,7 @@ def test_dpconfig_rejects_bad_values_naming_the_field(field, value):
         assert field in str(err), f"error for {field}={value!r} does not name the field: {err}"
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(eps=st.one_of(st.sampled_from([0.0, -1.0, math.nan, math.inf, 1e-9, 0.3, 1.0, 3.0, 8.0, 1e3])),
        q=st.sampled_from([0.0, 1.5, math.nan, -0.1, 0.01, 0.1, 1.0]),   # q in (0.3, 0.9): slow RDP
        steps=st.integers(-2, 30))
@@ -190,7 +190,7 @@ def test_nan_input_never_gives_a_silent_run(tmp_path, split, epsilon):
                                                                   epsilon=epsilon))
 
 
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(method=st.sampled_from(["dp-lora", "ffa-lora", "rolora", "la-lora", "fedsa-lora"]),
        epsilon=st.sampled_from([0.5, 1.0, 3.0, 8.0, 50.0]),
        clients=st.integers(2, 4), per_round=st.integers(1, 4), rounds=st.integers(1, 3),

@@ -96,10 +96,16 @@ def tokenize(tokenizer, texts_a: list[str], texts_b: list[str] | None, max_len: 
 def load_encoder_and_tokenizer(path: Path):
     """AutoModel + AutoTokenizer from a local directory, never touching the network."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = Path(path)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    enc = AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the unused pooler weights are expected; don't print a report
+    try:
+        enc = AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(level)
     return enc, tok
 
 
