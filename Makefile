@@ -6,8 +6,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lalora-installed
 PROFILE ?= offline
-# Kernel tests run the Triton kernels on the CPU through Triton's interpreter.
-export TRITON_INTERPRET ?= 1
+# Without a GPU the Triton kernels run on the CPU through Triton's interpreter (that is how CI tests
+# them); on a machine with nvidia-smi they run natively. Override with TRITON_INTERPRET=0/1.
+export TRITON_INTERPRET ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 0 || echo 1)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false

@@ -47,3 +47,12 @@ def test_07_client_alignment(tmp_path):
     for m, tr in d["traces"].items():
         assert len(tr["BA"]) == len(tr["rounds"]) >= 1
         assert all(-1 <= v <= 1 for v in tr["BA"] if v == v)
+
+
+def test_11_reviewer_questions(tmp_path):
+    d = _run("11_reviewer_questions", tmp_path)
+    assert {r["method"] for r in d["local_steps"]} == {"dp-lora", "la-lora"}
+    labels = [r["label"] for r in d["references"]]
+    assert any("centralized" in l for l in labels) and any("∞" in l for l in labels)
+    for section in ("local_steps", "alternation", "references"):
+        assert all(0 <= r["accuracy"] <= 100 for r in d[section])

@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, {str(TESTS_DIR)!r})
 from test_federated import tiny_task, tiny_config
 from lalora.federated.simulation import run_experiment
-cfg = tiny_config("la-lora", rounds=5, batch_size=8, epsilon=2.0, eval_every=1)
+cfg = tiny_config("la-lora", rounds=5, batch_size=8, epsilon=1.0, eval_every=1)
 res = run_experiment(cfg, runs_dir=sys.argv[1], task=tiny_task(num_train=320), progress=False)
 print("RESULT " + json.dumps({{"final": res.final, "metrics": res.metrics, "run_dir": res.run_dir,
                               "cached": res.cached}}))
@@ -82,9 +82,6 @@ def test_sigkill_after_round_2_then_resume_is_bit_identical(tmp_path):
     assert list(steps_final.values()) == resumed["final"]["per_client_steps"] == ref["final"]["per_client_steps"]
     assert sum(steps_final.values()) == 5 * 2 * 4          # rounds x clients/round x K
     assert all(steps_final[c] >= steps_at_2[c] for c in steps_at_2)
-    # and a third call is served from the folder
-    again = _result(_start(script, tmp_path / "crash"))
-    assert again["cached"] and again["final"] == resumed["final"]
 
 
 def test_corrupted_checkpoint_is_refused(tmp_path):

@@ -95,6 +95,10 @@ def run_flower(cfg: RunConfig, *, runs_dir: str | os.PathLike | None = "runs", b
               f"acc {'-' if acc is None else f'{acc:.4f}'} | up {record['uplink_payload_bytes']} B | "
               f"{record['round_s']:.1f}s", file=sys.stderr, flush=True)
 
+    if not verbose:   # Flower logs every round at INFO; our progress line is enough
+        import logging
+
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     holder: dict = {}
     server_app = make_server_app(cfg, holder=holder, task=task, partitions=partitions,
                                  timeout=timeout, progress=show if progress else None)
