@@ -142,6 +142,7 @@ class RankingVerdict:
     holds: bool
     violations: list[tuple[str, str, float, float, bool]] = field(default_factory=list)
     # (should-be-better, should-be-worse, mean of first, mean of second, within noise?)
+    _means: dict = field(default_factory=dict, repr=False)
 
     def sentence(self) -> str:
         claimed = " > ".join(method_label(m) for m in self.methods)
@@ -149,9 +150,11 @@ class RankingVerdict:
             return f"holds ({claimed})"
         parts = []
         for better, worse, mb, mw, noise in self.violations:
-            note = ", within one std" if noise else ""
+            note = ", a tie" if mb == mw else (", within one std" if noise else "")
             parts.append(f"{method_label(better)} {mb:.2f} ≤ {method_label(worse)} {mw:.2f}{note}")
-        observed = " > ".join(method_label(m) for m in self.observed)
+        observed = method_label(self.observed[0])
+        for prev, m in zip(self.observed, self.observed[1:]):
+            observed += (" = " if self._means[prev] == self._means[m] else " > ") + method_label(m)
         return f"does not hold: {'; '.join(parts)} (observed {observed})"
 
 
@@ -172,7 +175,7 @@ def check_ranking(cells: Mapping[str, Cell], claimed: list[str] = CLAIMED_RANKIN
             noise = abs(a.mean - b.mean) <= max(a.std, b.std)
             violations.append((better, worse, a.mean, b.mean, noise))
     observed = sorted(present, key=lambda m: -cells[m].mean)
-    return RankingVerdict(present, observed, not violations, violations)
+    return RankingVerdict(present, observed, not violations, violations, {m: cells[m].mean for m in present})
 
 
 # --------------------------------------------------------------------------------------------

@@ -113,14 +113,16 @@ ax.set_title(f"{task}: {method_label(method)} under DP")
 ax.set_xlim(0.5, max(curve["round"]) + 0.5)
 ax.set_ylim(0, 100)
 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-ax.legend(loc="lower right")
 ax2 = ax.twinx()
 ax2.plot(curve["round"], curve["ε spent"], ls="--", color="0.4", label="ε spent (most-used client)")
 ax2.set_ylabel("ε spent so far", color="0.3")
 ax2.grid(False)
 ax2.axhline(target, color="0.4", lw=0.8, ls=":", label=f"target ε = {target:g}")
 ax2.set_ylim(0, max(target, curve["ε spent"].max()) * 1.15)
-ax2.legend(loc="upper left")
+# One legend for both axes, below the plot, so it never hides a point.
+handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+ax.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3,
+          fontsize=8)
 savefig(fig, output_dir, "00_quickstart_curve")
 curve
 

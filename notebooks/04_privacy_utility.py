@@ -98,7 +98,8 @@ if "inf" in epsilons and finite:
 ax.set_xlabel("privacy budget ε (δ = 1e-5; log scale)")
 ax.set_ylabel("test accuracy (%)")
 ax.set_title(f"{task}: accuracy vs ε")
-ax.legend(loc="lower right")
+ax.margins(y=0.15)
+ax.legend(loc="best")
 
 # Right panel: each method's gain over DP-LoRA at each ε.
 gaps = []

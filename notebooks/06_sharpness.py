@@ -165,5 +165,8 @@ result = {
     "eval_examples": eval_examples,
     "wall_s": time.perf_counter() - started,
 }
+result["summary"] = {**{f"top_eigenvalue {m}": v for m, v in top.items()},
+                     **{f"top_eigenvalue {m} (paper)": v for m, v in PAPER.items()},
+                     "LA-LoRA flatter than DP-LoRA": result["la_lora_flatter"]}
 atomic_write_json(os.path.join(output_dir, "06_sharpness.json"), result)
 {k: result[k] for k in ("top_eigenvalue", "la_lora_flatter", "wall_s")}

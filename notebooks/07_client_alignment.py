@@ -86,9 +86,10 @@ for ax, key, title in zip(axes, ("A", "B", "BA"), (r"$\Delta A$", r"$\Delta B$",
     ax.axhline(0, color="k", lw=0.6)
     ax.set_title(f"cosine of client updates: {title}")
     ax.set_xlabel("round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
 axes[0].set_ylabel("mean pairwise cosine similarity")
 axes[-1].legend()
-fig.suptitle(f"{task}, ε = {epsilon:g}, {len(traces[methods[0]]['rounds'])} rounds")
+fig.suptitle(f"{task}, ε = {epsilon:g}, rounds = {len(traces[methods[0]]['rounds'])}", y=1.04)
 plotting.savefig(fig, output_dir, "07_client_alignment_rounds")
 
 # %%
@@ -105,5 +106,6 @@ result = {
     if {"la-lora", "dp-lora"} <= set(summary) else None,
     "wall_s": time.perf_counter() - started,
 }
+result["summary"] = {f"mean cos Δ{k} {m}": v[k] for m, v in summary.items() for k in ("A", "B", "BA")}
 atomic_write_json(os.path.join(output_dir, "07_client_alignment.json"), result)
 summary

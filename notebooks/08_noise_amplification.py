@@ -132,5 +132,7 @@ result = {
         "dp_lora_noisier_than_la_lora": all(row["dp-lora"] > max(row["la-lora-A-step"], row["la-lora-B-step"]) for row in rows),
     },
 }
+result["summary"] = {**{f"log-log slope {k}": v for k, v in scan.slopes.items()}, "crossover sigma": sigma_cross,
+                     **{f"claim: {k}": v for k, v in result["claims"].items()}}
 atomic_write_json(os.path.join(output_dir, "08_noise_amplification.json"), result)
 result["claims"]

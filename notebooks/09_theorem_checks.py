@@ -215,5 +215,9 @@ result = {
     "filter": filt,
     "claims": claims,
 }
+result["summary"] = {**{f"claim: {k}": v for k, v in claims.items()},
+                     "epsilon slope vs steps": eps["slope_steps"], "epsilon slope vs sigma": eps["slope_sigma"],
+                     "filter variance factor (measured)": filt["variance_factor_measured"],
+                     "worst Theorem 4 rate / bound": max(s["measured_rate"] / s["bound"] for s in sensing)}
 atomic_write_json(os.path.join(output_dir, "09_theorem_checks.json"), result)
 claims

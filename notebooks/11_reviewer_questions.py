@@ -98,7 +98,7 @@ for m in k_methods:
                 color=plotting.method_color(m), label=plotting.method_label(m), capsize=3)
 ax.set_xlabel("local steps K per round")
 ax.set_ylabel("test accuracy (%)")
-ax.set_title(f"{task}, ε = {epsilon:g}, {rounds} rounds")
+ax.set_title(f"{task}, ε = {epsilon:g}, rounds = {rounds}")
 ax.legend()
 plotting.savefig(fig, output_dir, "11_reviewer_questions_local_steps")
 k_table
@@ -152,7 +152,7 @@ ax.barh(range(len(c_table)), c_table.accuracy, xerr=c_table.accuracy_std.fillna(
 ax.set_yticks(range(len(c_table)), c_table.label)
 ax.invert_yaxis()
 ax.set_xlabel("test accuracy (%)")
-ax.set_title(f"Non-private and centralized references ({task}, K = {local_steps}, {rounds} rounds)")
+ax.set_title(f"Non-private and centralized references ({task}, K = {local_steps}, rounds = {rounds})")
 plotting.savefig(fig, output_dir, "11_reviewer_questions_references")
 c_table
 
@@ -171,5 +171,7 @@ result = {
     "references": rows(c_table),
     "wall_s": time.perf_counter() - started,
 }
+result["summary"] = {**{f"acc % {r['method']} K={r['local_steps']}": r["accuracy"] for r in result["local_steps"]},
+                     **{f"acc % {r['label']}": r["accuracy"] for r in result["alternation"] + result["references"]}}
 atomic_write_json(os.path.join(output_dir, "11_reviewer_questions.json"), result)
 {k: len(v) for k, v in result.items() if isinstance(v, list)}

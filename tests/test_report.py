@@ -70,8 +70,9 @@ def test_check_ranking_holds_and_fails():
     partial = report.check_ranking({"la-lora": C(5), "dp-lora": C(1)})
     assert partial.holds and partial.methods == ["la-lora", "dp-lora"]
     assert report.check_ranking({"la-lora": C(5)}) is None
-    # A tie is not "better".
-    assert not report.check_ranking({"la-lora": C(5), "dp-lora": C(5)}).holds
+    # A tie is not "better", and is called a tie.
+    tie = report.check_ranking({"la-lora": C(5), "dp-lora": C(5)})
+    assert not tie.holds and "a tie" in tie.sentence() and "LA-LoRA = DP-LoRA" in tie.sentence()
 
 
 def test_report_on_fake_results(fake_results, tmp_path):
