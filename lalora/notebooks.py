@@ -16,6 +16,12 @@ job on a CPU; ``paper``: the paper's settings on a GPU with data and weights on 
    on a machine without its data),
 5. keeps going when one notebook fails, and ends with a summary naming every failure.
 
+The module also holds the small helpers the result notebooks share (``experiment_base``,
+``make_config``, ``run_grid``, ``accuracy_table``): a grid of federated runs through
+``lalora.federated.simulation.run_experiment`` (cached by config hash) and the mean ± std table
+over seeds that ``lalora.report`` reads. Variant labels such as ``dp-lora+filter`` map to a method
+plus config overrides (``VARIANTS``).
+
 Why the runner and not plain ``papermill`` calls: the three profiles, the shared run cache
 (``runs_dir``; identical federated configs are trained once for all notebooks) and the
 "report last" order are conventions every notebook relies on.

@@ -135,7 +135,7 @@ plotting.savefig(fig, output_dir, "06_sharpness_landscape_1d")
 # %%
 if grid_points:
     runs0 = [r for r in per_run if r["seed"] == seeds[0]]
-    fig, axes = plt.subplots(1, len(runs0), figsize=plotting.FIGSIZE_WIDE, squeeze=False)
+    fig, axes = plt.subplots(1, len(runs0), figsize=plotting.FIGSIZE_WIDE, squeeze=False, sharey=True)
     zmin = min(np.min(r["landscape_2d"]["loss"]) for r in runs0)
     zmax = max(np.max(r["landscape_2d"]["loss"]) for r in runs0)
     levels = np.linspace(zmin, zmax, 15)
@@ -146,8 +146,8 @@ if grid_points:
         ax.plot(0, 0, "r*", markersize=10, label="global model")
         ax.set_title(f"{plotting.method_label(r['method'])}: λ_max = {r['top_eigenvalue']:.3g}")
         ax.set_xlabel("direction 1 (α)")
-        ax.set_ylabel("direction 2 (β)")
         ax.legend(loc="upper right", fontsize=7)
+    axes[0][0].set_ylabel("direction 2 (β)")
     fig.colorbar(cs, ax=axes[0].tolist(), label="training loss")
     plotting.savefig(fig, output_dir, "06_sharpness_landscape_2d")
 

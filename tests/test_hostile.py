@@ -299,8 +299,6 @@ def test_glue_tsv_arbitrary_content(tmp_path_factory, body):
     assert len(a) == len(y) >= 1 and set(np.unique(y)) <= {0, 1} and skipped >= 0
 
 
-@pytest.mark.xfail(strict=True, reason="read_glue_tsv lets csv.Error (not a ValueError, no file name) "
-                   "escape on a NUL byte (reported to the tasks owner)")
 def test_glue_tsv_nul_byte_gives_clear_error(tmp_path):
     from lalora.tasks.paper import read_glue_tsv
 

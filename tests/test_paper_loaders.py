@@ -184,3 +184,18 @@ def test_missing_paths_name_the_path(tmp_path, swin_ckpt):
         get_task("sst2-roberta", data_root=nope, weights_path=tmp_path / "rob")
     with pytest.raises(ValueError, match="data_root"):
         get_task("mnli-roberta", weights_path=tmp_path / "rob")
+
+
+@pytest.mark.parametrize("body,match", [
+    (b"sentence\tlabel\nok\t1\nbad\x00row\t1\n", r"train\.tsv, line 3: NUL byte"),
+    (b"sent\x00ence\tlabel\nok\t1\n", r"train\.tsv, line 1: NUL byte"),
+    (b"sentence\tlabel\nok\t1\n" + b"y" * 200_000 + b"\t1\n", r"train\.tsv, line 3: malformed TSV"),  # csv.Error
+    (b"sentence\tlabel\nok\t1\n\xff\xfe\t0\n", r"train\.tsv: not UTF-8"),
+])
+def test_glue_tsv_corrupt_file_is_a_value_error_naming_file_and_line(tmp_path, body, match):
+    from lalora.tasks.paper import GLUE, read_glue_tsv
+
+    p = tmp_path / "train.tsv"
+    p.write_bytes(body)
+    with pytest.raises(ValueError, match=match):
+        read_glue_tsv(p, GLUE["sst2"])

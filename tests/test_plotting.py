@@ -58,3 +58,26 @@ def test_savefig_rejects_bad_names(tmp_path, bad):
     with pytest.raises(ValueError, match="name"):
         plotting.savefig(fig, tmp_path, bad)
     plt.close(fig)
+
+
+def test_grouped_bars_and_lines_place_every_row():
+    plotting.use_style()
+    rows = [{"method": m, "epsilon": e, "accuracy_mean": 10.0 * i + (e if e != "inf" else 50), "accuracy_std": 1.0}
+            for i, m in enumerate(["dp-lora", "la-lora"]) for e in [1.0, 3.0]]
+    rows.append({"method": "fedavg-lora", "epsilon": "inf", "accuracy_mean": 90.0, "accuracy_std": 0.5})
+    fig, ax = plt.subplots()
+    plotting.grouped_bars(ax, rows, group_key="epsilon")
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+    assert heights == sorted(r["accuracy_mean"] for r in rows)
+    # The lone non-private bar is centred on its tick (ε = ∞ is the third group).
+    lone = [p for p in ax.patches if p.get_height() == 90.0][0]
+    assert abs(lone.get_x() + lone.get_width() / 2 - 2.0) < 1e-9
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["ε = 1", "ε = 3", "ε = ∞ (no DP)"]
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["FedAvg-LoRA (no DP)", "DP-LoRA", "LA-LoRA"]
+    plt.close(fig)
+
+    fig, ax = plt.subplots()
+    xs = plotting.lines_vs(ax, rows, x_key="epsilon", inf_at=10.0)
+    assert xs == [1.0, 3.0, 10.0]
+    plt.close(fig)

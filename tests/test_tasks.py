@@ -115,6 +115,53 @@ def test_pretraining_is_cached_and_build_model_deterministic(offline):
     assert t0.info["pretrain"]["key"] != t1.info["pretrain"]["key"]
 
 
+def test_lfw_swin_transfers_the_digits_backbone(offline):
+    """lfw-swin pretrains on NO lfw image: it reuses digits-swin's backbone (same cache entry)."""
+    lfw = get_task("lfw-swin", pretrain_epochs=1)
+    assert lfw.info["sizes"] == {"public": 0, "private": 140, "test": 60}
+    assert lfw.test[0]["pixel_values"].shape == (1, 24, 24)
+    lfw.build_model()
+    assert lfw.info["pretrain"]["source"] == "digits-swin" and lfw.info["pretrain"]["public_size"] == 359
+    digits = get_task("digits-swin", pretrain_epochs=1)
+    digits.build_model()
+    assert digits.info["pretrain"]["cached"] is True  # lfw-swin already wrote it
+    assert digits.info["pretrain"]["key"] == lfw.info["pretrain"]["key"]
+    assert len(list((offline / "cache").glob("*.pt"))) == 1
+    # the backbone weights lfw fine-tunes are exactly digits' (only the head differs)
+    sd_l, sd_d = lfw.build_model().state_dict(), digits.build_model().state_dict()
+    shared = [k for k in sd_d if not k.startswith("head.") and "attn_mask" not in k and k in sd_l]
+    assert shared and all(torch.equal(sd_l[k], sd_d[k]) for k in shared)
+
+
+@pytest.mark.slow
+def test_lfw_swin_is_not_saturated_and_learns():
+    """Fresh head well below 100%, a short non-private fine-tune far above chance (the task ranks)."""
+    torch.manual_seed(0)
+    task = get_task("lfw-swin")  # the real 60-epoch backbone (cached in ~/.cache/lalora)
+    model = task.build_model()
+    x, y = task.test.tensors["pixel_values"], task.test.tensors["labels"]
+
+    def accuracy():
+        model.eval()
+        with torch.no_grad():
+            return float((model(x).argmax(1) == y).float().mean())
+
+    fresh = accuracy()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        model.train()
+        order = torch.randperm(len(task.train), generator=gen)
+        for s in range(0, len(order), 16):
+            b = task.train.batch(order[s:s + 16])
+            loss = F.cross_entropy(task.forward(model, b), b["labels"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    tuned = accuracy()
+    assert fresh < 0.8 and tuned > 0.8 and tuned > fresh + 0.1, (fresh, tuned)
+
+
 def test_build_model_rank_override(offline):
     task = get_task("digits-swin", pretrain_epochs=0)
     m = task.build_model(r=4, alpha=4.0)

@@ -36,7 +36,8 @@ How a run works
 - The global model is evaluated every ``eval_every`` rounds and after the last one (per client, on
   the common test set, for fedsa-lora: global A with the client's own B and head).
 
-Run folders (``lalora.results``): ``<runs_dir>/<task>/<method>/<hash of resolved config+version>/``.
+Run folders (``lalora.results``): ``<runs_dir>/<task>/<method>/<hash>/``, the hash covering the
+resolved config, the package version and a fingerprint of ``Task.info`` (data split, backbone key).
 A folder with ``final.json`` is served from disk; one with a checkpoint continues from it when
 ``resume=True`` (metrics of rounds after the checkpoint are dropped and re-run).
 Test hook: env ``LALORA_KILL_AFTER_ROUND=N`` makes the process SIGKILL itself right after writing the
@@ -370,6 +371,33 @@ class RunResult:
     cached: bool = False
 
 
+def _drop_volatile(obj):
+    if isinstance(obj, dict):
+        return {k: _drop_volatile(v) for k, v in obj.items()
+                if k not in ("cached", "load_seconds", "seconds", "wall_s")}
+    if isinstance(obj, list):
+        return [_drop_volatile(v) for v in obj]
+    return obj
+
+
+def task_fingerprint(task) -> str:
+    """Short hash of what the task says about its data and pretrained backbone (``Task.info``,
+    timings dropped), so a changed backbone or split gets a new run folder instead of a stale
+    cached result. Builds the model once to make the task record its backbone key."""
+    import hashlib
+    import json
+
+    from lalora.results import to_jsonable
+
+    info = getattr(task, "info", None)
+    if info is None:
+        return "none"
+    if isinstance(info, dict) and "pretrain" in info and info["pretrain"] is None:
+        task.build_model()   # fills info["pretrain"] (the backbone's content key)
+    text = json.dumps(to_jsonable(_drop_volatile(info)), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def _progress_enabled(progress: bool) -> bool:
     env = os.environ.get("LALORA_PROGRESS")
     if env is not None:
@@ -386,7 +414,8 @@ def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resu
     also recomputes a finished run. ``task``/``partitions`` override the registry (tests)."""
     task = task if task is not None else _load_task(cfg)
     cfg = cfg.resolve(getattr(task, "defaults", {}))
-    digest = config_hash(cfg.to_dict(), lalora.__version__)
+    fingerprint = task_fingerprint(task)
+    digest = config_hash({**cfg.to_dict(), "task_fingerprint": fingerprint}, lalora.__version__)
     run_dir = RunDir.for_config(runs_dir, cfg.task, cfg.method, digest)
     if run_dir.is_finished() and not force:
         return RunResult(cfg, run_dir.read_metrics(), run_dir.read_final(), str(run_dir.path), cached=True)
@@ -402,7 +431,8 @@ def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resu
         start = done + 1
     else:
         run_dir.reset()
-    run_dir.write_config({**cfg.to_dict(), "hash": digest, "lalora_version": lalora.__version__})
+    run_dir.write_config({**cfg.to_dict(), "hash": digest, "task_fingerprint": fingerprint,
+                          "lalora_version": lalora.__version__})
 
     show = _progress_enabled(progress)
     from tqdm.auto import tqdm

@@ -118,9 +118,13 @@ def run_flower(cfg: RunConfig, *, runs_dir: str | os.PathLike | None = "runs", b
 
         backend_config = {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
                           "init_args": dict(ray_init_args or {})}
-        run_simulation(server_app=server_app, client_app=client_app,
-                       num_supernodes=_resolved_clients(cfg, task), backend_name="ray",
-                       backend_config=backend_config, verbose_logging=verbose)
+        try:
+            run_simulation(server_app=server_app, client_app=client_app,
+                           num_supernodes=_resolved_clients(cfg, task), backend_name="ray",
+                           backend_config=backend_config, verbose_logging=verbose)
+        except BaseException:
+            holder["stop"].set()    # let the ServerApp thread exit instead of waiting for replies
+            raise
     wall_s = time.perf_counter() - t0
     strategy = holder.get("strategy")
     if strategy is None:

@@ -24,6 +24,7 @@ run config; the node answers with its partition id, i.e. its client id).
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -52,6 +53,8 @@ def discover_clients(grid, sim, *, timeout: float = 600.0) -> dict[int, int]:
 
     deadline = time.monotonic() + timeout
     while len(list(grid.get_node_ids())) < sim.cfg.clients:
+        if getattr(grid, "_stop", None) is not None and grid._stop.is_set():
+            raise RuntimeError("Flower run aborted while waiting for SuperNodes")
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(list(grid.get_node_ids()))} of {sim.cfg.clients} "
                                f"SuperNodes connected within {timeout:.0f}s")
@@ -73,6 +76,36 @@ def discover_clients(grid, sim, *, timeout: float = 600.0) -> dict[int, int]:
     if missing:
         raise ValueError(f"no SuperNode serves partition-id(s) {missing}")
     return node_of
+
+
+class StoppableGrid:
+    """A Grid whose ``send_and_receive`` gives up when ``stop`` is set. Flower's simulation runs the
+    ServerApp in a thread; if the Ray runtime dies, the stock grid would wait for replies until the
+    timeout (an hour), keeping the process alive. ``run_flower`` sets ``stop`` on such a failure."""
+
+    def __init__(self, grid, stop: threading.Event, poll_s: float = 0.05):
+        self._grid, self._stop, self._poll_s = grid, stop, poll_s
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list:
+        if not hasattr(self._grid, "push_messages"):     # InProcessGrid: synchronous already
+            return self._grid.send_and_receive(messages, timeout=timeout)
+        pending = set(self._grid.push_messages(list(messages)))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list = []
+        while pending:
+            if self._stop.is_set():
+                raise RuntimeError("Flower run aborted (the simulation runtime stopped)")
+            if end is not None and time.monotonic() > end:
+                break
+            got = list(self._grid.pull_messages(pending))
+            replies.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending:
+                time.sleep(self._poll_s)
+        return replies
 
 
 def _strategy_base():
@@ -217,16 +250,19 @@ class LaLoraStrategy(_strategy_base()):
 def make_server_app(cfg, *, holder: dict | None = None, task=None, partitions=None,
                     timeout: float = 3600.0, progress=None):
     """A ServerApp running ``cfg`` (a RunConfig). The finished strategy is put in
-    ``holder["strategy"]`` (the simulation runs the ServerApp in a thread of this process)."""
+    ``holder["strategy"]`` (the simulation runs the ServerApp in a thread of this process); setting
+    the event ``holder["stop"]`` aborts a run waiting for replies."""
     from flwr.serverapp import ServerApp
 
     from lalora.federated.simulation import Simulator
 
     server_app = ServerApp()
     holder = holder if holder is not None else {}
+    stop = holder.setdefault("stop", threading.Event())
 
     @server_app.main()
     def main(grid, context) -> None:
+        grid = StoppableGrid(grid, stop)
         sim = Simulator(cfg, task=task, partitions=partitions)
         node_of = discover_clients(grid, sim, timeout=timeout)
         strategy = LaLoraStrategy(sim, node_of, timeout=timeout, progress=progress)

@@ -279,29 +279,56 @@ GLUE = {
 }
 
 
+def _tsv_rows(path: Path, f):
+    """csv rows of an open GLUE TSV; a NUL byte or any csv.Error is a ValueError naming file and line.
+
+    Python 3.11's csv accepts NUL bytes silently; a NUL in a GLUE file means a binary or corrupt
+    file, which must not be tokenised as text.
+    """
+    rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as err:  # e.g. a field over csv.field_size_limit()
+            raise ValueError(f"{path}, line {rows.line_num}: malformed TSV ({err})") from err
+        if any("\x00" in cell for cell in row):
+            raise ValueError(f"{path}, line {rows.line_num}: NUL byte (binary or corrupt file?)")
+        yield row
+
+
 def read_glue_tsv(path: Path, spec: dict) -> tuple[list[str], list[str] | None, np.ndarray, int]:
-    """(texts_a, texts_b, labels, skipped_rows) of one GLUE TSV (header row, no quoting)."""
+    """(texts_a, texts_b, labels, skipped_rows) of one GLUE TSV (header row, no quoting).
+
+    Rows with the wrong number of fields or a label outside ``spec["labels"]`` are skipped and
+    counted; a file that is empty, lacks a needed column, has no labelled row, is not UTF-8, holds
+    a NUL byte or trips the csv parser raises a ValueError naming the file.
+    """
     a_col, b_col = spec["cols"]
     label_of = {s: i for i, s in enumerate(spec["labels"])}
     texts_a, texts_b, labels, skipped = [], [], [], 0
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows, None)
-        if header is None:
-            raise ValueError(f"{path} is empty")
-        need = [c for c in (a_col, b_col, spec["label"]) if c is not None]
-        if any(c not in header for c in need):
-            raise ValueError(f"{path}: header {header} lacks one of the columns {need}")
-        ia, il = header.index(a_col), header.index(spec["label"])
-        ib = header.index(b_col) if b_col else None
-        for row in rows:
-            if len(row) != len(header) or row[il].strip() not in label_of:
-                skipped += 1  # QQP has a few malformed rows; MNLI gold_label "-" has no consensus
-                continue
-            texts_a.append(row[ia])
-            if ib is not None:
-                texts_b.append(row[ib])
-            labels.append(label_of[row[il].strip()])
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = _tsv_rows(path, f)
+            header = next(rows, None)
+            if header is None:
+                raise ValueError(f"{path} is empty")
+            need = [c for c in (a_col, b_col, spec["label"]) if c is not None]
+            if any(c not in header for c in need):
+                raise ValueError(f"{path}: header {header} lacks one of the columns {need}")
+            ia, il = header.index(a_col), header.index(spec["label"])
+            ib = header.index(b_col) if b_col else None
+            for row in rows:
+                if len(row) != len(header) or row[il].strip() not in label_of:
+                    skipped += 1  # QQP has a few malformed rows; MNLI gold_label "-" has no consensus
+                    continue
+                texts_a.append(row[ia])
+                if ib is not None:
+                    texts_b.append(row[ib])
+                labels.append(label_of[row[il].strip()])
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     if not labels:
         raise ValueError(f"{path}: no labelled rows")
     return texts_a, (texts_b if b_col else None), np.asarray(labels, np.int64), skipped
