@@ -192,3 +192,5 @@ def test_registry_names_and_errors():
         get_task("digits-swin", bogus=1)
     with pytest.raises(ValueError, match="public_fraction"):
         get_task("digits-swin", public_fraction=1.5)
+    with pytest.raises(ValueError, match="public_fraction"):  # nothing to pretrain on
+        get_task("digits-swin", public_fraction=0.0)

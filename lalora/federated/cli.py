@@ -68,6 +68,9 @@ def register(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--json", action="store_true", help="also print final.json to stdout")
+    p.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess",
+                   help="inprocess (default) or flower: Flower's Ray simulation (lalora[flower], "
+                        "docs/FLOWER.md; no resume)")
     p.set_defaults(func=main)
 
 
@@ -125,8 +128,13 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lalora run: error: {err}", file=sys.stderr)
         return 2
-    result = run_experiment(cfg, runs_dir=args.runs_dir, resume=args.resume,
-                            progress=not args.quiet, force=args.force)
+    if getattr(args, "engine", "inprocess") == "flower":
+        from lalora.flower import run_flower
+
+        result = run_flower(cfg, runs_dir=args.runs_dir, progress=not args.quiet)
+    else:
+        result = run_experiment(cfg, runs_dir=args.runs_dir, resume=args.resume,
+                                progress=not args.quiet, force=args.force)
     final = result.final
     if args.json:
         print(json.dumps(final, indent=2, sort_keys=True))

@@ -32,6 +32,7 @@ class FlowerRunResult:
     run_dir: str | None
     global_state: dict = field(repr=False, default_factory=dict)
     wall_s: float = 0.0
+    cached: bool = False      # a Flower run is always computed (same field as RunResult)
 
 
 def _final_summary(strategy, wall_s: float) -> dict:
