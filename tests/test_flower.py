@@ -209,3 +209,17 @@ def test_ray_simulation_equals_inprocess_engine(method):
     assert res.final["accuracy"] == pytest.approx(ev["accuracy"], abs=1e-12)
     assert res.final["per_client_steps"] == sim.privacy_summary()["per_client_steps"]
     assert np.isfinite(res.final["epsilon_spent"]) and res.final["epsilon_spent"] <= cfg.epsilon + 1e-6
+
+
+def test_deployment_run_config_maps_to_runconfig():
+    from lalora.flower.server_app import config_from_run_config
+
+    cfg, runs_dir = config_from_run_config({"task": "digits-swin", "method": "rolora", "epsilon": 3.0,
+                                            "clients-per-round": 2, "task-options": '{"dropout": 0.0}',
+                                            "runs-dir": "runs"})
+    assert (cfg.method, cfg.clients_per_round, cfg.task_overrides, runs_dir) == \
+        ("rolora", 2, {"dropout": 0.0}, "runs")
+    with pytest.raises(ValueError, match="bogus"):
+        config_from_run_config({"task": "t", "method": "la-lora", "bogus": 1})
+    with pytest.raises(ValueError, match="method"):
+        config_from_run_config({"task": "t"})

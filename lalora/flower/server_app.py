@@ -271,3 +271,55 @@ def make_server_app(cfg, *, holder: dict | None = None, task=None, partitions=No
 
     return server_app
 
+
+
+# ---------------------------------------------------------------------- deployment entry point
+def config_from_run_config(run_config) -> tuple:
+    """RunConfig from a Flower run config (``[tool.flwr.app.config]`` / ``flwr run --run-config``):
+    keys are RunConfig field names with ``-`` or ``_``; ``task-options`` is a JSON object
+    (RunConfig.task_overrides); ``runs-dir`` (not a RunConfig field) is where the run folder goes.
+    Returns (RunConfig, runs_dir or None)."""
+    from dataclasses import fields
+
+    from lalora.config import RunConfig
+
+    known = {f.name for f in fields(RunConfig)}
+    values, runs_dir = {}, None
+    for key, value in dict(run_config).items():
+        name = key.replace("-", "_")
+        if name == "runs_dir":
+            runs_dir = str(value)
+        elif name in ("task_options", "task_overrides"):
+            values["task_overrides"] = json.loads(value) if isinstance(value, str) else dict(value)
+        elif name in known:
+            values[name] = value
+        else:
+            raise ValueError(f"run config key {key!r} is not a RunConfig field (nor runs-dir/task-options)")
+    for name in ("task", "method"):
+        if name not in values:
+            raise ValueError(f"run config must set {name!r}")
+    return RunConfig(**values), runs_dir
+
+
+def _make_deployment_app():
+    from flwr.serverapp import ServerApp
+
+    deployment_app = ServerApp()
+
+    @deployment_app.main()
+    def main(grid, context) -> None:
+        from lalora.federated.simulation import Simulator
+        from lalora.flower.run import _final_summary, _write
+
+        cfg, runs_dir = config_from_run_config(context.run_config)
+        t0 = time.perf_counter()
+        sim = Simulator(cfg)
+        strategy = LaLoraStrategy(sim, discover_clients(grid, sim))
+        strategy.run(grid)
+        if runs_dir:
+            _write(runs_dir, strategy, _final_summary(strategy, time.perf_counter() - t0))
+
+    return deployment_app
+
+
+app = _make_deployment_app()   # `flwr run` component: lalora.flower.server_app:app
