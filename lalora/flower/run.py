@@ -61,11 +61,18 @@ def _write(runs_dir, strategy, final: dict) -> str:
     from lalora.results import RunDir, config_hash
 
     cfg = strategy.sim.cfg
-    digest = config_hash(cfg.to_dict(), lalora.__version__)
+    extra = {}
+    try:    # the in-process engine hashes the task's data/model fingerprint too; mirror it
+        from lalora.federated.simulation import task_fingerprint
+    except ImportError:
+        task_fingerprint = None
+    if task_fingerprint is not None:
+        extra["task_fingerprint"] = task_fingerprint(strategy.sim.task)
+    digest = config_hash({**cfg.to_dict(), **extra}, lalora.__version__)
     run_dir = RunDir.for_config(runs_dir, cfg.task, cfg.method, f"{digest}-flower")
     run_dir.reset()
-    run_dir.write_config({**cfg.to_dict(), "hash": digest, "lalora_version": lalora.__version__,
-                          "engine": "flower"})
+    run_dir.write_config({**cfg.to_dict(), **extra, "hash": digest,
+                          "lalora_version": lalora.__version__, "engine": "flower"})
     for record in strategy.records:
         run_dir.append_metrics(record)
     run_dir.write_final({**final, "hash": digest})
