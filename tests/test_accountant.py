@@ -129,3 +129,38 @@ def test_ledger_composes_heterogeneous_history_and_roundtrips_json():
 def test_ledger_unknown_client():
     with pytest.raises(KeyError, match="client 7"):
         PrivacyLedger().epsilon(7)
+
+
+def test_memoized_rdp_epsilon_equals_opacus_accountant():
+    """The ledger's fast path (one-step RDP curve memoized, times steps) must equal Opacus' own
+    RDPAccountant on mixed histories, to float rounding."""
+    from opacus.accountants import RDPAccountant
+
+    from lalora.privacy.accountant import epsilon_for_history
+
+    histories = [[(1.1, 0.05, 37)], [(0.9, 0.2, 5), (2.5, 0.01, 400)], [(4.0, 1.0, 3), (1.3, 0.11, 12)]]
+    for history in histories:
+        acc = RDPAccountant()
+        acc.history = list(history)
+        expected = acc.get_epsilon(delta=1e-5)
+        assert abs(epsilon_for_history(history, 1e-5) - expected) <= 1e-9 * max(1.0, expected)
+
+
+def test_sigma_disk_cache_never_serves_a_sigma_that_misses_the_target(tmp_path, monkeypatch):
+    """A cached σ is re-checked with the accountant: a tampered (too small) σ on disk is ignored."""
+    import json
+
+    from lalora.privacy import accountant as acc
+
+    monkeypatch.setenv("LALORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(acc, "_SIGMA_CACHE", {})
+    args = (2.0, 1e-5, 0.05, 100)
+    sigma = acc.noise_multiplier_for(*args)
+    key = (*args, "rdp", 0.01)
+    path = acc._sigma_cache_file(key)
+    assert json.loads(path.read_text())["sigma"] == sigma      # stored on disk
+    path.write_text(json.dumps({"key": list(key), "sigma": sigma / 3}))   # tamper: far too little noise
+    monkeypatch.setattr(acc, "_SIGMA_CACHE", {})
+    again = acc.noise_multiplier_for(*args)
+    assert again == sigma
+    assert acc.epsilon_for(again, 1e-5, 0.05, 100) <= 2.0

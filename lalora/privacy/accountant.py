@@ -16,6 +16,7 @@ Edge cases: epsilon=inf -> σ=0 (the non-DP reference); σ=0 with steps>0 -> ε=
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -99,10 +100,39 @@ def epsilon_for_history(history: Iterable[tuple[float, float, int]], delta: floa
         entries.append((sigma, q, steps))
     if not entries:
         return 0.0
+    if accountant == "rdp":
+        return _rdp_epsilon(tuple(entries), delta)
     acc = create_accountant(mechanism=accountant)
     acc.history = entries
     with _quiet_rdp_order_warnings():
         return float(acc.get_epsilon(delta=delta))
+
+
+def _rdp_epsilon(entries: tuple, delta: float) -> float:
+    """What Opacus' RDPAccountant.get_epsilon computes, Σ_entries compute_rdp(q, σ, steps) then
+    get_privacy_spent over the same orders, with the one-step RDP curve of each (q, σ) memoized.
+
+    compute_rdp is linear in steps, and its fractional orders cost seconds at small σ; a ledger
+    asks for the same (q, σ) after every round, so this turns O(rounds × clients) slow calls into
+    one per client. tests/test_accountant.py checks equality with Opacus' accountant.
+    """
+    from opacus.accountants.analysis import rdp as privacy_analysis
+    from opacus.accountants.rdp import RDPAccountant
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    with _quiet_rdp_order_warnings():
+        rdp = sum(steps * _one_step_rdp(q, sigma) for sigma, q, steps in entries)
+        eps, _ = privacy_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=4096)
+def _one_step_rdp(q: float, sigma: float):
+    from opacus.accountants.analysis import rdp as privacy_analysis
+    from opacus.accountants.rdp import RDPAccountant
+
+    return privacy_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
+                                        orders=RDPAccountant.DEFAULT_ALPHAS)
 
 
 def epsilon_for(noise_multiplier: float, delta: float, sample_rate: float, steps: int,
@@ -125,14 +155,78 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
     _check_accountant(accountant)
     if math.isinf(epsilon) or steps == 0:
         return 0.0
+    key = (epsilon, delta, q, steps, accountant, float(epsilon_tolerance))
+    cached = _SIGMA_CACHE.get(key)
+    if cached is None:
+        cached = _load_cached_sigma(key)
+    if cached is not None:
+        _SIGMA_CACHE[key] = cached
+        return cached
     try:
         with _quiet_rdp_order_warnings():
-            return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                              sample_rate=q, steps=steps, accountant=accountant,
-                                              epsilon_tolerance=epsilon_tolerance))
+            sigma = float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
+                                               sample_rate=q, steps=steps, accountant=accountant,
+                                               epsilon_tolerance=epsilon_tolerance))
     except ValueError as err:  # Opacus: "The privacy budget is too low." (σ would exceed 1e6)
         raise ValueError(f"epsilon={epsilon} is unreachable for delta={delta}, sample_rate={q}, "
                          f"steps={steps} ({accountant}): {err}") from err
+    _SIGMA_CACHE[key] = sigma
+    _store_cached_sigma(key, sigma)
+    return sigma
+
+
+# σ calibration is a bisection over the accountant (seconds of CPU for short, high-q schedules) and
+# every run of a notebook grid asks for the same few σ. Results are cached in memory and on disk
+# (LALORA_CACHE, default ~/.cache/lalora). A disk hit is never trusted blindly: its ε is recomputed
+# with the accountant (milliseconds) and must meet the target, so a stale or edited cache file can
+# cost time but never privacy.
+_SIGMA_CACHE: dict[tuple, float] = {}
+
+
+def _sigma_cache_file(key: tuple):
+    import hashlib
+    import os
+    from pathlib import Path
+
+    try:
+        import opacus
+        version = getattr(opacus, "__version__", "?")
+    except ImportError:  # pragma: no cover
+        version = "?"
+    root = Path(os.environ.get("LALORA_CACHE", Path.home() / ".cache" / "lalora")) / "sigma"
+    digest = hashlib.sha256(repr((key, version)).encode()).hexdigest()[:20]
+    return root / f"{digest}.json"
+
+
+def _load_cached_sigma(key: tuple) -> float | None:
+    import json
+
+    path = _sigma_cache_file(key)
+    try:
+        record = json.loads(path.read_text())
+        sigma = float(record["sigma"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    epsilon, delta, q, steps, accountant, _ = key
+    if not (sigma > 0 and epsilon_for(sigma, delta, q, steps, accountant) <= epsilon):
+        return None
+    return sigma
+
+
+def _store_cached_sigma(key: tuple, sigma: float) -> None:
+    import json
+    import os
+    import tempfile
+
+    path = _sigma_cache_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sigma-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": list(key), "sigma": sigma}, f)
+        os.replace(tmp, path)
+    except OSError:  # a read-only or full cache dir only costs time
+        pass
 
 
 def noise_multiplier_for_clients(epsilon: float, delta: float,
