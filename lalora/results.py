@@ -91,9 +91,7 @@ def to_jsonable(obj: Any) -> Any:
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, torch.Tensor):
         return to_jsonable(obj.tolist())
-    if hasattr(obj, "item") and hasattr(obj, "dtype"):  # numpy scalar
-        return to_jsonable(obj.item())
-    if hasattr(obj, "tolist"):  # numpy array
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy array or scalar
         return to_jsonable(obj.tolist())
     return obj
 

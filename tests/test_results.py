@@ -105,3 +105,12 @@ def test_run_config_resolves_from_task_defaults_and_roundtrips():
     assert d["epsilon"] == "inf"
     assert RunConfig.from_dict(json.loads(json.dumps(d))) == res
     assert RunConfig(task="t", method="fedavg-lora", epsilon=3).private is False
+
+
+def test_to_jsonable_handles_numpy_arrays_and_scalars():
+    import numpy as np
+
+    from lalora.results import to_jsonable
+
+    out = to_jsonable({"idx": np.arange(3), "x": np.float32(1.5), "m": np.array([[np.inf]])})
+    assert out == {"idx": [0, 1, 2], "x": 1.5, "m": [["inf"]]}
