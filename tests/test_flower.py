@@ -142,7 +142,7 @@ def test_messages_carry_only_what_the_method_aggregates(method):
 def _setup_message(cfg, sigma):
     import json
 
-    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from flwr.app import ConfigRecord, Message, RecordDict
 
     from lalora.federated.simulation import resolve_config
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["downlink_groups", "state_to_record", "record_to_state", "payload_bytes",
-           "generator_states_to_record", "record_to_generator_states", "KEYS"]
+__all__ = ["downlink_groups", "state_to_record", "record_to_state", "payload_bytes", "KEYS"]
 
 
 class KEYS:
@@ -64,13 +63,4 @@ def payload_bytes(state_or_record) -> int:
         else:   # flwr.app.Array
             total += int(np.prod(value.shape, dtype=np.int64)) * np.dtype(value.dtype).itemsize
     return total
-
-
-def generator_states_to_record(states: dict[str, torch.Tensor]):
-    """torch.Generator states (uint8 tensors) -> ArrayRecord (bit-exact)."""
-    return state_to_record(states)
-
-
-def record_to_generator_states(record) -> dict[str, torch.Tensor]:
-    return record_to_state(record)
 
