@@ -141,6 +141,11 @@ class RunConfig:
             raise ValueError(f"method {self.method!r} is unknown; choices: {', '.join(METHODS)}")
         if not (self.epsilon > 0):
             raise ValueError(f"epsilon must be > 0 (use inf for no DP), got {self.epsilon}")
+        for name in ("delta", "clip_norm", "lr_B_ratio", "lr", "alpha", "beta", "weight_decay",
+                     "momentum", "lr_decay"):
+            _check_finite_number(name, getattr(self, name))
+        if isinstance(self.seed, bool):
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if not (0 < self.delta < 1):
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
         if not (self.clip_norm > 0):
@@ -197,6 +202,16 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown RunConfig field(s): {unknown}")
         return cls(**d)
+
+
+def _check_finite_number(name: str, value: Any) -> None:
+    """None (= task default) or a finite real number; bools and strings are refused by name."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
 
 
 def _choice(value: Any, choices: tuple, name: str) -> None:

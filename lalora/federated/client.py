@@ -158,5 +158,10 @@ def _plain_gradient(model, loss_fn, batch, expected_batch: float) -> None:
         return
     loss = loss_fn(model, batch).sum() / expected_batch
     grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+    named = {id(p): n for n, p in model.named_parameters()}
+    for p, g in zip(trainable, grads):   # same rule as the DP step: never step on NaN/Inf
+        if g is not None and not torch.isfinite(g).all():
+            raise FloatingPointError(f"NaN/Inf in the gradient of parameter {named.get(id(p), '?')!r} "
+                                     "(non-private step); check the input data")
     for p, g in zip(trainable, grads):
         p.grad = torch.zeros_like(p) if g is None else g

@@ -282,6 +282,9 @@ class Simulator:
             idx = list(range(start, min(n, start + self.cfg.eval_batch_size)))
             batch = test.batch(idx) if hasattr(test, "batch") else self.task.collate([test[i] for i in idx])
             logits = self.task.forward(self.model, batch)
+            if not torch.isfinite(logits).all():   # NaN logits would score as class 0, silently
+                raise FloatingPointError(f"NaN/Inf logits on test examples {idx[0]}..{idx[-1]} of task "
+                                         f"{self.cfg.task!r}; check the test data")
             labels = batch["labels"]
             loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
             correct += int((logits.argmax(-1) == labels).sum())
