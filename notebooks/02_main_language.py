@@ -55,13 +55,9 @@ weights_path = None                # paper profile: RoBERTa-base folder (save_pr
 # %%
 import time
 
-import matplotlib.pyplot as plt
-import pandas as pd
-
-from lalora.notebooks import accuracy_table, experiment_base, run_grid
-from lalora.plotting import FIGSIZE, grouped_bars, legend_outside, method_label, savefig, sort_methods, use_style
-from lalora.report import Cell, check_ranking
-from lalora.results import atomic_write_json
+from lalora.main_results import (bars_figure, pivot_table, ranking_verdicts, run_main_grid, summarize,
+                                 write_results)
+from lalora.plotting import savefig, use_style
 
 use_style()
 started = time.perf_counter()
@@ -71,32 +67,16 @@ started = time.perf_counter()
 # Every (task, method, ε, seed) is one federated run; finished runs are read from `runs_dir`.
 
 # %%
-records = []
-for task in tasks:
-    base = experiment_base(task, task_overrides=task_overrides, data_root=data_root, weights_path=weights_path,
-                           rounds=rounds, local_steps=local_steps, batch_size=batch_size, clients=clients,
-                           clients_per_round=clients_per_round, lr=lr)
-    grid = [{"method": m, "epsilon": e} for e in epsilons for m in methods]
-    if reference_method:
-        grid.append({"method": reference_method, "epsilon": "inf"})
-    task_seeds = seeds[task] if isinstance(seeds, dict) else seeds
-    records += run_grid(base, grid, task_seeds, runs_dir)
-table = accuracy_table(records)
+records, table = run_main_grid(tasks, methods, epsilons, seeds, runs_dir, reference_method=reference_method,
+                               task_overrides=task_overrides, data_root=data_root, weights_path=weights_path,
+                               rounds=rounds, local_steps=local_steps, batch_size=batch_size, clients=clients,
+                               clients_per_round=clients_per_round, lr=lr)
 
 # %% [markdown]
 # ## Table: test accuracy (%), mean ± std over seeds
 
 # %%
-def show(rows):
-    df = pd.DataFrame(rows)
-    df["cell"] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(df.accuracy_mean, df.accuracy_std)]
-    df["ε"] = [("∞" if e == "inf" else f"{e:g}") for e in df.epsilon]
-    df["method"] = pd.Categorical([method_label(m) for m in df.method],
-                                  [method_label(m) for m in sort_methods(df.method)])
-    return df.pivot_table(index="method", columns=["task", "ε"], values="cell", aggfunc="first",
-                          observed=True).fillna("")
-
-show(table)
+pivot_table(table)
 
 # %% [markdown]
 # ## Does LA-LoRA > RoLoRA > FFA-LoRA > DP-LoRA hold here?
@@ -104,53 +84,18 @@ show(table)
 # standard deviation over seeds.
 
 # %%
-verdicts = {}
-for task in tasks:
-    for eps in epsilons:
-        cells = {r["method"]: Cell(r["accuracy_mean"], r["accuracy_std"], r["n_seeds"])
-                 for r in table if r["task"] == task and r["epsilon"] == eps}
-        v = check_ranking(cells)
-        if v is not None:
-            verdicts[f"{task} ε={eps:g}"] = {"holds": v.holds, "observed": v.observed, "text": v.sentence()}
-            print(f"{task}, ε = {eps:g}: ranking {v.sentence()}")
+verdicts = ranking_verdicts(table, tasks, epsilons)
 
 # %% [markdown]
 # ## Figure: accuracy per method and ε
 
 # %%
-fig, axes = plt.subplots(1, len(tasks), figsize=(FIGSIZE[0] * len(tasks) * 0.8 + 1.6, FIGSIZE[1]),
-                         squeeze=False, sharey=False)
-for ax, task in zip(axes[0], tasks):
-    rows = [r for r in table if r["task"] == task]
-    grouped_bars(ax, rows, group_key="epsilon")
-    ax.set_title(task)
-    ax.set_xlabel("privacy budget (δ = 1e-5)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 105)
-legend_outside(axes[0][-1])
-fig.suptitle(f"Main language results ({profile} profile; mean ± std over seeds, n in the JSON)", y=1.02)
+fig = bars_figure(table, tasks, f"Main language results ({profile} profile; mean ± std over seeds, n in the JSON)")
 savefig(fig, output_dir, "02_main_language_bars")
 
 # %%
-private = [r for r in records if r["private"]]
-summary = {
-    "tasks": tasks, "methods": methods, "epsilons": epsilons,
-    "n_seeds": {t: len(seeds[t]) for t in tasks} if isinstance(seeds, dict) else len(seeds),
-    "rounds": rounds, "local_steps": local_steps,
-    "max_epsilon_spent_minus_target": max((r["epsilon_spent"] - r["target_epsilon"] for r in private), default=0.0),
-    "ranking_holds": {k: v["holds"] for k, v in verdicts.items()},
-    "runs": len(records), "runs_trained_now": sum(not r["cached"] for r in records),
-}
-for r in table:
-    if r["method"] == "la-lora":
-        dp = next((x for x in table if x["task"] == r["task"] and x["epsilon"] == r["epsilon"]
-                   and x["method"] == "dp-lora"), None)
-        if dp:
-            summary[f"la_minus_dp[{r['task']}, eps={r['epsilon']:g}]"] = r["accuracy_mean"] - dp["accuracy_mean"]
-atomic_write_json(f"{output_dir}/02_main_language.json", {
-    "notebook": "02_main_language", "profile": profile, "metric": "test accuracy (%)",
-    "table": table, "ranking": verdicts, "summary": summary,
-    "runs": [{k: v for k, v in r.items() if k != "curve"} for r in records],
-    "seconds": time.perf_counter() - started,
-})
+summary = summarize(records, table, verdicts, tasks=tasks, methods=methods, epsilons=epsilons, seeds=seeds,
+                    rounds=rounds, local_steps=local_steps)
+write_results(output_dir, "02_main_language", profile, records=records, table=table, verdicts=verdicts,
+              summary=summary, started=started)
 summary

@@ -1,0 +1,119 @@
+"""The main-results tables shared by notebooks 01 (vision) and 02 (language).
+
+Both notebooks run the same grid (tasks × methods × ε × seeds, plus a non-private reference),
+show the same table, check the paper's ranking LA-LoRA > RoLoRA > FFA-LoRA > DP-LoRA the same way
+and draw the same bars; only the tasks and the narrative differ. The logic lives here so the two
+cannot drift apart.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Sequence
+
+from lalora.notebooks import accuracy_table, experiment_base, run_grid
+from lalora.report import Cell, check_ranking
+from lalora.results import atomic_write_json
+
+
+def run_main_grid(tasks: Sequence[str], methods: Sequence[str], epsilons: Sequence[float],
+                  seeds: Sequence[int] | dict[str, Sequence[int]], runs_dir: str | os.PathLike, *,
+                  reference_method: str | None = None, task_overrides: dict | None = None,
+                  data_root: str | None = None, weights_path: str | None = None,
+                  **fields: Any) -> tuple[list[dict], list[dict]]:
+    """One federated run per (task, method, ε, seed), cached in `runs_dir`; `fields` are RunConfig
+    fields shared by the grid (None = the task's default). Returns (records, accuracy table)."""
+    records: list[dict] = []
+    for task in tasks:
+        base = experiment_base(task, task_overrides=task_overrides, data_root=data_root,
+                               weights_path=weights_path, **fields)
+        grid = [{"method": m, "epsilon": e} for e in epsilons for m in methods]
+        if reference_method:
+            grid.append({"method": reference_method, "epsilon": "inf"})
+        task_seeds = seeds[task] if isinstance(seeds, dict) else seeds
+        records += run_grid(base, grid, task_seeds, runs_dir)
+    return records, accuracy_table(records)
+
+
+def pivot_table(rows: Sequence[dict]):
+    """Methods × (task, ε) table of "mean ± std" cells, methods in the house order."""
+    import pandas as pd
+
+    from lalora.plotting import method_label, sort_methods
+
+    df = pd.DataFrame(rows)
+    df["cell"] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(df.accuracy_mean, df.accuracy_std)]
+    df["ε"] = [("∞" if e == "inf" else f"{e:g}") for e in df.epsilon]
+    df["method"] = pd.Categorical([method_label(m) for m in df.method],
+                                  [method_label(m) for m in sort_methods(df.method)])
+    return df.pivot_table(index="method", columns=["task", "ε"], values="cell", aggfunc="first",
+                          observed=True).fillna("")
+
+
+def ranking_verdicts(table: Sequence[dict], tasks: Sequence[str], epsilons: Sequence[float],
+                     echo=print) -> dict[str, dict]:
+    """The paper's ranking checked per (task, ε) on adjacent pairs of the claimed order."""
+    verdicts = {}
+    for task in tasks:
+        for eps in epsilons:
+            cells = {r["method"]: Cell(r["accuracy_mean"], r["accuracy_std"], r["n_seeds"])
+                     for r in table if r["task"] == task and r["epsilon"] == eps}
+            v = check_ranking(cells)
+            if v is not None:
+                verdicts[f"{task} ε={eps:g}"] = {"holds": v.holds, "observed": v.observed,
+                                                 "text": v.sentence()}
+                echo(f"{task}, ε = {eps:g}: ranking {v.sentence()}")
+    return verdicts
+
+
+def bars_figure(table: Sequence[dict], tasks: Sequence[str], title: str):
+    """One panel of grouped bars (methods within each ε) per task."""
+    import matplotlib.pyplot as plt
+
+    from lalora.plotting import FIGSIZE, grouped_bars, legend_outside
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(FIGSIZE[0] * len(tasks) * 0.8 + 1.6, FIGSIZE[1]),
+                             squeeze=False, sharey=False)
+    for ax, task in zip(axes[0], tasks):
+        grouped_bars(ax, [r for r in table if r["task"] == task], group_key="epsilon")
+        ax.set_title(task)
+        ax.set_xlabel("privacy budget (δ = 1e-5)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(0, 105)
+    legend_outside(axes[0][-1])
+    fig.suptitle(title, y=1.02)
+    return fig
+
+
+def summarize(records: Sequence[dict], table: Sequence[dict], verdicts: dict, *, tasks, methods,
+              epsilons, seeds, rounds, local_steps) -> dict[str, Any]:
+    """The flat summary the report builder and the tests read."""
+    private = [r for r in records if r["private"]]
+    summary = {
+        "tasks": list(tasks), "methods": list(methods), "epsilons": list(epsilons),
+        "n_seeds": {t: len(seeds[t]) for t in tasks} if isinstance(seeds, dict) else len(seeds),
+        "rounds": rounds, "local_steps": local_steps,
+        "max_epsilon_spent_minus_target": max((r["epsilon_spent"] - r["target_epsilon"] for r in private),
+                                              default=0.0),
+        "ranking_holds": {k: v["holds"] for k, v in verdicts.items()},
+        "runs": len(records), "runs_trained_now": sum(not r["cached"] for r in records),
+    }
+    for r in table:
+        if r["method"] == "la-lora":
+            dp = next((x for x in table if x["task"] == r["task"] and x["epsilon"] == r["epsilon"]
+                       and x["method"] == "dp-lora"), None)
+            if dp:
+                summary[f"la_minus_dp[{r['task']}, eps={r['epsilon']:g}]"] = \
+                    r["accuracy_mean"] - dp["accuracy_mean"]
+    return summary
+
+
+def write_results(output_dir: str | os.PathLike, name: str, profile: str, *, records, table, verdicts,
+                  summary, started: float) -> None:
+    """`{output_dir}/{name}.json`, written atomically (curves left out of the per-run records)."""
+    atomic_write_json(f"{output_dir}/{name}.json", {
+        "notebook": name, "profile": profile, "metric": "test accuracy (%)",
+        "table": list(table), "ranking": verdicts, "summary": summary,
+        "runs": [{k: v for k, v in r.items() if k != "curve"} for r in records],
+        "seconds": time.perf_counter() - started,
+    })
