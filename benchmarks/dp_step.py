@@ -36,13 +36,11 @@ import argparse
 import ctypes
 import datetime as _dt
 import gc
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -325,21 +323,9 @@ def environment(threads: int, repeats: int, warmup: int) -> dict:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".dp_step.", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from lalora.results import atomic_write_json
 
+    atomic_write_json(path, obj)
 
 def format_table(results: dict) -> str:
     rows = ["| model | non-DP ms | lalora ms | Opacus hooks ms | Opacus ghost ms | lalora / non-DP "

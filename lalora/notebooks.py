@@ -28,9 +28,7 @@ Why the runner and not plain ``papermill`` calls: the three profiles, the shared
 """
 from __future__ import annotations
 
-import argparse
 import ast
-import json
 import os
 import re
 import sys
@@ -309,10 +307,9 @@ def format_summary(summary: RunSummary) -> str:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, path)
+    from lalora.results import atomic_write_json
+
+    atomic_write_json(path, data)
 
 
 # --------------------------------------------------------------------------------------------

@@ -214,17 +214,10 @@ def _load_cached_sigma(key: tuple) -> float | None:
 
 
 def _store_cached_sigma(key: tuple, sigma: float) -> None:
-    import json
-    import os
-    import tempfile
+    from lalora.results import atomic_write_json
 
-    path = _sigma_cache_file(key)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sigma-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"key": list(key), "sigma": sigma}, f)
-        os.replace(tmp, path)
+        atomic_write_json(_sigma_cache_file(key), {"key": list(key), "sigma": sigma})
     except OSError:  # a read-only or full cache dir only costs time
         pass
 

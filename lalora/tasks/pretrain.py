@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,20 +49,14 @@ def content_hash(spec: dict, arrays: dict[str, np.ndarray | torch.Tensor]) -> st
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should be readable
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save through lalora.results' atomic writer, readable by other users of the cache."""
+    import io
 
+    from lalora.results import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue(), mode=0o644)
 
 def cached(name: str, key: str, build: Callable[[], dict]) -> tuple[dict, bool]:
     """Load ``<cache>/<name>-<key[:16]>.pt`` or build, save atomically and return it.
