@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = [
     "lalora.federated.cli",      # lalora run
     "lalora.privacy.cli",        # lalora accountant
     "lalora.notebooks",          # lalora notebooks
+    "lalora.site",               # lalora site
     "lalora.bench",              # lalora bench
     "lalora.audit.cli",          # lalora audit
 ]
