@@ -225,7 +225,28 @@ def _reported_for(rows: list[dict], task: str, eps: float, vision_section: bool)
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
-def _side_by_side(results: dict, reported: dict, notebook: str) -> str:
+def _no_links(profile: str, notebook: str, key: str) -> str:
+    return ""
+
+
+def verdict_linker(results_root: Path, report_dir: Path):
+    """``links(profile, notebook, key)`` -> " ([notebook § section](…), [figure](…))" (lalora.site).
+
+    The notebook link opens the rendered site (``lalora site --profile <profile>``); without
+    nbconvert/jupytext (the notebooks extra) the report is written without links.
+    """
+    try:
+        from lalora.site import verdict_links_md
+        import nbconvert  # noqa: F401  (the anchors are nbconvert's heading ids)
+    except ImportError:
+        return _no_links
+
+    def links(profile: str, notebook: str, key: str) -> str:
+        return verdict_links_md(results_root, profile, notebook, key, report_dir)
+    return links
+
+
+def _side_by_side(results: dict, reported: dict, notebook: str, links=_no_links) -> str:
     key, title = SIDE_BY_SIDE[notebook]
     section = reported.get(key, {}) or {}
     rep_rows = section.get("rows", [])
@@ -275,7 +296,7 @@ def _side_by_side(results: dict, reported: dict, notebook: str) -> str:
             out.append(md_table(["method", f"reproduced ({data.get('metric', 'accuracy %')})", "reported"], rows))
             verdict = check_ranking(cells, _claimed_for(notebook, reported))
             if verdict:
-                out += ["", f"Ranking {verdict.sentence()}."]
+                out += ["", f"Ranking {verdict.sentence()}.{links(profile, notebook, 'ranking holds')}"]
             out.append("")
     if not any_repro:
         out += [f"No reproduced results yet (`results/<profile>/{notebook}.json` not found).", ""]
@@ -292,7 +313,7 @@ def _claimed_for(notebook: str, reported: dict) -> list[str]:
     return list(reported.get("claimed_ranking") or CLAIMED_RANKING)
 
 
-def ranking_overview(results: dict, reported: dict) -> tuple[str, dict]:
+def ranking_overview(results: dict, reported: dict, links=_no_links) -> tuple[str, dict]:
     """One line per (profile, notebook, task, ε) with ≥2 of the claimed methods; plus counts."""
     claimed = list(reported.get("claimed_ranking") or CLAIMED_RANKING)
     lines, counts = [], {"holds": 0, "fails": 0, "fails_within_noise": 0}
@@ -315,7 +336,7 @@ def ranking_overview(results: dict, reported: dict) -> tuple[str, dict]:
                 where = f"`{profile}` / {notebook} / `{key[0]}` / ε = {fmt_eps(key[1])}"
                 if len(key) > 2 and key[2] is not None:
                     where += f" / β = {key[2]}"
-                lines.append(f"- {where}: {verdict.sentence()}")
+                lines.append(f"- {where}: {verdict.sentence()}{links(profile, notebook, 'ranking holds')}")
                 if verdict.holds:
                     counts["holds"] += 1
                 else:
@@ -367,7 +388,7 @@ def privacy_utility_section(results: dict) -> str:
     return "\n".join(out)
 
 
-def sharpness_section(results: dict, reported: dict) -> str:
+def sharpness_section(results: dict, reported: dict, links=_no_links) -> str:
     section = reported.get("sharpness") or {}
     rows = section.get("rows") or []
     rep = rows[0]["top_eigenvalue"] if rows else {}
@@ -389,7 +410,8 @@ def sharpness_section(results: dict, reported: dict) -> str:
                           f"{rep[m]:.2f}" if m in rep else "–"])
         if "dp-lora" in eig and "la-lora" in eig and isinstance(eig["dp-lora"], (int, float)):
             flatter = eig["la-lora"] < eig["dp-lora"]
-            table.append([where, "LA-LoRA flatter than DP-LoRA?", "yes" if flatter else "no",
+            table.append([where, "LA-LoRA flatter than DP-LoRA?"
+                          + links(profile, "06_sharpness", "LA-LoRA flatter than DP-LoRA"), "yes" if flatter else "no",
                           "yes" if rep.get("la-lora", 0) < rep.get("dp-lora", 0) else "no"])
     if not table:
         out.append(f"No reproduced value yet (`06_sharpness.json` with key `top_eigenvalue`). "
@@ -401,7 +423,7 @@ def sharpness_section(results: dict, reported: dict) -> str:
     return "\n".join(out)
 
 
-def generic_sections(results: dict) -> str:
+def generic_sections(results: dict, links=_no_links) -> str:
     out = ["## Every notebook's summary", ""]
     names = sorted({nb for per_nb in results.values() for nb in per_nb})
     if not names:
@@ -422,7 +444,9 @@ def generic_sections(results: dict) -> str:
                 continue
             out.append(f"Profile `{profile}`:")
             out.append("")
-            out.append(md_table(["key", "value"], [[k, v] for k, v in _flatten(summary)]))
+            # A true/false entry is a verdict: it links to the notebook section and figure behind it.
+            out.append(md_table(["key", "value"], [[k, f"{v}{links(profile, notebook, k)}" if isinstance(v, bool) else v]
+                                                   for k, v in _flatten(summary)]))
             out.append("")
     return "\n".join(out)
 
@@ -458,7 +482,8 @@ def build_report(results_root: str | os.PathLike = "results", reported_path: str
     paper = reported["paper"]
     report_dir = Path(out_path).resolve().parent if out_path else Path.cwd()
     profiles_line = ", ".join(f"`{p}` ({len(nbs)} notebooks)" for p, nbs in results.items()) or "none"
-    ranking_text, _ = ranking_overview(results, reported)
+    links = verdict_linker(results_root, report_dir) if out_path else _no_links
+    ranking_text, _ = ranking_overview(results, reported, links)
     parts = [
         "# LA-LoRA: reproduced vs reported",
         "",
@@ -471,15 +496,17 @@ def build_report(results_root: str | os.PathLike = "results", reported_path: str
         "mean nothing); `offline` runs use real offline data (scikit-learn digits, scikit-image LFW "
         "faces, MiniLM on chatterbot topics) with small models on a CPU, so they test the paper's "
         "*ordering and gaps*, not its absolute accuracies; only `paper` runs use the paper's models "
-        "and data.",
+        "and data."
+        + (" Each verdict links to the notebook section and figure behind it; the notebook links open "
+           "the rendered site (`lalora site --profile <profile>`, `make site`)." if links is not _no_links else ""),
         "",
         ranking_text,
         "",
     ]
     for notebook in SIDE_BY_SIDE:
-        parts += [_side_by_side(results, reported, notebook), ""]
-    parts += [privacy_utility_section(results), "", sharpness_section(results, reported), "",
-              generic_sections(results), "", figures_section(results_root, report_dir, results), ""]
+        parts += [_side_by_side(results, reported, notebook, links), ""]
+    parts += [privacy_utility_section(results), "", sharpness_section(results, reported, links), "",
+              generic_sections(results, links), "", figures_section(results_root, report_dir, results), ""]
     text = "\n".join(parts).rstrip() + "\n"
     if out_path:
         out_path = Path(out_path)

@@ -19,6 +19,7 @@ own markdown renderer so they match the rendered pages) and figure.
 """
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -247,10 +248,7 @@ def verdict_links_md(results_root: str | os.PathLike, profile: str, notebook: st
     figure link to ``results/<profile>/figures``. Empty when the notebook cannot be read.
     """
     root = Path(results_root)
-    nb = load_notebook(root, profile, notebook)
-    if nb is None:
-        return ""
-    section, figure = verdict_target(notebook_sections(nb), key)
+    section, figure = verdict_target(_cached_sections(str(root.resolve()), profile, notebook), key)
     if section is None:
         return ""
     rel = Path(os.path.relpath((root / profile).resolve(), Path(from_dir).resolve())).as_posix()
@@ -259,6 +257,13 @@ def verdict_links_md(results_root: str | os.PathLike, profile: str, notebook: st
     if figure and figure_path.is_file():
         links.append(f"[figure {figure}](<{rel}/figures/{figure}.png>)")
     return " (" + ", ".join(links) + ")"
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sections(root: str, profile: str, notebook: str) -> list[Section]:
+    # The report asks once per verdict; parse each notebook once per process.
+    nb = load_notebook(Path(root), profile, notebook)
+    return notebook_sections(nb) if nb is not None else []
 
 
 def _md_text(text: str) -> str:
