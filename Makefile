@@ -13,10 +13,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow test-all reproduce notebooks bench clean-venv help
+.PHONY: setup test test-slow test-all reproduce notebooks bench clean-venv help lab site test-site
 
 help:
-	@echo "make reproduce | make test | make test-slow | make bench | make notebooks PROFILE=ci"
+	@echo "make reproduce | make test | make test-slow | make bench | make notebooks PROFILE=ci | make lab | make site PROFILE=offline | make test-site"
 
 # Idempotent: re-runs pip only when a pyproject changes (or the venv is missing).
 $(STAMP): pyproject.toml kernels/pyproject.toml
@@ -42,6 +42,21 @@ notebooks: reproduce
 
 bench: setup
 	$(BIN)/python benchmarks/dp_step.py --json benchmarks/dp_step_cpu.json
+
+# JupyterLab on notebooks/: the jupytext .py sources open as notebooks (jupyter/jupyter_lab_config.py).
+lab: setup
+	$(BIN)/jupyter lab --config=jupyter/jupyter_lab_config.py $(if $(filter 0,$(shell id -u)),--allow-root)
+
+# The executed notebooks of a profile as static HTML: results/$(PROFILE)/site/index.html
+site: setup
+	$(BIN)/lalora site --profile $(PROFILE)
+
+# Renders the ci site and loads it in headless Chromium (installed from Debian packages when missing).
+test-site: setup
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { $(if $(filter 0,$(shell id -u)),,sudo )apt-get update && \
+	    DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo )apt-get install -y chromium; }
+	$(BIN)/python -m pytest tests/test_site.py tests/test_lab.py -q
 
 clean-venv:
 	rm -rf $(VENV)
