@@ -9,7 +9,8 @@ beside an ``index.html`` that lists each notebook with
   sentence where the notebook wrote one), each linked to the notebook section and figure behind it,
 * its key numbers (the other numeric entries of the JSON's ``summary``) and figure thumbnails.
 
-The pages load nothing from the network: the lab template's require.js and MathJax tags are dropped
+The pages load nothing from the network: the lab template's CDN scripts (require.js, MathJax, mermaid,
+widgets) are dropped
 (the notebooks' markdown has no TeX; the figures' TeX is rendered by matplotlib into the PNGs), and
 the figures are copied into ``site/figures/`` so the folder is self-contained.
 
@@ -40,10 +41,13 @@ HEADING = re.compile(r"<h([1-6])\s+id=\"([^\"]+)\"[^>]*>(.*?)</h\1>", re.S)
 KEY_NUMBERS_SHOWN = 10
 # True/false entries that describe the run, not a finding (``cached``: read from the run cache).
 NOT_VERDICTS = {"cached"}
-# The lab template without its two CDN scripts (require.js, MathJax): the site must open offline.
+# The lab template without the scripts it loads from CDNs (require.js, MathJax, mermaid, the widget
+# manager): the site must open offline, and the notebooks have no TeX markdown, diagrams or widgets.
 OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
 """
 # Words that say nothing about which section a verdict comes from.
 STOPWORDS = {"the", "a", "an", "of", "and", "or", "vs", "to", "in", "on", "at", "for", "is", "than",
