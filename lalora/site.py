@@ -285,11 +285,45 @@ def _exporter():
                         extra_loaders=[jinja2.DictLoader({"lalora_site.html.j2": OFFLINE_TEMPLATE})])
 
 
-def render_notebook(exporter, ipynb: Path, title: str) -> str:
+RELATIVE_URL = re.compile(r'(<(?:a|img)\s[^>]*?(?:href|src)=")(?![#/]|[a-zA-Z][a-zA-Z0-9+.-]*:)([^"]+)(")')
+
+
+def rebase_links(page: str, base: Path, out_dir: Path, default_out: Path | None = None) -> str:
+    """Relative links written for a file in ``base`` (the report's Markdown) re-pointed from ``out_dir``.
+
+    A link into ``default_out`` (the profile's usual site folder) goes to ``out_dir`` instead: the
+    site links to itself wherever it is written.
+    """
+    out_dir = Path(out_dir).resolve()
+    default_out = Path(default_out).resolve() if default_out else out_dir
+
+    def fix(m):
+        url = html.unescape(m.group(2))
+        path, sep, fragment = url.partition("#")
+        target = Path(os.path.normpath(Path(base).resolve() / path)) if path else None
+        if target is not None and target.is_relative_to(default_out):
+            target = out_dir / target.relative_to(default_out)
+        new = (Path(os.path.relpath(target, Path(out_dir).resolve())).as_posix() if target else "") + sep + fragment
+        return m.group(1) + html.escape(new, quote=True) + m.group(3)
+    return RELATIVE_URL.sub(fix, page)
+
+
+def link_base(profile_dir: Path, data: Mapping | None) -> Path:
+    """The folder a notebook's output links are relative to: that of the report it wrote, else the profile's."""
+    report_path = ((data or {}).get("summary") or {}).get("report_path") if isinstance(data, Mapping) else None
+    if isinstance(report_path, str) and report_path:
+        path = Path(report_path)
+        return (path if path.is_absolute() else _repo_root() / path).parent  # the runner's cwd is the repo root
+    return profile_dir
+
+
+def render_notebook(exporter, ipynb: Path, title: str, base: Path | None = None, out_dir: Path | None = None) -> str:
     import nbformat
 
     nb = nbformat.read(str(ipynb), as_version=4)
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+    if base is not None and out_dir is not None:
+        body = rebase_links(body, base, out_dir, Path(ipynb).parent.parent / "site")
     nav = ('<nav class="lalora-nav" style="padding:8px 16px;font-family:sans-serif">'
            '<a href="index.html">← all notebooks</a></nav>')
     return re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + nav, body, count=1)
@@ -360,6 +394,16 @@ def _index_entry(name: str, nb: dict | None, data: dict | None, page: str | None
     return "\n".join(parts)
 
 
+def _read_json(path: Path) -> dict | None:
+    """The results JSON; None when absent, ``{"_error": ...}`` when unreadable (the index says so)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return {"_error": f"{type(err).__name__}: {err}"}
+
+
 def build_site(results_root: str | os.PathLike, profile: str, out_dir: str | os.PathLike | None = None,
                log=print) -> Path:
     """Render every executed notebook of ``profile`` and write ``index.html``; returns its path."""
@@ -388,7 +432,8 @@ def build_site(results_root: str | os.PathLike, profile: str, out_dir: str | os.
     pages = {}
     for ipynb in executed:
         nb = json.loads(ipynb.read_text())
-        text = render_notebook(exporter, ipynb, notebook_title(nb, ipynb.stem))
+        base = link_base(profile_dir, _read_json(profile_dir / f"{ipynb.stem}.json"))
+        text = render_notebook(exporter, ipynb, notebook_title(nb, ipynb.stem), base, out)
         atomic_write_bytes(out / f"{ipynb.stem}.html", text.encode())
         pages[ipynb.stem] = f"{ipynb.stem}.html"
         log(f"site: rendered {ipynb.stem}")
@@ -407,13 +452,7 @@ def build_site(results_root: str | os.PathLike, profile: str, out_dir: str | os.
                    | set(outcomes))
     entries = []
     for name in names:
-        data = None
-        json_path = profile_dir / f"{name}.json"
-        if json_path.is_file():
-            try:
-                data = json.loads(json_path.read_text())
-            except (OSError, ValueError) as err:
-                data = {"_error": f"{type(err).__name__}: {err}"}
+        data = _read_json(profile_dir / f"{name}.json")
         nb = load_notebook(root, profile, name)
         entries.append(_index_entry(name, nb, data, pages.get(name), outcomes.get(name), figures))
     toc = "".join(f'<li><a href="#{_e(n)}">{_e(n)}</a></li>' for n in names)
