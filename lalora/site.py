@@ -251,6 +251,8 @@ def verdict_links_md(results_root: str | os.PathLike, profile: str, notebook: st
     The notebook link points into the rendered site (``lalora site --profile <profile>``); the
     figure link to ``results/<profile>/figures``. Empty when the notebook cannot be read.
     """
+    if key in NOT_VERDICTS:
+        return ""
     root = Path(results_root)
     section, figure = verdict_target(_cached_sections(str(root.resolve()), profile, notebook), key)
     if section is None:

@@ -300,3 +300,24 @@ def test_ci_site_in_headless_chromium(tmp_path):
         pixels = mpimg.imread(str(shot))
         assert pixels.shape[:2] == (1600, 1280) and pixels[..., :3].std() > 0.05  # not a blank page
         print(f"screenshot: {shot}")
+
+
+def test_report_md_verdicts_link_to_rendered_sections(tmp_path):
+    """REPORT.md as lalora.report writes it: each verdict's links open the section and figure."""
+    from lalora.report import build_report
+
+    _fake_profile(tmp_path / "results")
+    site.build_site(tmp_path / "results", "demo", log=lambda *_: None)
+    out = tmp_path / "paper" / "REPORT.md"
+    text = build_report(tmp_path / "results", REPO / "paper" / "reported.yaml", out, ["demo"])
+    verdict_rows = [line for line in text.splitlines() if line.startswith(("| claim: filter_gain", "| ranking_holds"))]
+    assert len(verdict_rows) == 2 and all("§" in row for row in verdict_rows)
+    links = re.findall(r"\]\(<([^>]+)>\)", text)
+    assert len(links) == 4  # (section, figure) for each of the two verdicts
+    for link in links:
+        path, _, anchor = link.partition("#")
+        target = (out.parent / path).resolve()
+        assert target.is_file(), link
+        if anchor:
+            assert anchor in parse(target).ids, link
+    assert "| rounds | 10 |" in text  # numbers stay plain values
