@@ -51,8 +51,10 @@ lab: setup
 site: setup
 	$(BIN)/lalora site --profile $(PROFILE)
 
-# Renders the ci site and loads it in headless Chromium (installed from Debian packages when missing).
+# Renders the ci site and loads it in headless Chromium (installed from Debian packages when missing);
+# executes the ci notebooks first when results/ci is missing (a few minutes).
 test-site: setup
+	@test -f results/ci/notebooks/runner_summary.json || $(BIN)/lalora notebooks --profile ci --quiet
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  { $(if $(filter 0,$(shell id -u)),,sudo )apt-get update && \
 	    DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo )apt-get install -y chromium; }
