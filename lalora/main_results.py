@@ -12,7 +12,7 @@ import time
 from typing import Any, Sequence
 
 from lalora.notebooks import accuracy_table, experiment_base, run_grid
-from lalora.report import Cell, check_ranking
+from lalora.report import Cell, check_ranking, claim_verdicts, t_halfwidth
 from lalora.results import atomic_write_json
 
 
@@ -67,21 +67,43 @@ def ranking_verdicts(table: Sequence[dict], tasks: Sequence[str], epsilons: Sequ
 
 
 def bars_figure(table: Sequence[dict], tasks: Sequence[str], title: str):
-    """One panel of grouped bars (methods within each ε) per task."""
+    """One panel of grouped bars (methods within each ε) per task; error bars are the 95% Student-t
+    interval of the mean over seeds (none with one seed)."""
     import matplotlib.pyplot as plt
 
     from lalora.plotting import FIGSIZE, grouped_bars, legend_outside
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(FIGSIZE[0] * len(tasks) * 0.8 + 1.6, FIGSIZE[1]),
                              squeeze=False, sharey=False)
+    rows = [{**r, "accuracy_ci95": _finite_or_zero(t_halfwidth(r.get("accuracies") or []))} for r in table]
     for ax, task in zip(axes[0], tasks):
-        grouped_bars(ax, [r for r in table if r["task"] == task], group_key="epsilon")
+        grouped_bars(ax, [r for r in rows if r["task"] == task], group_key="epsilon", err="accuracy_ci95")
         ax.set_title(task)
         ax.set_xlabel("privacy budget (δ = 1e-5)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test accuracy (%), 95% CI bars")
         ax.set_ylim(0, 105)
     legend_outside(axes[0][-1])
     fig.suptitle(title, y=1.02)
+    return fig
+
+
+def _finite_or_zero(x: float) -> float:
+    import math
+
+    return x if math.isfinite(x) else 0.0
+
+
+def verdict_figure(verdicts: Sequence[dict], title: str):
+    """The paired differences of ``claim_verdicts`` rows with their 95% CIs, one row per claim."""
+    import matplotlib.pyplot as plt
+
+    from lalora.plotting import FIGSIZE, ci_bars
+
+    rows = [{**v, "label": f"{v['task']} ε={v['epsilon']} {v.get('dp_mode', '')}: {v['claim']}".replace("  ", " ")}
+            for v in verdicts]
+    fig, ax = plt.subplots(figsize=(FIGSIZE[0] + 2, 0.45 * len(rows) + 1.4))
+    ci_bars(ax, rows, label_key="label")
+    ax.set_title(title)
     return fig
 
 
@@ -96,6 +118,8 @@ def summarize(records: Sequence[dict], table: Sequence[dict], verdicts: dict, *,
         "max_epsilon_spent_minus_target": max((r["epsilon_spent"] - r["target_epsilon"] for r in private),
                                               default=0.0),
         "ranking_holds": {k: v["holds"] for k, v in verdicts.items()},
+        # the verdicts that count: paired seeds, 95% t-interval (lalora.report.claim_verdicts)
+        "verdicts": {f"{v['task']} ε={v['epsilon']}: {v['claim']}": v["verdict"] for v in claim_verdicts(records)},
         "runs": len(records), "runs_trained_now": sum(not r["cached"] for r in records),
     }
     for r in table:
@@ -114,6 +138,7 @@ def write_results(output_dir: str | os.PathLike, name: str, profile: str, *, rec
     atomic_write_json(f"{output_dir}/{name}.json", {
         "notebook": name, "profile": profile, "metric": "test accuracy (%)",
         "table": list(table), "ranking": verdicts, "summary": summary,
+        "claims": claim_verdicts(records),
         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in records],
         "seconds": time.perf_counter() - started,
     })
