@@ -213,9 +213,10 @@ def mark_not_dp(ax, rows: Iterable[dict]) -> bool:
 
     if not any(is_not_dp(r) for r in rows):
         return False
-    ax.text(0.5, 0.98, f"{NOT_DP} (as-released mechanism)", transform=ax.transAxes, ha="center",
-            va="top", color="crimson", fontweight="bold", fontsize=9,
-            bbox={"facecolor": "white", "edgecolor": "crimson", "alpha": 0.9})
+    # below the axes (under the x label), where it can never hide a data point
+    ax.annotate(f"{NOT_DP} (as-released mechanism)", xy=(0.5, 0.0), xycoords="axes fraction",
+                xytext=(0, -46), textcoords="offset points", ha="center", va="top", color="crimson",
+                fontweight="bold", fontsize=9, bbox={"facecolor": "white", "edgecolor": "crimson"})
     return True
 
 

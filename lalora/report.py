@@ -127,6 +127,8 @@ def table_groups(data: Mapping[str, Any], group_by: tuple[str, ...] = ("task", "
     for row in data.get("table", []) or []:
         if "method" not in row or "accuracy_mean" not in row:
             continue
+        if row.get("dp_mode") == "as-released":   # not DP: never ranked beside DP results
+            continue
         key = tuple(as_epsilon(row.get(k)) if k == "epsilon" else row.get(k) for k in group_by)
         groups.setdefault(key, {})[row["method"]] = Cell(
             float(row["accuracy_mean"]), float(row.get("accuracy_std") or 0.0), int(row.get("n_seeds") or 1))
@@ -285,13 +287,14 @@ def trained_tasks(runs: Iterable[Mapping[str, Any]]) -> dict[str, bool]:
 
 def claim_verdicts(runs: Iterable[Mapping[str, Any]], claimed: list[str] = CLAIMED_RANKING, *,
                    trained: Mapping[str, bool] | None = None, min_seeds: int = MIN_SEEDS,
-                   confidence: float = CONFIDENCE) -> list[dict]:
+                   confidence: float = CONFIDENCE, pairs: list[tuple[str, str]] | None = None) -> list[dict]:
     """One row per (setting, claim) over per-seed run records (``runs`` of a notebook JSON).
 
     A setting is everything a record holds besides the per-run fields (task, ε, β, dp_mode, ...);
     ε = ∞ settings (the non-private reference) are not ranked. ``trained`` maps task -> bool (see
     :func:`trained_tasks`; default: computed from ``runs``). Each row carries the run ids of both
-    arms (``runs``) so that callers can count a run set once.
+    arms (``runs``) so that callers can count a run set once. ``pairs`` (better, worse) replaces the
+    claims derived from ``claimed``.
     """
     runs = [r for r in runs if isinstance(r, Mapping) and all(k in r for k in ("task", "method", "seed", "epsilon"))
             and r.get("accuracy") is not None]
@@ -307,7 +310,9 @@ def claim_verdicts(runs: Iterable[Mapping[str, Any]], claimed: list[str] = CLAIM
         where = values[setting]
         if math.isinf(as_epsilon(where.get("epsilon"))):
             continue
-        for better, worse in claim_pairs(per_method, claimed):
+        todo = claim_pairs(per_method, claimed) if pairs is None else \
+            [(a, b) for a, b in pairs if a in per_method and b in per_method]
+        for better, worse in todo:
             a = {s: float(r["accuracy"]) for s, r in per_method[better].items()}
             b = {s: float(r["accuracy"]) for s, r in per_method[worse].items()}
             diff = paired_difference(a, b, confidence)
@@ -354,6 +359,7 @@ def verdict_overview(results: dict, reported: dict) -> tuple[str, dict]:
                 continue
             for row in claim_verdicts(data["runs"], _claimed_for(notebook, reported), trained=trained):
                 setting = ", ".join(f"{k} = {fmt_eps(as_epsilon(v)) if k == 'epsilon' else v}"
+                                    + (" (NOT differentially private)" if v == "as-released" else "")
                                     for k, v in row.items()
                                     if k not in ("claim", "better", "worse", "n", "mean", "ci_low", "ci_high",
                                                  "seeds", "confidence", "verdict", "runs"))

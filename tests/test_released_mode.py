@@ -136,3 +136,41 @@ def test_grid_records_and_figure_carry_the_label(tmp_path, monkeypatch):
     grouped_bars(ax2, [r for r in table if r["dp_mode"] == "dp"])
     assert not any(NOT_DP in t.get_text() for t in ax2.texts)
     plt.close("all")
+
+
+@pytest.mark.slow   # a kernel start plus a tiny pretraining: ~30 s CPU, 85 s wall on the shared box
+def test_notebook_13_ci_profile(tmp_path, monkeypatch):
+    """Notebook 13 through the runner, ci profile: both mechanisms on one paired seed, every
+    as-released record and figure labelled, the claims present (one seed: no verdict), and the
+    report shows them as NOT differentially private."""
+    import yaml
+
+    from lalora import notebooks as nbr
+    from lalora import report
+
+    repo = Path(__file__).resolve().parents[1]
+    name = "13_released_vs_real"
+    monkeypatch.setenv("LALORA_CACHE", str(tmp_path / "cache"))   # the kernel inherits it
+    out = tmp_path / "results" / "ci"
+    summary = nbr.run_notebooks("ci", root=repo, only=[name], output_dir=out, runs_dir=tmp_path / "runs",
+                                quiet=True, echo=lambda *_: None)
+    assert not summary.failed, nbr.format_summary(summary)
+    params = yaml.safe_load((repo / "notebooks/params/ci" / f"{name}.yaml").read_text())
+    data = json.loads((out / f"{name}.json").read_text())
+    n_runs = len(params["methods"]) * len(params["mechanisms"]) * len(params["seeds"]) * len(params["epsilons"])
+    assert len(data["runs"]) == n_runs and len(data["table"]) == n_runs // len(params["seeds"])
+    for r in data["runs"]:
+        if r["dp_mode"] == "as-released":
+            assert r["privacy"] == NOT_DP and r["run_dir"].endswith("-NOT-DP") and r["epsilon_spent"] == "nan"
+        else:
+            assert "privacy" not in r and float(r["epsilon_spent"]) <= float(r["epsilon"]) + 1e-6
+    assert {(c["dp_mode"], c["claim"]) for c in data["claims"]} == {
+        (d, c) for d in params["mechanisms"] for c in ("LA-LoRA > DP-LoRA", "LA-LoRA > RoLoRA")}
+    assert all(c["verdict"] == "insufficient seeds" and c["n"] == 1 for c in data["claims"])
+    assert len(data["answers"]) == 2 and all("NOT differentially private" in a["text"] for a in data["answers"])
+    assert data["summary"]["not_dp_runs"] == n_runs // 2
+    for fig in ("13_released_vs_real_claims", "13_released_vs_real_digits-swin_bars"):
+        assert (out / "figures" / f"{fig}.png").exists()
+    text = report.build_report(tmp_path / "results", repo / "paper" / "reported.yaml", None)
+    verdicts = text.split("## Verdicts")[1].split("\n## ")[0]
+    assert "dp_mode = as-released (NOT differentially private)" in verdicts
