@@ -174,3 +174,14 @@ def test_notebook_13_ci_profile(tmp_path, monkeypatch):
     text = report.build_report(tmp_path / "results", repo / "paper" / "reported.yaml", None)
     verdicts = text.split("## Verdicts")[1].split("\n## ")[0]
     assert "dp_mode = as-released (NOT differentially private)" in verdicts
+
+
+def test_flower_refuses_the_released_mechanism():
+    from lalora.flower.run import run_flower
+    from lalora.flower.server_app import config_from_run_config
+
+    with pytest.raises(ValueError, match="dp_mode 'as-released' runs only in-process"):
+        run_flower(tiny_config("la-lora", dp_mode="as-released"), runs_dir=None, backend="inprocess",
+                   task=tiny_task(), progress=False)
+    with pytest.raises(ValueError, match="not allowed in a Flower deployment"):
+        config_from_run_config({"task": "tiny", "method": "la-lora", "dp-mode": "as-released"})

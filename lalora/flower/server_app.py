@@ -298,6 +298,8 @@ def config_from_run_config(run_config) -> tuple:
     for name in ("task", "method"):
         if name not in values:
             raise ValueError(f"run config must set {name!r}")
+    if values.get("dp_mode", "dp") != "dp":   # a deployment never runs the released (non-DP) step
+        raise ValueError("dp_mode 'as-released' is not allowed in a Flower deployment (not differentially private)")
     return RunConfig(**values), runs_dir
 
 
