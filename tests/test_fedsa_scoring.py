@@ -66,3 +66,20 @@ def test_before_training_all_clients_scored_and_result_json_says_which(tmp_path)
     final = json.loads((Path(res.run_dir) / "final.json").read_text())
     assert final["fedsa_scoring"] == "trained-clients" and final["scored_clients"] == trained
     assert final["accuracy"] == pytest.approx(np.mean([final["per_client_accuracy"][c] for c in trained]))
+
+
+def test_flower_engine_scores_the_same_clients():
+    """Flower's federated evaluation (per-client models) scores the same clients as the in-process one."""
+    from lalora.flower.run import run_flower
+
+    cfg, _, trained = _never_sampled_config()
+    cfg = cfg.replace(task_overrides={})
+    sim = Simulator(cfg, task=tiny_task(dropout=0.0))
+    state = sim.initial_global_state()
+    for t in range(1, sim.cfg.rounds + 1):
+        state = sim.server_aggregate([sim.client_update(c, t, state) for c in sim.sampled_clients(t)], t, state)
+    ev = sim.evaluate(state)
+    res = run_flower(cfg, runs_dir=None, backend="inprocess", task=tiny_task(dropout=0.0), progress=False)
+    assert res.final["scored_clients"] == trained == ev["scored_clients"]
+    assert res.final["fedsa_scoring"] == "trained-clients"
+    assert res.final["accuracy"] == pytest.approx(ev["accuracy"], abs=1e-12)

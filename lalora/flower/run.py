@@ -57,6 +57,8 @@ def _final_summary(strategy, wall_s: float) -> dict:
     }
     if "test_per_client_accuracy" in last_eval:
         final["per_client_accuracy"] = last_eval["test_per_client_accuracy"]
+        final["scored_clients"] = last_eval["test_scored_clients"]
+        final["fedsa_scoring"] = last_eval["test_fedsa_scoring"]
     return final
 
 
