@@ -185,3 +185,31 @@ def test_flower_refuses_the_released_mechanism():
                    task=tiny_task(), progress=False)
     with pytest.raises(ValueError, match="not allowed in a Flower deployment"):
         config_from_run_config({"task": "tiny", "method": "la-lora", "dp-mode": "as-released"})
+
+
+def test_released_run_resumes_bit_identical(tmp_path, monkeypatch):
+    """A released-mode run interrupted right after its round-2 checkpoint and resumed ends exactly as
+    an uninterrupted one (the fixed-size batches and released noise come from checkpointed generators)."""
+    from lalora.results import RunDir
+
+    cfg = tiny_config("la-lora", dp_mode="as-released", rounds=3, batch_size=8, eval_every=1)
+    ref = run_experiment(cfg, runs_dir=tmp_path / "ref", task=tiny_task(num_train=160), progress=False)
+
+    real_save, calls = RunDir.save_checkpoint, []
+
+    def crash_after_round_2(self, payload):
+        real_save(self, payload)
+        calls.append(payload["round"])
+        if payload["round"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", crash_after_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, runs_dir=tmp_path / "b", task=tiny_task(num_train=160), progress=False)
+    monkeypatch.setattr(RunDir, "save_checkpoint", real_save)
+    res = run_experiment(cfg, runs_dir=tmp_path / "b", task=tiny_task(num_train=160), progress=False)
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rs]  # noqa: E731
+    assert calls == [1, 2] and strip(res.metrics) == strip(ref.metrics)
+    assert {k: v for k, v in res.final.items() if not k.endswith("_s")} == \
+        {k: v for k, v in ref.final.items() if not k.endswith("_s")}
+    assert res.final["privacy"] == NOT_DP
