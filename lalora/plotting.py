@@ -203,7 +203,9 @@ def lines_vs(ax, rows: list[dict], *, x_key: str, methods: list[str] | None = No
 
 def is_not_dp(row: dict) -> bool:
     """A row (run record or table row) produced by the released, non-DP mechanism."""
-    return row.get("dp_mode") == "as-released" or bool(row.get("privacy"))
+    from lalora.config import NOT_DP
+
+    return row.get("dp_mode") == "as-released" or row.get("privacy") == NOT_DP
 
 
 def mark_not_dp(ax, rows: Iterable[dict]) -> bool:
