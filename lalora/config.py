@@ -44,6 +44,11 @@ CLIPPINGS = ("flat", "per_layer")
 ACCOUNTANTS = ("rdp", "prv")
 HEAD_POLICIES = ("train", "freeze")
 OPTIMIZER_STATE_POLICIES = ("reset",)   # optimizer re-created every round (as the released code)
+# "dp": per-sample clipping + accounted Gaussian noise (SPEC §3). "as-released": the authors' released
+# step (lalora.privacy.dp_step.as_released_gradient), NOT differentially private; epsilon then only
+# picks sigma (the sigma real DP would use at that epsilon) and no epsilon is claimed.
+DP_MODES = ("dp", "as-released")
+NOT_DP = "NOT differentially private"
 
 
 def _parse_float(value: Any, name: str) -> float:
@@ -91,6 +96,7 @@ class RunConfig:
     weighted_aggregation: bool = False
     head: str = "train"
     optimizer_state: str = "reset"
+    dp_mode: str = "dp"
     # extra keyword overrides passed to get_task (e.g. {"max_train_samples": 500})
     task_overrides: dict = field(default_factory=dict)
 
@@ -154,6 +160,10 @@ class RunConfig:
         _choice(self.accountant, ACCOUNTANTS, "accountant")
         _choice(self.head, HEAD_POLICIES, "head")
         _choice(self.optimizer_state, OPTIMIZER_STATE_POLICIES, "optimizer_state")
+        _choice(self.dp_mode, DP_MODES, "dp_mode")
+        if self.dp_mode == "as-released" and not self.private:
+            raise ValueError(f"dp_mode 'as-released' needs a private method and a finite epsilon "
+                             f"(got method {self.method!r}, epsilon {self.epsilon})")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if not (self.lr_B_ratio > 0):

@@ -12,7 +12,7 @@ import time
 from typing import Any, Sequence
 
 from lalora.notebooks import accuracy_table, experiment_base, run_grid
-from lalora.report import Cell, check_ranking
+from lalora.report import Cell, check_ranking, claim_verdicts, t_halfwidth
 from lalora.results import atomic_write_json
 
 
@@ -67,21 +67,46 @@ def ranking_verdicts(table: Sequence[dict], tasks: Sequence[str], epsilons: Sequ
 
 
 def bars_figure(table: Sequence[dict], tasks: Sequence[str], title: str):
-    """One panel of grouped bars (methods within each ε) per task."""
+    """One panel of grouped bars (methods within each ε) per task; error bars are the 95% Student-t
+    interval of the mean over seeds (none with one seed)."""
     import matplotlib.pyplot as plt
 
     from lalora.plotting import FIGSIZE, grouped_bars, legend_outside
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(FIGSIZE[0] * len(tasks) * 0.8 + 1.6, FIGSIZE[1]),
                              squeeze=False, sharey=False)
+    rows = [{**r, "accuracy_ci95": _finite_or_zero(t_halfwidth(r.get("accuracies") or []))} for r in table]
     for ax, task in zip(axes[0], tasks):
-        grouped_bars(ax, [r for r in table if r["task"] == task], group_key="epsilon")
+        grouped_bars(ax, [r for r in rows if r["task"] == task], group_key="epsilon", err="accuracy_ci95")
         ax.set_title(task)
         ax.set_xlabel("privacy budget (δ = 1e-5)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test accuracy (%), 95% CI bars")
         ax.set_ylim(0, 105)
     legend_outside(axes[0][-1])
     fig.suptitle(title, y=1.02)
+    return fig
+
+
+def _finite_or_zero(x: float) -> float:
+    import math
+
+    return x if math.isfinite(x) else 0.0
+
+
+def verdict_figure(verdicts: Sequence[dict], title: str):
+    """The paired differences of ``claim_verdicts`` rows with their 95% CIs, one row per claim."""
+    import matplotlib.pyplot as plt
+
+    from lalora.plotting import FIGSIZE, ci_bars
+
+    from lalora.report import as_epsilon, fmt_eps
+
+    mode = {"as-released": " as-released (NOT DP)", "dp": " real DP"}
+    rows = [{**v, "label": f"{v['task']} ε={fmt_eps(as_epsilon(v['epsilon']))}{mode.get(v.get('dp_mode'), '')}: "
+                           f"{v['claim']}"} for v in verdicts]
+    fig, ax = plt.subplots(figsize=(FIGSIZE[0] + 2, 0.45 * len(rows) + 1.4))
+    ci_bars(ax, rows, label_key="label")
+    ax.set_title(title)
     return fig
 
 
@@ -96,6 +121,8 @@ def summarize(records: Sequence[dict], table: Sequence[dict], verdicts: dict, *,
         "max_epsilon_spent_minus_target": max((r["epsilon_spent"] - r["target_epsilon"] for r in private),
                                               default=0.0),
         "ranking_holds": {k: v["holds"] for k, v in verdicts.items()},
+        # the verdicts that count: paired seeds, 95% t-interval (lalora.report.claim_verdicts)
+        "verdicts": {f"{v['task']} ε={v['epsilon']}: {v['claim']}": v["verdict"] for v in claim_verdicts(records)},
         "runs": len(records), "runs_trained_now": sum(not r["cached"] for r in records),
     }
     for r in table:
@@ -114,6 +141,75 @@ def write_results(output_dir: str | os.PathLike, name: str, profile: str, *, rec
     atomic_write_json(f"{output_dir}/{name}.json", {
         "notebook": name, "profile": profile, "metric": "test accuracy (%)",
         "table": list(table), "ranking": verdicts, "summary": summary,
+        "claims": claim_verdicts(records),
         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in records],
         "seconds": time.perf_counter() - started,
     })
+
+
+# ----------------------------------------------------------------------------------------------
+# Notebook 13: the released (non-DP) mechanism beside real DP on paired seeds
+# ----------------------------------------------------------------------------------------------
+MECHANISM_CLAIMS = [("la-lora", "dp-lora"), ("la-lora", "rolora")]
+
+
+def run_mechanism_grid(tasks: Sequence[str], methods: Sequence[str], epsilons: Sequence[float],
+                       seeds: Sequence[int], mechanisms: Sequence[str], runs_dir: str | os.PathLike, *,
+                       task_overrides: dict | None = None, data_root: str | None = None,
+                       weights_path: str | None = None, **fields: Any) -> tuple[list[dict], list[dict]]:
+    """One run per (task, mechanism, method, ε, seed); the same seed gives every method and both
+    mechanisms the same partition, client schedule and LoRA init. ``mechanisms`` are RunConfig
+    ``dp_mode`` values ("as-released" runs are NOT differentially private and labelled so).
+    Returns (records, table by task × method × ε × dp_mode)."""
+    records: list[dict] = []
+    for task in tasks:
+        base = experiment_base(task, task_overrides=task_overrides, data_root=data_root,
+                               weights_path=weights_path, **fields)
+        grid = [{"method": m, "epsilon": e, "dp_mode": d} for d in mechanisms for e in epsilons for m in methods]
+        records += run_grid(base, grid, seeds, runs_dir)
+    return records, accuracy_table(records, by=("task", "method", "epsilon", "dp_mode"))
+
+
+def mechanism_answer(claims: Sequence[dict]) -> list[dict]:
+    """Per (task, ε, claim): does the advantage appear under the released mechanism (its CI above 0)
+    and does it survive under real DP? Read from ``claim_verdicts`` rows split by ``dp_mode``."""
+    from lalora.report import fmt_diff
+
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for c in claims:
+        by_key.setdefault((c["task"], c["epsilon"], c["claim"]), {})[c.get("dp_mode", "dp")] = c
+    answers = []
+    for (task, eps, claim), per in by_key.items():
+        rel, dp = per.get("as-released"), per.get("dp")
+        answers.append({
+            "task": task, "epsilon": eps, "claim": claim,
+            "as_released": rel and {"verdict": rel["verdict"], "difference": fmt_diff(rel), "n": rel["n"]},
+            "real_dp": dp and {"verdict": dp["verdict"], "difference": fmt_diff(dp), "n": dp["n"]},
+            "appears_as_released": None if rel is None else rel["verdict"] == "holds",
+            "survives_real_dp": None if dp is None else dp["verdict"] == "holds",
+            "text": (f"{task}, ε = {eps}: {claim} — as-released (NOT differentially private): "
+                     f"{rel['verdict'] if rel else 'not run'} {fmt_diff(rel) if rel else ''}; real DP: "
+                     f"{dp['verdict'] if dp else 'not run'} {fmt_diff(dp) if dp else ''} "
+                     f"(paired seeds, 95% t-CI, points)"),
+        })
+    return answers
+
+
+def mechanism_bars_figure(table: Sequence[dict], task: str, mechanisms: Sequence[str], title: str):
+    """One panel per mechanism (the as-released panel stamped NOT differentially private)."""
+    import matplotlib.pyplot as plt
+
+    from lalora.plotting import FIGSIZE, grouped_bars, legend_outside
+
+    fig, axes = plt.subplots(1, len(mechanisms), figsize=(FIGSIZE[0] * len(mechanisms) * 0.8 + 1.6, FIGSIZE[1]),
+                             squeeze=False, sharey=True)
+    for ax, mech in zip(axes[0], mechanisms):
+        rows = [{**r, "accuracy_ci95": _finite_or_zero(t_halfwidth(r.get("accuracies") or []))}
+                for r in table if r["task"] == task and r["dp_mode"] == mech]
+        grouped_bars(ax, rows, group_key="epsilon", err="accuracy_ci95")
+        ax.set_title("real DP (accounted)" if mech == "dp" else f"{mech} mechanism")
+        ax.set_ylabel("test accuracy (%), 95% CI bars")
+        ax.set_ylim(0, 105)
+    legend_outside(axes[0][-1])
+    fig.suptitle(title, y=1.02)
+    return fig

@@ -424,6 +424,10 @@ def run_grid(base: dict[str, Any], grid: list[dict[str, Any]], seeds: Sequence[i
                 "private": bool(final.get("private")),
                 "cached": bool(result.cached), "wall_time_s": _num(final.get("wall_time_s")),
                 "run_dir": str(result.run_dir),
+                # evidence bookkeeping: the mechanism (as-released is NOT DP), the bar "did not train"
+                # is judged against, and how fedsa-lora was scored
+                "dp_mode": cfg.dp_mode, "majority_baseline": 100.0 * _num(final.get("majority_baseline")),
+                **{k: final[k] for k in ("privacy", "fedsa_scoring") if k in final},
                 "curve": [[m["round"], 100.0 * m["test_accuracy"]] for m in result.metrics
                           if m.get("test_accuracy") is not None],
             })

@@ -165,6 +165,7 @@ def grouped_bars(ax, rows: list[dict], *, group_key: str = "epsilon", methods: l
             ax.bar_label(bars, labels=[f"{y:.0f}" for y in ys], padding=2, fontsize=7)
     label = group_label or (lambda g: epsilon_label(_as_float(g)) if group_key == "epsilon" else f"{group_key} = {g}")
     ax.set_xticks(np.arange(len(groups)), [label(g) for g in groups])
+    mark_not_dp(ax, rows)
 
 
 def lines_vs(ax, rows: list[dict], *, x_key: str, methods: list[str] | None = None,
@@ -196,7 +197,53 @@ def lines_vs(ax, rows: list[dict], *, x_key: str, methods: list[str] | None = No
             ax.errorbar(x[alone], y[alone], yerr=e[alone], fmt=method_marker(m), color=method_color(m),
                         ms=6, capsize=3)
         xs_all.update(x[ok].tolist())
+    mark_not_dp(ax, rows)
     return sorted(xs_all)
+
+
+def is_not_dp(row: dict) -> bool:
+    """A row (run record or table row) produced by the released, non-DP mechanism."""
+    from lalora.config import NOT_DP
+
+    return row.get("dp_mode") == "as-released" or row.get("privacy") == NOT_DP
+
+
+def mark_not_dp(ax, rows: Iterable[dict]) -> bool:
+    """Stamp "NOT differentially private" on ``ax`` when any row comes from the released mechanism
+    (``dp_mode = "as-released"``), so no figure can show those numbers without saying so."""
+    from lalora.config import NOT_DP
+
+    if not any(is_not_dp(r) for r in rows):
+        return False
+    # below the axes (under the x label), where it can never hide a data point
+    ax.annotate(f"{NOT_DP} (as-released mechanism)", xy=(0.5, 0.0), xycoords="axes fraction",
+                xytext=(0, -46), textcoords="offset points", ha="center", va="top", color="crimson",
+                fontweight="bold", fontsize=9, bbox={"facecolor": "white", "edgecolor": "crimson"})
+    return True
+
+
+def ci_bars(ax, diffs: list[dict], *, label_key: str = "claim") -> None:
+    """Paired differences with their 95% CI as error bars, one row per claim, a zero line, and the
+    verdict written beside each (rows as produced by ``lalora.report.claim_verdicts``: ``mean``,
+    ``ci_low``, ``ci_high``, ``verdict``). Rows without a CI (too few seeds) show the mean only."""
+    import numpy as np
+
+    ys = np.arange(len(diffs))[::-1]
+    for y, d in zip(ys, diffs):
+        mean = d.get("mean")
+        if mean is None or not np.isfinite(mean):
+            continue
+        lo, hi = d.get("ci_low"), d.get("ci_high")
+        has_ci = lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi)
+        colour = {"holds": "tab:green", "reversed": "tab:red"}.get(d.get("verdict"), "0.4")
+        xerr = [[mean - lo], [hi - mean]] if has_ci else None
+        ax.errorbar([mean], [y], xerr=xerr, fmt="o", color=colour, capsize=4, ms=5)
+        ax.annotate(d.get("verdict", ""), (hi if has_ci else mean, y), xytext=(6, 0),
+                    textcoords="offset points", va="center", fontsize=7, color=colour)
+    ax.axvline(0.0, color="0.3", lw=0.8, ls="--")
+    ax.set_yticks(ys, [str(d.get(label_key, "")) for d in diffs])
+    ax.set_xlabel("paired difference (points), mean and 95% CI over seeds")
+    mark_not_dp(ax, diffs)
 
 
 def legend_outside(ax, **kwargs) -> None:

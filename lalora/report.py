@@ -127,6 +127,8 @@ def table_groups(data: Mapping[str, Any], group_by: tuple[str, ...] = ("task", "
     for row in data.get("table", []) or []:
         if "method" not in row or "accuracy_mean" not in row:
             continue
+        if row.get("dp_mode") == "as-released":   # not DP: never ranked beside DP results
+            continue
         key = tuple(as_epsilon(row.get(k)) if k == "epsilon" else row.get(k) for k in group_by)
         groups.setdefault(key, {})[row["method"]] = Cell(
             float(row["accuracy_mean"]), float(row.get("accuracy_std") or 0.0), int(row.get("n_seeds") or 1))
@@ -176,6 +178,211 @@ def check_ranking(cells: Mapping[str, Cell], claimed: list[str] = CLAIMED_RANKIN
             violations.append((better, worse, a.mean, b.mean, noise))
     observed = sorted(present, key=lambda m: -cells[m].mean)
     return RankingVerdict(present, observed, not violations, violations, {m: cells[m].mean for m in present})
+
+
+# --------------------------------------------------------------------------------------------
+# Verdicts from paired seeds (issue 15)
+# --------------------------------------------------------------------------------------------
+# A claim "X > Y" is judged on the paired per-seed differences acc_X(seed) − acc_Y(seed) (the same
+# seed gives both methods the same partition, schedule, LoRA init and data order): their mean and a
+# two-sided 95% Student-t interval, mean ± t_{0.975, n−1} · sd / √n. The verdict reads the interval
+# alone: "holds" when it lies above 0, "reversed" when below, "unresolved" when it contains 0. With
+# fewer than MIN_SEEDS paired seeds there is no verdict ("insufficient seeds"); a task whose model
+# did not beat its majority-class baseline non-privately gets "did not train" (ranking methods on a
+# model that learned nothing says nothing about the methods).
+MIN_SEEDS = 3
+CONFIDENCE = 0.95
+# Per-run fields of a run record; every other field (task, epsilon, beta, dp_mode, ...) names the setting.
+RUN_FIELDS = {"method", "seed", "accuracy", "epsilon_spent", "target_epsilon", "noise_multiplier", "private",
+              "cached", "wall_time_s", "run_dir", "curve", "majority_baseline", "privacy", "fedsa_scoring",
+              "label", "filter"}
+
+
+@dataclass
+class PairedDifference:
+    """Mean and CONFIDENCE t-interval of paired per-seed differences (NaN bounds with n < 2)."""
+
+    n: int
+    mean: float
+    ci_low: float
+    ci_high: float
+    seeds: list = field(default_factory=list)
+
+
+def t_halfwidth(values, confidence: float = CONFIDENCE) -> float:
+    """Half-width of the two-sided Student-t interval of the mean of ``values`` (NaN for n < 2)."""
+    import numpy as np
+    from scipy import stats
+
+    v = np.asarray(list(values), dtype=float)
+    if v.size < 2:
+        return math.nan
+    return float(stats.t.ppf(0.5 + confidence / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+
+
+def paired_difference(better: Mapping[Any, float], worse: Mapping[Any, float],
+                      confidence: float = CONFIDENCE) -> PairedDifference:
+    """Differences better[seed] − worse[seed] over the seeds both have (unpaired seeds are dropped)."""
+    seeds = sorted(set(better) & set(worse), key=str)
+    diffs = [float(better[s]) - float(worse[s]) for s in seeds]
+    if not diffs:
+        return PairedDifference(0, math.nan, math.nan, math.nan, [])
+    mean = sum(diffs) / len(diffs)
+    half = t_halfwidth(diffs, confidence)
+    return PairedDifference(len(diffs), mean, mean - half, mean + half, seeds)
+
+
+def verdict(diff: PairedDifference, *, trained: bool | None = None, min_seeds: int = MIN_SEEDS) -> str:
+    """holds / reversed / unresolved from the CI alone; "insufficient seeds" below ``min_seeds``;
+    "did not train" when the task's model did not beat its majority baseline (``trained`` False;
+    None = not known, judged on the CI)."""
+    if trained is False:
+        return "did not train"
+    if diff.n < min_seeds:
+        return "insufficient seeds"
+    if diff.ci_low > 0:
+        return "holds"
+    if diff.ci_high < 0:
+        return "reversed"
+    return "unresolved"
+
+
+def claim_pairs(methods: Iterable[str], claimed: list[str] = CLAIMED_RANKING) -> list[tuple[str, str]]:
+    """The claims to judge among the methods present: each adjacent pair of the claimed order, plus
+    first vs last (the headline, e.g. LA-LoRA > DP-LoRA) when they are not adjacent."""
+    present = [m for m in claimed if m in set(methods)]
+    pairs = list(zip(present, present[1:]))
+    if len(present) > 2:
+        pairs.append((present[0], present[-1]))
+    return pairs
+
+
+def _setting_of(run: Mapping[str, Any]) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in run.items()
+                        if k not in RUN_FIELDS and not isinstance(v, (Mapping, list, tuple))))
+
+
+def _run_id(run: Mapping[str, Any]) -> str:
+    """What identifies a trained run across notebooks: its run folder (method/hash), else its fields."""
+    if run.get("run_dir"):
+        return "/".join(Path(str(run["run_dir"])).parts[-2:])
+    return json.dumps({k: str(v) for k, v in sorted(run.items()) if k not in ("cached", "wall_time_s", "curve")})
+
+
+def trained_tasks(runs: Iterable[Mapping[str, Any]]) -> dict[str, bool]:
+    """{task: did its non-private runs beat the majority-class baseline on average?} for tasks that
+    have non-private runs recording ``majority_baseline`` (in %); other tasks are absent (unknown)."""
+    acc: dict[str, list[float]] = {}
+    base: dict[str, float] = {}
+    for r in runs:
+        if as_epsilon(r.get("epsilon")) != math.inf or r.get("majority_baseline") is None:
+            continue
+        b = float(r["majority_baseline"])
+        if not math.isfinite(b):
+            continue
+        acc.setdefault(r["task"], []).append(float(r["accuracy"]))
+        base[r["task"]] = b
+    return {t: sum(a) / len(a) > base[t] for t, a in acc.items()}
+
+
+def claim_verdicts(runs: Iterable[Mapping[str, Any]], claimed: list[str] = CLAIMED_RANKING, *,
+                   trained: Mapping[str, bool] | None = None, min_seeds: int = MIN_SEEDS,
+                   confidence: float = CONFIDENCE, pairs: list[tuple[str, str]] | None = None) -> list[dict]:
+    """One row per (setting, claim) over per-seed run records (``runs`` of a notebook JSON).
+
+    A setting is everything a record holds besides the per-run fields (task, ε, β, dp_mode, ...);
+    ε = ∞ settings (the non-private reference) are not ranked. ``trained`` maps task -> bool (see
+    :func:`trained_tasks`; default: computed from ``runs``). Each row carries the run ids of both
+    arms (``runs``) so that callers can count a run set once. ``pairs`` (better, worse) replaces the
+    claims derived from ``claimed``.
+    """
+    runs = [r for r in runs if isinstance(r, Mapping) and all(k in r for k in ("task", "method", "seed", "epsilon"))
+            and r.get("accuracy") is not None]
+    trained = dict(trained_tasks(runs) if trained is None else trained)
+    by_setting: dict[tuple, dict[str, dict]] = {}
+    values: dict[tuple, dict] = {}     # the setting's fields with their original types
+    for r in runs:
+        key = _setting_of(r)
+        by_setting.setdefault(key, {}).setdefault(r["method"], {})[r["seed"]] = r
+        values.setdefault(key, {k: r[k] for k, _ in key})
+    rows = []
+    for setting, per_method in sorted(by_setting.items(), key=lambda kv: str(kv[0])):
+        where = values[setting]
+        if math.isinf(as_epsilon(where.get("epsilon"))):
+            continue
+        todo = claim_pairs(per_method, claimed) if pairs is None else \
+            [(a, b) for a, b in pairs if a in per_method and b in per_method]
+        for better, worse in todo:
+            a = {s: float(r["accuracy"]) for s, r in per_method[better].items()}
+            b = {s: float(r["accuracy"]) for s, r in per_method[worse].items()}
+            diff = paired_difference(a, b, confidence)
+            rows.append({
+                **where, "claim": f"{method_label(better)} > {method_label(worse)}", "better": better,
+                "worse": worse, "n": diff.n, "mean": diff.mean, "ci_low": diff.ci_low, "ci_high": diff.ci_high,
+                "seeds": diff.seeds, "confidence": confidence,
+                "verdict": verdict(diff, trained=trained.get(where.get("task")), min_seeds=min_seeds),
+                "runs": sorted(_run_id(per_method[m][s]) for m in (better, worse) for s in diff.seeds),
+            })
+    return rows
+
+
+def fmt_diff(row: Mapping[str, Any]) -> str:
+    if not math.isfinite(row.get("mean", math.nan)):
+        return "–"
+    if not (math.isfinite(row.get("ci_low", math.nan)) and math.isfinite(row.get("ci_high", math.nan))):
+        return f"{row['mean']:+.2f} (no CI)"
+    return f"{row['mean']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+
+
+def verdict_overview(results: dict, reported: dict) -> tuple[str, dict]:
+    """The verdict table of every notebook with per-seed runs, each distinct run set counted once
+    (an ε sweep cell that re-reads the main table's runs is shown as "same runs as ..." and not
+    counted again). Returns (markdown, counts per verdict over distinct run sets)."""
+    claimed = list(reported.get("claimed_ranking") or CLAIMED_RANKING)
+    out = ["## Verdicts: paired seeds, 95% confidence intervals", "",
+           f"Per claim, the mean over paired seeds of the accuracy difference (points) and its two-sided "
+           f"95% Student-t interval (mean ± t·sd/√n). Verdict from the interval alone: **holds** (above 0), "
+           f"**reversed** (below 0), **unresolved** (contains 0); no verdict from fewer than {MIN_SEEDS} "
+           f"seeds (**insufficient seeds**); **did not train** when the task's non-private model did not "
+           f"beat its majority-class baseline. A run set already counted elsewhere is marked "
+           f"\"same runs as ...\" and counted once.", ""]
+    counts: dict[str, int] = {}
+    first_use: dict[tuple, str] = {}   # (profile, claim, run id) -> where that claim first used the run
+    rows_md = []
+    for profile, per_nb in results.items():
+        profile_runs = [r for data in per_nb.values() if isinstance(data.get("runs"), list)
+                        for r in data["runs"] if isinstance(r, Mapping)]
+        trained = trained_tasks(profile_runs)
+        for notebook in sorted(per_nb):
+            data = per_nb[notebook]
+            if "_error" in data or not isinstance(data.get("runs"), list):
+                continue
+            for row in claim_verdicts(data["runs"], _claimed_for(notebook, reported), trained=trained):
+                setting = ", ".join(f"{k} = {fmt_eps(as_epsilon(v)) if k == 'epsilon' else v}"
+                                    + (" (NOT differentially private)" if v == "as-released" else "")
+                                    for k, v in row.items()
+                                    if k not in ("claim", "better", "worse", "n", "mean", "ci_low", "ci_high",
+                                                 "seeds", "confidence", "verdict", "runs"))
+                where = f"`{profile}` / {notebook}"
+                shown = row["verdict"]
+                claim = (profile, row["better"], row["worse"])
+                earlier = [first_use[(*claim, r)] for r in row["runs"] if (*claim, r) in first_use]
+                if row["runs"] and len(earlier) == len(row["runs"]):
+                    shown = f"same runs as {earlier[0]}"           # not independent evidence
+                else:
+                    if earlier:
+                        shown += f" (shares {len(earlier)} of {len(row['runs'])} runs with {earlier[0]})"
+                    counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
+                    for r in row["runs"]:
+                        first_use.setdefault((*claim, r), f"{where} ({setting})")
+                rows_md.append([where, setting, row["claim"], row["n"], fmt_diff(row), shown])
+    if not rows_md:
+        out.append("No notebook result with per-seed runs yet.")
+        return "\n".join(out), counts
+    out.append("Distinct run sets: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".")
+    out.append("")
+    out.append(md_table(["where", "setting", "claim", "seeds", "difference [95% CI]", "verdict"], rows_md))
+    return "\n".join(out), counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +551,8 @@ def ranking_overview(results: dict, reported: dict, links=_no_links) -> tuple[st
                     if all(v[4] for v in verdict.violations):
                         counts["fails_within_noise"] += 1
     total = counts["holds"] + counts["fails"]
-    head = ["## Does the ranking LA-LoRA > RoLoRA > FFA-LoRA > DP-LoRA hold?", ""]
+    head = ["## Does the ranking LA-LoRA > RoLoRA > FFA-LoRA > DP-LoRA hold?", "",
+            "Order of the means only (descriptive; the verdicts with intervals are in the section above).", ""]
     if total == 0:
         head.append("No reproduced setting has two or more of these methods yet.")
         return "\n".join(head), counts
@@ -484,6 +692,7 @@ def build_report(results_root: str | os.PathLike = "results", reported_path: str
     profiles_line = ", ".join(f"`{p}` ({len(nbs)} notebooks)" for p, nbs in results.items()) or "none"
     links = verdict_linker(results_root, report_dir) if out_path else _no_links
     ranking_text, _ = ranking_overview(results, reported, links)
+    verdict_text, _ = verdict_overview(results, reported)
     parts = [
         "# LA-LoRA: reproduced vs reported",
         "",
@@ -499,6 +708,8 @@ def build_report(results_root: str | os.PathLike = "results", reported_path: str
         "and data."
         + (" Each verdict links to the notebook section and figure behind it; the notebook links open "
            "the rendered site (`lalora site --profile <profile>`, `make site`)." if links is not _no_links else ""),
+        "",
+        verdict_text,
         "",
         ranking_text,
         "",

@@ -94,7 +94,7 @@ verdicts = ranking_verdicts(table, tasks, epsilons)
 # ## Figure: accuracy per method and ε
 
 # %%
-fig = bars_figure(table, tasks, f"Main vision results ({profile} profile; mean ± std over seeds, n in the JSON)")
+fig = bars_figure(table, tasks, f"Main vision results ({profile} profile; mean and 95% t-CI over seeds, n in the JSON)")
 savefig(fig, output_dir, "01_main_vision_bars")
 
 # %%

@@ -90,7 +90,7 @@ verdicts = ranking_verdicts(table, tasks, epsilons)
 # ## Figure: accuracy per method and ε
 
 # %%
-fig = bars_figure(table, tasks, f"Main language results ({profile} profile; mean ± std over seeds, n in the JSON)")
+fig = bars_figure(table, tasks, f"Main language results ({profile} profile; mean and 95% t-CI over seeds, n in the JSON)")
 savefig(fig, output_dir, "02_main_language_bars")
 
 # %%

@@ -216,7 +216,9 @@ def test_fedsa_keeps_B_and_head_local():
     assert not torch.equal(sim.client_local[c0][b], sim.client_local[c1][b])
     ev = sim.evaluate(new)
     assert len(ev["per_client_accuracy"]) == sim.cfg.clients
-    assert ev["accuracy"] == pytest.approx(np.mean(ev["per_client_accuracy"]))
+    # scored over the clients that trained (the two sampled in round 1), not every client
+    assert ev["scored_clients"] == sorted(clients) and ev["fedsa_scoring"] == "trained-clients"
+    assert ev["accuracy"] == pytest.approx(np.mean([ev["per_client_accuracy"][c] for c in clients]))
 
 
 # ----------------------------------------------------------------------------- privacy accounting

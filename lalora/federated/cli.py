@@ -9,6 +9,9 @@ recomputes), an interrupted one resumes from its last checkpoint (``--no-resume`
 Progress bars (rounds, and clients within a round) go to stderr when it is a terminal; ``--quiet``
 or ``LALORA_PROGRESS=0`` turns them off, ``LALORA_PROGRESS=1`` forces them on.
 The last stdout line is the summary: accuracy, ε spent (max over clients), run folder.
+``--dp-mode as-released`` runs the authors' released step instead of DP-SGD (comparison only): it is
+NOT differentially private, claims no ε (``--epsilon`` then only picks σ), and says so in the run
+folder name (``-NOT-DP``), its JSON files and the summary line.
 """
 from __future__ import annotations
 
@@ -37,6 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--clip-norm", type=float, default=1.0)
     p.add_argument("--clipping", choices=["flat", "per_layer"], default="flat")
     p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    p.add_argument("--dp-mode", choices=["dp", "as-released"], default="dp",
+                   help="dp: per-sample clipping + accounted noise (default); as-released: the authors' "
+                        "released step, NOT differentially private (no ε; epsilon only picks sigma)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int)
     p.add_argument("--local-steps", type=int)
@@ -124,9 +130,12 @@ def main(args: argparse.Namespace) -> int:
             lr_decay=args.lr_decay, r=args.r, alpha=args.alpha, partition=args.partition, beta=args.beta,
             eval_every=args.eval_every, filter=args.filter, lr_B_ratio=args.lr_B_ratio,
             alternation_period=args.alternation_period, weighted_aggregation=args.weighted_aggregation,
-            head=args.head, task_overrides=_task_options(args.task_option))
+            head=args.head, task_overrides=_task_options(args.task_option), dp_mode=args.dp_mode)
     except ValueError as err:
         print(f"lalora run: error: {err}", file=sys.stderr)
+        return 2
+    if getattr(args, "engine", "inprocess") == "flower" and cfg.dp_mode != "dp":
+        print("lalora run: error: dp_mode 'as-released' runs only with --engine inprocess", file=sys.stderr)
         return 2
     if getattr(args, "engine", "inprocess") == "flower":
         from lalora.flower import run_flower
@@ -141,8 +150,12 @@ def main(args: argparse.Namespace) -> int:
     acc = final.get("accuracy")
     acc_text = "n/a" if acc is None else f"{acc:.4f}"
     cached = " (cached)" if result.cached else ""
-    print(f"{cfg.method} on {cfg.task}: accuracy {acc_text} | epsilon spent {_fmt_eps(final['epsilon_spent'])}"
-          f" (max over {len(final['per_client_epsilon'])} clients, delta={cfg.delta:g}, "
-          f"target {_fmt_eps(final['target_epsilon'])}) | wall {final['wall_time_s']:.1f}s | "
-          f"run {result.run_dir}{cached}")
+    if final.get("privacy"):   # the released (non-DP) mechanism: no ε to report
+        privacy_text = f"{final['privacy']} (dp-mode as-released; no epsilon)"
+    else:
+        privacy_text = (f"epsilon spent {_fmt_eps(final['epsilon_spent'])} (max over "
+                        f"{len(final['per_client_epsilon'])} clients, delta={cfg.delta:g}, "
+                        f"target {_fmt_eps(final['target_epsilon'])})")
+    print(f"{cfg.method} on {cfg.task}: accuracy {acc_text} | {privacy_text} | "
+          f"wall {final['wall_time_s']:.1f}s | run {result.run_dir}{cached}")
     return 0

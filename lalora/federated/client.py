@@ -12,6 +12,12 @@ Per local step k of round t:
   4. optionally the low-pass filter on the noised gradient of the trained factors (post-processing);
   5. one optimizer step.
 
+``dp_mode = "as-released"`` replaces 2–3 with the authors' released step (research/paper.md §1.5),
+for comparison only: a fixed-size batch of b examples drawn uniformly without replacement each step
+(the released code's shuffled DataLoader batches), the batch-mean gradient clipped per tensor to the
+data-dependent C = min(median tensor norm, 0.4), noise N(0, (σC/b)²). It is NOT differentially
+private: no per-sample clipping, so no accountant applies (the simulation claims no ε for it).
+
 The optimizer is created at the start of every round (the released code does the same), so
 no optimizer state crosses rounds and checkpoints need none. The learning rate of round t is
 ``lr · lr_decay^(t-1)``; B's is multiplied by ``lr_B_ratio``.
@@ -48,6 +54,7 @@ class LocalTraining:
     alternation_period: int
     train_head: bool
     clipping: str = "flat"
+    dp_mode: str = "dp"       # "as-released": the released (non-DP) step, see the module doc
 
     def lr_at(self, t: int) -> float:
         return self.lr * self.lr_decay ** (t - 1)
@@ -126,10 +133,19 @@ def local_train(model: torch.nn.Module, groups: ParamGroups, schedule: MethodSch
     for k in range(1, cfg.local_steps + 1):
         trains = schedule.trains(k, t, cfg.alternation_period)
         groups.set_trainable(trains, head=cfg.train_head)
-        positions = poisson_positions(n, q, sampling_generator)
+        released = cfg.private and cfg.dp_mode == "as-released"
+        if released:   # fixed-size batch, as the released code's DataLoader
+            positions = torch.randperm(n, generator=sampling_generator)[:min(cfg.batch_size, n)]
+        else:
+            positions = poisson_positions(n, q, sampling_generator)
         batch = data.batch(positions)
         batch_sizes.append(int(positions.numel()))
-        if cfg.private:
+        if released:
+            from lalora.privacy.dp_step import as_released_gradient
+
+            as_released_gradient(model, per_sample_loss, batch, noise_multiplier=cfg.noise_multiplier,
+                                 generator=noise_generator)
+        elif cfg.private:
             from lalora.privacy.dp_step import dp_gradient
 
             dp_gradient(model, per_sample_loss, batch, clip_norm=cfg.clip_norm,

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 import lalora
-from lalora.config import RunConfig
+from lalora.config import NOT_DP, RunConfig
 from lalora.federated.client import ClientData, LocalTraining, local_train
 from lalora.federated.methods import get_method
 from lalora.federated.server import ClientUpdate, aggregate
@@ -216,7 +216,7 @@ class Simulator:
             clip_norm=cfg.clip_norm if self.private else math.inf,
             noise_multiplier=self.noise_multiplier, private=self.private, use_filter=bool(cfg.filter),
             alternation_period=cfg.alternation_period, train_head=self.train_head,
-            clipping=cfg.clipping)
+            clipping=cfg.clipping, dp_mode=cfg.dp_mode)
         self.sampling_generators = [torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_SAMPLING, c))
                                     for c in range(cfg.clients)]
         self.noise_generators = [torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_NOISE, c))
@@ -291,8 +291,11 @@ class Simulator:
         return correct / n, loss_sum / n
 
     def evaluate(self, global_state: dict[str, torch.Tensor]) -> dict:
-        """Test accuracy and loss of the global model (fedsa-lora: mean over clients of the model
-        with the global A and the client's local B and head; per-client values included)."""
+        """Test accuracy and loss of the global model (fedsa-lora: mean over the clients that have
+        trained of the model with the global A and the client's local B and head; per-client values
+        of every client included). A client never sampled still holds the initial B = 0 and a fresh
+        head, so averaging it in would score the schedule, not the method; before any client has
+        trained all are scored. ``fedsa_scoring`` says which."""
         if not self._local_groups:
             self.groups.set_state(global_state)
             acc, loss = self._accuracy()
@@ -303,8 +306,11 @@ class Simulator:
             acc, loss = self._accuracy()
             accs.append(acc)
             losses.append(loss)
-        return {"accuracy": float(np.mean(accs)), "loss": float(np.mean(losses)),
-                "per_client_accuracy": accs}
+        scored = sorted(self.client_local) or list(range(self.cfg.clients))
+        return {"accuracy": float(np.mean([accs[c] for c in scored])),
+                "loss": float(np.mean([losses[c] for c in scored])),
+                "per_client_accuracy": accs, "scored_clients": scored,
+                "fedsa_scoring": "trained-clients" if self.client_local else "all-clients (none trained yet)"}
 
     # ------------------------------------------------------------------ checkpointable state
     def state_dict(self, round_index: int, global_state: dict[str, torch.Tensor]) -> dict:
@@ -355,11 +361,22 @@ class Simulator:
             return 0.0
         if not self.private:
             return math.inf
+        if self.not_dp:
+            return math.nan
         return _epsilon_for(float(self.noise_multiplier), float(self.cfg.delta),
                             float(self.sample_rates[cid]), int(steps), self.cfg.accountant)
 
+    @property
+    def not_dp(self) -> bool:
+        """True for the released (non-DP) mechanism: no accountant claim, every output labelled."""
+        return self.cfg.dp_mode == "as-released"
+
     def privacy_summary(self) -> dict:
         eps = [self.client_epsilon(c) for c in range(self.cfg.clients)]
+        if self.not_dp:   # steps are still counted, but no ε exists for a non-DP mechanism
+            return {"epsilon_spent": math.nan, "per_client_epsilon": [math.nan] * self.cfg.clients,
+                    "per_client_steps": [self.ledger.steps(c) for c in range(self.cfg.clients)],
+                    "privacy": NOT_DP, "dp_mode": self.cfg.dp_mode}
         return {"epsilon_spent": max(eps) if eps else 0.0, "per_client_epsilon": eps,
                 "per_client_steps": [self.ledger.steps(c) for c in range(self.cfg.clients)]}
 
@@ -401,6 +418,19 @@ def task_fingerprint(task) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def majority_baseline(task) -> float:
+    """Test accuracy of always predicting the most frequent training label: the bar a model must
+    beat to count as having trained (the report's "did not train" check)."""
+    train = np.asarray(task.train_labels, dtype=np.int64)
+    test = getattr(task, "test_labels", None)
+    if test is None:   # tasks that do not list their test labels: read them item by item
+        test = [int(task.test[i]["labels"]) for i in range(len(task.test))]
+    test = np.asarray(test, dtype=np.int64)
+    if train.size == 0 or test.size == 0:
+        return math.nan
+    return float(np.mean(test == np.bincount(train).argmax()))
+
+
 def _progress_enabled(progress: bool) -> bool:
     env = os.environ.get("LALORA_PROGRESS")
     if env is not None:
@@ -419,7 +449,8 @@ def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resu
     cfg = cfg.resolve(getattr(task, "defaults", {}))
     fingerprint = task_fingerprint(task)
     digest = config_hash({**cfg.to_dict(), "task_fingerprint": fingerprint}, lalora.__version__)
-    run_dir = RunDir.for_config(runs_dir, cfg.task, cfg.method, digest)
+    not_dp = cfg.dp_mode == "as-released"   # the folder name says it too
+    run_dir = RunDir.for_config(runs_dir, cfg.task, cfg.method, digest + ("-NOT-DP" if not_dp else ""))
     if run_dir.is_finished() and not force:
         return RunResult(cfg, run_dir.read_metrics(), run_dir.read_final(), str(run_dir.path), cached=True)
 
@@ -435,7 +466,7 @@ def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resu
     else:
         run_dir.reset()
     run_dir.write_config({**cfg.to_dict(), "hash": digest, "task_fingerprint": fingerprint,
-                          "lalora_version": lalora.__version__})
+                          "lalora_version": lalora.__version__, **({"privacy": NOT_DP} if not_dp else {})})
 
     show = _progress_enabled(progress)
     from tqdm.auto import tqdm
@@ -460,6 +491,7 @@ def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resu
             "train_loss": float(np.mean([u.metrics["train_loss"] for u in updates])),
             "mean_batch_size": float(np.mean([np.mean(u.metrics["batch_sizes"]) for u in updates])),
             "epsilon_spent": privacy["epsilon_spent"],
+            **({"privacy": NOT_DP} if not_dp else {}),
         }
         if t % cfg.eval_every == 0 or t == cfg.rounds:
             ev = sim.evaluate(global_state)
@@ -487,10 +519,16 @@ def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resu
         "delta": cfg.delta, "noise_multiplier": sim.noise_multiplier, "private": sim.private,
         "clip_norm": cfg.clip_norm if sim.private else math.inf,
         "sample_rates": sim.sample_rates, "rounds": cfg.rounds, "filter": bool(cfg.filter),
-        "wall_time_s": elapsed,
+        "wall_time_s": elapsed, "dp_mode": cfg.dp_mode,
+        "majority_baseline": majority_baseline(task),
     }
+    if not_dp:   # σ was picked as real DP at cfg.epsilon would; nothing here is an ε guarantee
+        final.update(private=False, privacy=NOT_DP, target_epsilon=math.nan, clip_norm=math.nan,
+                     sigma_from_epsilon=cfg.epsilon)
     if "test_per_client_accuracy" in last_eval:
         final["per_client_accuracy"] = last_eval["test_per_client_accuracy"]
+        final["scored_clients"] = last_eval["test_scored_clients"]
+        final["fedsa_scoring"] = last_eval["test_fedsa_scoring"]
     run_dir.write_final(final)
     from lalora.results import read_json
 

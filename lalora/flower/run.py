@@ -57,6 +57,8 @@ def _final_summary(strategy, wall_s: float) -> dict:
     }
     if "test_per_client_accuracy" in last_eval:
         final["per_client_accuracy"] = last_eval["test_per_client_accuracy"]
+        final["scored_clients"] = last_eval["test_scored_clients"]
+        final["fedsa_scoring"] = last_eval["test_fedsa_scoring"]
     return final
 
 
@@ -92,6 +94,8 @@ def run_flower(cfg: RunConfig, *, runs_dir: str | os.PathLike | None = "runs", b
     the task from the registry by name)."""
     if backend not in ("ray", "inprocess"):
         raise ValueError(f"backend must be 'ray' or 'inprocess', got {backend!r}")
+    if cfg.dp_mode != "dp":   # the Flower ledger would claim an ε for a mechanism that is not DP
+        raise ValueError("dp_mode 'as-released' runs only in-process (lalora run --engine inprocess)")
     if backend == "ray" and (task is not None or partitions is not None):
         raise ValueError("task/partitions overrides need backend='inprocess' (Ray workers build the "
                          "task from the registry)")

@@ -212,8 +212,12 @@ class LaLoraStrategy(_strategy_base()):
         by_cid = {cid_of[r.metadata.src_node_id]: r.content[KEYS.METRICS] for r in replies}
         accs = [float(by_cid[c]["accuracy"]) for c in range(self.sim.cfg.clients)]
         losses = [float(by_cid[c]["loss"]) for c in range(self.sim.cfg.clients)]
-        self._round.update({"test_accuracy": float(np.mean(accs)), "test_loss": float(np.mean(losses)),
-                            "test_per_client_accuracy": accs})
+        # as Simulator.evaluate: FedSA-LoRA is scored over the clients that have trained so far
+        scored = sorted({c for s in self.sim.schedule[:server_round] for c in s})
+        self._round.update({"test_accuracy": float(np.mean([accs[c] for c in scored])),
+                            "test_loss": float(np.mean([losses[c] for c in scored])),
+                            "test_per_client_accuracy": accs, "test_scored_clients": scored,
+                            "test_fedsa_scoring": "trained-clients"})
         return None
 
     def evaluate_fn(self, server_round, arrays):
@@ -298,6 +302,8 @@ def config_from_run_config(run_config) -> tuple:
     for name in ("task", "method"):
         if name not in values:
             raise ValueError(f"run config must set {name!r}")
+    if values.get("dp_mode", "dp") != "dp":   # a deployment never runs the released (non-DP) step
+        raise ValueError("dp_mode 'as-released' is not allowed in a Flower deployment (not differentially private)")
     return RunConfig(**values), runs_dir
 
 

@@ -1,0 +1,119 @@
+"""Verdicts from paired seeds (lalora.report): mean and 95% Student-t CI of per-seed differences,
+holds / reversed / unresolved from the CI alone, "insufficient seeds" below 3, "did not train" when the
+non-private model did not beat its majority baseline, and a run set counted once across notebooks."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lalora import report
+
+REPO = Path(__file__).resolve().parents[1]
+REPORTED = REPO / "paper" / "reported.yaml"
+
+
+def _runs(task, method, accs, eps=3.0, base=None, **extra):
+    return [{"task": task, "method": method, "epsilon": eps, "seed": s, "accuracy": a,
+             "run_dir": f"runs/{task}/{method}/{task}-{method}-{eps}-{s}-{extra}",
+             **({"majority_baseline": base} if base is not None else {}), **extra}
+            for s, a in enumerate(accs)]
+
+
+def test_paired_difference_matches_a_float64_t_interval():
+    a = {0: 71.0, 1: 74.5, 2: 69.0, 3: 80.0, 4: 75.0, 9: 50.0}    # seed 9 has no partner: dropped
+    b = {0: 70.0, 1: 71.0, 2: 70.5, 3: 74.0, 4: 72.0, 7: 10.0}
+    d = report.paired_difference(a, b)
+    diffs = np.array([1.0, 3.5, -1.5, 6.0, 3.0], dtype=np.float64)
+    half = stats.t.ppf(0.975, 4) * diffs.std(ddof=1) / math.sqrt(5)
+    assert d.n == 5 and d.seeds == [0, 1, 2, 3, 4]
+    assert d.mean == pytest.approx(diffs.mean(), abs=1e-12)
+    assert (d.ci_low, d.ci_high) == pytest.approx((diffs.mean() - half, diffs.mean() + half), abs=1e-12)
+    one = report.paired_difference({0: 2.0}, {0: 1.0})
+    assert one.n == 1 and one.mean == 1.0 and math.isnan(one.ci_low)
+
+
+@pytest.mark.parametrize("better,worse,trained,expected", [
+    ([80, 82, 81, 83, 79], [70, 71, 69, 72, 70], None, "holds"),
+    ([60, 61, 59, 62, 60], [70, 71, 69, 72, 70], True, "reversed"),
+    ([71, 69, 75, 66, 70], [70, 71, 69, 72, 70], True, "unresolved"),
+    ([99, 99], [1, 1], True, "insufficient seeds"),                  # huge gap, but n = 2 < 3
+    ([80, 82, 81, 83, 79], [70, 71, 69, 72, 70], False, "did not train"),
+])
+def test_verdicts_on_synthetic_numbers(better, worse, trained, expected):
+    d = report.paired_difference(dict(enumerate(better)), dict(enumerate(worse)))
+    assert report.verdict(d, trained=trained) == expected
+
+
+def test_claim_verdicts_from_run_records_and_did_not_train():
+    runs = (_runs("t", "la-lora", [80, 82, 81]) + _runs("t", "dp-lora", [70, 71, 69])
+            + _runs("t", "fedavg-lora", [90, 91, 92], eps="inf", base=20.0)
+            + _runs("u", "la-lora", [30, 31, 32]) + _runs("u", "dp-lora", [10, 11, 12])
+            + _runs("u", "fedavg-lora", [14, 15, 16], eps="inf", base=15.4))
+    assert report.trained_tasks(runs) == {"t": True, "u": False}
+    rows = {r["task"]: r for r in report.claim_verdicts(runs)}
+    assert set(rows) == {"t", "u"}                                  # ε = ∞ is the reference, not ranked
+    assert rows["t"]["claim"] == "LA-LoRA > DP-LoRA" and rows["t"]["verdict"] == "holds"
+    assert rows["t"]["n"] == 3 and rows["t"]["mean"] == pytest.approx(11.0)
+    assert rows["u"]["verdict"] == "did not train"                  # 15 % vs a 15.4 % majority baseline
+    # all four methods: adjacent pairs of the claimed order plus the headline first-vs-last
+    assert report.claim_pairs(["dp-lora", "rolora", "la-lora", "ffa-lora"]) == [
+        ("la-lora", "rolora"), ("rolora", "ffa-lora"), ("ffa-lora", "dp-lora"), ("la-lora", "dp-lora")]
+
+
+def test_settings_split_by_mechanism():
+    runs = (_runs("t", "la-lora", [80, 82, 81], dp_mode="as-released")
+            + _runs("t", "dp-lora", [70, 71, 69], dp_mode="as-released")
+            + _runs("t", "la-lora", [70, 70, 70], dp_mode="dp") + _runs("t", "dp-lora", [71, 72, 70], dp_mode="dp"))
+    rows = {r["dp_mode"]: r for r in report.claim_verdicts(runs)}
+    assert rows["as-released"]["verdict"] == "holds" and rows["dp"]["verdict"] == "unresolved"
+
+
+def test_report_counts_a_run_set_once(tmp_path):
+    main = _runs("digits-swin", "la-lora", [80, 82, 81, 83, 79]) + _runs("digits-swin", "dp-lora", [70, 71, 69, 72, 70])
+    sweep = [r for r in main if r["seed"] == 0] + _runs("digits-swin", "la-lora", [60], eps=1.0) \
+        + _runs("digits-swin", "dp-lora", [50], eps=1.0)
+    root = tmp_path / "results" / "offline"
+    root.mkdir(parents=True)
+    (root / "01_main_vision.json").write_text(json.dumps({"runs": main, "table": []}))
+    (root / "04_privacy_utility.json").write_text(json.dumps({"runs": sweep, "table": []}))
+    (root / "05_heterogeneity.json").write_text(json.dumps({"runs": main, "table": []}))
+    text = report.build_report(tmp_path / "results", REPORTED, None)
+    section = text.split("## Verdicts")[1].split("\n## ")[0]
+    assert "95% Student-t interval" in section
+    lines = [ln for ln in section.splitlines() if ln.startswith("| `offline`")]
+    assert len(lines) == 4
+    main_line, = [ln for ln in lines if ln.startswith("| `offline` / 01_main_vision")]
+    assert "| 5 |" in main_line and "| holds |" in main_line
+    het, = [ln for ln in lines if ln.startswith("| `offline` / 05_heterogeneity")]
+    assert "same runs as `offline` / 01_main_vision" in het          # not counted twice
+    eps3, = [ln for ln in lines if ln.startswith("| `offline` / 04") and "epsilon = 3" in ln]
+    assert "same runs as" in eps3 and "| 1 |" in eps3                 # the main table's seed 0
+    eps1, = [ln for ln in lines if ln.startswith("| `offline` / 04") and "epsilon = 1," in ln]
+    assert "insufficient seeds" in eps1
+    assert "Distinct run sets: 1 holds, 1 insufficient seeds." in section
+
+
+def test_ci_bars_figure(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lalora.main_results import verdict_figure
+
+    runs = _runs("t", "la-lora", [80, 82, 81]) + _runs("t", "dp-lora", [70, 71, 69]) \
+        + _runs("t", "rolora", [75, 75, 76])
+    rows = report.claim_verdicts(runs)
+    fig = verdict_figure(rows, "test")
+    ax = fig.axes[0]
+    assert len(ax.get_yticklabels()) == len(rows) == 3
+    # one error bar per claim, spanning exactly its CI
+    segs = [c for c in ax.collections if hasattr(c, "get_segments")]
+    spans = sorted(tuple(np.round(sorted([s[0][0], s[1][0]]), 6)) for c in segs for s in c.get_segments())
+    want = sorted(tuple(np.round([r["ci_low"], r["ci_high"]], 6)) for r in rows)
+    assert spans == want
+    plt.close(fig)
