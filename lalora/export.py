@@ -81,8 +81,8 @@ def _task_of(cfg, raw: dict, task):
     if task is None:
         try:
             task = _load_task(cfg)
-        except (ValueError, KeyError) as err:
-            raise ExportError(f"cannot rebuild task {cfg.task!r} of the run ({err}); pass task=") from None
+        except (ValueError, KeyError, FileNotFoundError, ImportError) as err:
+            raise ExportError(f"cannot rebuild task {cfg.task!r} of the run: {err}") from None
     want = raw.get("task_fingerprint")
     if want is not None and task_fingerprint(task) != want:
         raise ExportError(f"task {cfg.task!r} differs from the run's (fingerprint {task_fingerprint(task)} "

@@ -16,7 +16,6 @@ per tensor, ΔW = W_N - W_0.
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
