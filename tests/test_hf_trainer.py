@@ -4,7 +4,8 @@ Checks: Poisson batches (rate q, independent draws, empty batches handled as noi
 Trainer's updates equal the same DP steps written by hand (same batches, same noise, SGD) to 1e-6
 relative; sigma calibrated so the planned steps spend <= target ε, and training stops at the budget
 with an explicit sigma; bf16 autocast keeps fp32 master weights and gradients within 5e-2 (relative
-to the largest entry) of the fp32 step; refused settings say which argument; the README example on
+to the largest entry, per tensor) of the fp32 step on a small PEFT MLP, and within 2e-2 relative L2
+(all trainable tensors jointly) on the PEFT MiniLM; refused settings say which argument; the README example on
 the offline MiniLM runs at reduced size and reports ε <= budget.
 """
 from __future__ import annotations
@@ -244,3 +245,30 @@ def test_readme_example_runs_reduced_and_stays_within_budget(tmp_path, monkeypat
     assert trainer.dp_steps == 3 and 0 < trainer.epsilon_spent() <= 3.0
     assert trainer.sample_rate == 16 / 32
     assert "<= 3.0 after 3 DP steps" in capsys.readouterr().out
+
+
+def test_bf16_on_peft_minilm_within_stated_tolerance(tmp_path):
+    """The real MiniLM (6 layers of attention in bf16): the DP gradient (noise ~0, no clipping) over
+    all trainable tensors jointly is within 2e-2 relative L2 of the fp32 one (measured 8.3e-3).
+    Per-tensor max errors are larger on tensors whose gradient is ~0 (attention key biases)."""
+    import copy
+
+    from test_peft_e2e import peft_minilm
+    from test_per_sample_grads import text_batch, text_loss
+
+    base = peft_minilm()
+    batch = text_batch(base.base_model.model.encoder.config.vocab_size, n=6, t=8, seed=3)
+    grads = {}
+    for precision in ("fp32", "bf16"):
+        model = copy.deepcopy(base)
+        trainer = DPTrainer(model=model, args=args(tmp_path, per_device_train_batch_size=3),
+                            train_dataset=[{k: v[i] for k, v in batch.items()} for i in range(6)],
+                            noise_multiplier=1e-6, target_delta=1e-5, clip_norm=100.0,
+                            per_sample_loss=text_loss, precision=precision, noise_seed=0, backend="torch")
+        trainer.training_step(model, batch)
+        grads[precision] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(g.dtype == torch.float32 for g in grads[precision].values())
+    num = sum(float((grads["bf16"][n] - g).pow(2).sum()) for n, g in grads["fp32"].items())
+    den = sum(float(g.pow(2).sum()) for g in grads["fp32"].values())
+    rel = math.sqrt(num / den)
+    assert 0 < rel <= 2e-2, rel
