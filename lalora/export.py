@@ -98,14 +98,14 @@ def run_model(run_dir, *, task=None) -> tuple[nn.Module, object]:
 
 
 def _model_with_state(cfg, task, state: dict) -> nn.Module:
+    from lalora.federated.methods import get_method
     from lalora.federated.state import ParamGroups
 
-    torch.manual_seed(cfg.seed)           # as the simulator builds it
-    model = task.build_model()
+    with torch.random.fork_rng():         # seeded as the simulator builds it; the caller's RNG is kept
+        torch.manual_seed(cfg.seed)
+        model = task.build_model()
     groups = ParamGroups.from_model(model)
     known = set(groups.names())
-    from lalora.federated.methods import get_method
-
     # A group the method never sends to the server (FedSA-LoRA: B and the head) stays at its initial
     # value in the global state: exporting it would silently drop what the clients learned.
     local = sorted(get_method(cfg.method).local_only & {"A", "B", "head"})
@@ -117,6 +117,9 @@ def _model_with_state(cfg, task, state: dict) -> nn.Module:
     unknown = sorted(set(state) - known)
     if unknown:
         raise ExportError(f"the run's global state has parameters this task's model lacks: {unknown[:3]}")
+    outside = [n for n in groups.params["head"] if not n.startswith(task.head_name + ".")]
+    if outside:   # PEFT's modules_to_save holds the head only: anything else trained would be lost
+        raise ExportError(f"trainable parameters outside the head {task.head_name!r}: {outside[:3]}")
     groups.set_state(state)
     return model.eval()
 
@@ -138,8 +141,9 @@ def base_model(run_dir, *, task=None) -> nn.Module:
     """The run's task model without LoRA and with the untrained head: what PEFT loads OUT onto."""
     _, cfg, raw, _ = _finished_run(run_dir)
     task = _task_of(cfg, raw, task)
-    torch.manual_seed(cfg.seed)
-    return strip_lora(task.build_model()).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return strip_lora(task.build_model()).eval()
 
 
 def _lora_config(model: nn.Module, head_name: str):
@@ -180,8 +184,8 @@ def export_adapter(run_dir, out, *, task=None) -> Path:
     head = peft_model.base_model.model.get_submodule(head_name)
     with torch.no_grad():
         head.modules_to_save["default"].load_state_dict(model.get_submodule(head_name).state_dict())
-    # PEFT writes into a scratch folder; each file is then moved in with the atomic writer, so OUT
-    # never holds a half-written adapter.
+    # PEFT writes into a scratch folder; each file is then moved in with the atomic writer, so no
+    # file of OUT is ever half-written (a re-export replaces them one by one).
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         peft_model.save_pretrained(tmp)

@@ -172,8 +172,9 @@ class DPTrainer(Trainer):
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError("gradient_accumulation_steps must be 1: each DP step is one Poisson batch; "
                              f"got {self.args.gradient_accumulation_steps}")
-        if self.args.world_size > 1:
-            raise ValueError(f"DPTrainer runs in one process (world_size={self.args.world_size})")
+        if self.args.world_size > 1 or self.args.n_gpu > 1:
+            raise ValueError(f"DPTrainer runs in one process on one device (world_size={self.args.world_size}, "
+                             f"n_gpu={self.args.n_gpu}): set CUDA_VISIBLE_DEVICES to one GPU")
         if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
             raise ValueError("train_dataset must be a map-style dataset with a length (Poisson sampling)")
         self.args.max_grad_norm = 0.0
@@ -215,7 +216,7 @@ class DPTrainer(Trainer):
             self.budget_steps = max_steps_within(self.target_epsilon, self.noise_multiplier, self.sample_rate,
                                                  self.target_delta, self.accountant_kind,
                                                  limit=self.dp_steps + self.planned_steps())
-        return super().train(*args, **kwargs)
+        return super().train(None, *args, **kwargs)
 
     def epsilon_spent(self) -> float:
         """ε of the steps taken so far (0 before the first)."""
