@@ -27,9 +27,10 @@ import copy
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:   # torch, peft and the tasks load lazily, so `lalora --help` stays fast
+    from torch import nn
 
 __all__ = ["export_adapter", "base_model", "run_model", "strip_lora", "ExportError"]
 
@@ -98,6 +99,8 @@ def run_model(run_dir, *, task=None) -> tuple[nn.Module, object]:
 
 
 def _model_with_state(cfg, task, state: dict) -> nn.Module:
+    import torch
+
     from lalora.federated.methods import get_method
     from lalora.federated.state import ParamGroups
 
@@ -139,6 +142,8 @@ def strip_lora(model: nn.Module) -> nn.Module:
 
 def base_model(run_dir, *, task=None) -> nn.Module:
     """The run's task model without LoRA and with the untrained head: what PEFT loads OUT onto."""
+    import torch
+
     _, cfg, raw, _ = _finished_run(run_dir)
     task = _task_of(cfg, raw, task)
     with torch.random.fork_rng():
@@ -167,6 +172,7 @@ def export_adapter(run_dir, out, *, task=None) -> Path:
 
     `task`: the run's Task object, for a task that is not in the registry (tests); by default it is
     rebuilt from config.json."""
+    import torch
     from peft import get_peft_model
 
     from lalora.lora import copy_lora_weights
