@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = [
     "lalora.site",               # lalora site
     "lalora.bench",              # lalora bench
     "lalora.audit.cli",          # lalora audit
+    "lalora.export",             # lalora export-adapter
 ]
 
 
