@@ -45,7 +45,6 @@ checkpoint of round N (used to test crash + resume).
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import random
@@ -63,6 +62,9 @@ from lalora.federated.client import ClientData, LocalTraining, local_train
 from lalora.federated.methods import get_method
 from lalora.federated.server import ClientUpdate, aggregate
 from lalora.federated.state import ParamGroups
+from lalora.privacy.accountant import binding_pairs as _binding_pairs
+from lalora.privacy.accountant import cached_epsilon_for as _epsilon_for
+from lalora.privacy.accountant import sigma_for_pairs as _sigma_for
 from lalora.results import RunDir, config_hash
 
 __all__ = ["Simulator", "ClientUpdate", "RunResult", "run_experiment", "client_schedule",
@@ -82,65 +84,6 @@ def client_schedule(num_clients: int, per_round: int, rounds: int, seed: int) ->
     rng = np.random.default_rng(_derived_seed(seed, _TAG_SCHEDULE))
     return [sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
             for _ in range(rounds)]
-
-
-def _binding_pairs(pairs) -> tuple:
-    """(q, steps) pairs not dominated by another (larger-or-equal q and steps needs at least as much
-    noise), sorted: the only ones that can set σ."""
-    pairs = sorted(set(pairs))
-    return tuple(p for p in pairs
-                 if not any(o != p and o[0] >= p[0] and o[1] >= p[1] for o in pairs))
-
-
-@functools.lru_cache(maxsize=256)
-def _sigma_for(epsilon: float, delta: float, pairs: tuple, accountant: str) -> float:
-    """One σ with which every (q, steps) pair meets ``epsilon`` (the largest per-pair σ, up to the
-    bisection tolerance). The accountant's bisection costs seconds, so bisect only for the pair
-    most likely to bind (largest q·√steps) and merely check the others, re-bisecting for any that
-    still exceeds ε (σ only grows, so earlier checks stay valid). Memoised per config."""
-    from lalora.privacy.accountant import noise_multiplier_for
-
-    ordered = sorted(pairs, key=lambda p: p[0] * math.sqrt(p[1]), reverse=True)
-    sigma = noise_multiplier_for(epsilon, delta, ordered[0][0], ordered[0][1], accountant)
-    for q, steps in ordered[1:]:
-        if _epsilon_for(sigma, delta, q, steps, accountant) > epsilon:
-            sigma = noise_multiplier_for(epsilon, delta, q, steps, accountant)
-    return sigma
-
-
-@functools.lru_cache(maxsize=4096)
-def _rdp_one_step(q: float, sigma: float) -> np.ndarray:
-    from opacus.accountants.analysis import rdp as rdp_analysis
-    from opacus.accountants.rdp import RDPAccountant
-
-    return np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
-                                               orders=RDPAccountant.DEFAULT_ALPHAS))
-
-
-@functools.lru_cache(maxsize=65536)
-def _epsilon_for(sigma: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    """ε of ``steps`` steps at (σ, q), i.e. the ledger's value for a client whose history is this one
-    (σ, q) entry (tests check equality). RDP is linear in the number of steps, so for the RDP
-    accountant the one-step RDP curve is computed once per (q, σ) and scaled -- the same arithmetic
-    as Opacus' ``compute_rdp`` -- which makes the per-round metric cheap."""
-    if steps == 0:
-        return 0.0
-    if sigma == 0:
-        return math.inf
-    if accountant != "rdp":
-        from lalora.privacy.accountant import epsilon_for
-
-        return epsilon_for(sigma, delta, q, steps, accountant)
-    import warnings
-
-    from opacus.accountants.analysis import rdp as rdp_analysis
-    from opacus.accountants.rdp import RDPAccountant
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
-        eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS,
-                                                rdp=_rdp_one_step(q, sigma) * steps, delta=delta)
-    return float(eps)
 
 
 def _load_task(cfg: RunConfig):

@@ -309,7 +309,7 @@ def _make_deployment_app():
     @deployment_app.main()
     def main(grid, context) -> None:
         from lalora.federated.simulation import Simulator
-        from lalora.flower.run import _final_summary, _write
+        from lalora.flower.rundir import final_summary, write_run_folder
 
         cfg, runs_dir = config_from_run_config(context.run_config)
         t0 = time.perf_counter()
@@ -317,7 +317,7 @@ def _make_deployment_app():
         strategy = LaLoraStrategy(sim, discover_clients(grid, sim))
         strategy.run(grid)
         if runs_dir:
-            _write(runs_dir, strategy, _final_summary(strategy, time.perf_counter() - t0))
+            write_run_folder(runs_dir, strategy, final_summary(strategy, time.perf_counter() - t0))
 
     return deployment_app
 
