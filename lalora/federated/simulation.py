@@ -28,8 +28,10 @@ How a run works
   client meets the target ε (the binding client is the one with the most steps, or largest q), and
   each client's spent ε is kept in a ``PrivacyLedger`` (idempotent per (client, round): a resumed
   round is never counted twice).
-- Randomness: the model build is seeded with ``cfg.seed``; each client owns two torch generators
-  (Poisson sampling, DP noise) seeded from (seed, client); LoRA dropout uses the global torch RNG.
+- Randomness: the model build is seeded with ``cfg.seed``; each client owns two torch generators:
+  Poisson sampling seeded from (seed, client), DP noise from (seed, hash of the resolved config,
+  client); LoRA dropout uses the global torch RNG. (Seeded noise is for simulation: deployed Flower
+  nodes draw from OS entropy, lalora.flower.node.)
   Every RNG state (torch, numpy, python, per-client generators) is checkpointed after every round,
   with the global state, fedsa's client-local state, the ledger and the round index; optimizer state
   is reset every round, so there is none to keep.
@@ -162,7 +164,12 @@ class Simulator:
             clipping=cfg.clipping)
         self.sampling_generators = [torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_SAMPLING, c))
                                     for c in range(cfg.clients)]
-        self.noise_generators = [torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_NOISE, c))
+        # Noise streams also depend on the whole resolved config: two runs that differ only in ε (or
+        # any setting) must not draw the same N(0, 1) vectors, or their releases subtract to the
+        # clipped sum. Sampling, partition, LoRA init and schedule stay (seed, client): paired runs.
+        noise_key = int(config_hash(cfg.to_dict(), "noise-stream", length=15), 16)
+        self.noise_generators = [torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_NOISE,
+                                                                             noise_key, c))
                                  for c in range(cfg.clients)]
         torch.manual_seed(_derived_seed(cfg.seed, _TAG_TORCH))   # LoRA dropout during training
         local_groups = self.method.local_only & {"A", "B", "head"}

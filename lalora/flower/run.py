@@ -55,7 +55,7 @@ def run_flower(cfg: RunConfig, *, runs_dir: str | os.PathLike | None = "runs", b
     def show(record: dict) -> None:
         acc = record.get("test_accuracy")
         print(f"[flower] round {record['round']}/{cfg.rounds if cfg.rounds else '?'}: "
-              f"loss {record['train_loss']:.4f} | eps {record['epsilon_spent']:.3f} | "
+              f"loss {record.get('train_loss', float('nan')):.4f} | eps {record['epsilon_spent']:.3f} | "
               f"acc {'-' if acc is None else f'{acc:.4f}'} | up {record['uplink_payload_bytes']} B | "
               f"{record['round_s']:.1f}s", file=sys.stderr, flush=True)
 
@@ -66,7 +66,7 @@ def run_flower(cfg: RunConfig, *, runs_dir: str | os.PathLike | None = "runs", b
     holder: dict = {}
     server_app = make_server_app(cfg, holder=holder, task=task, partitions=partitions,
                                  timeout=timeout, progress=show if progress else None)
-    client_app = make_client_app(task=task, partitions=partitions)
+    client_app = make_client_app(task=task, partitions=partitions, deployment=False)   # seeded
     t0 = time.perf_counter()
     if backend == "inprocess":
         from flwr.app import Context, RecordDict

@@ -24,6 +24,8 @@ def final_summary(strategy, wall_s: float) -> dict:
         "noise_multiplier": sim.noise_multiplier, "private": sim.private,
         "clip_norm": cfg.clip_norm if sim.private else math.inf, "sample_rates": sim.sample_rates,
         "rounds": cfg.rounds, "filter": bool(cfg.filter),
+        # where each client's noise and Poisson batches came from (seeded = simulation only)
+        "noise_sources": sorted(set(strategy.noise_sources.values())),
         # as in the in-process final.json: the rounds only; total_wall_s adds Ray start-up,
         # worker task builds and node discovery
         "wall_time_s": strategy.records[-1]["elapsed_s"] if strategy.records else 0.0,

@@ -32,13 +32,22 @@ import numpy as np
 from lalora.flower.encoding import (KEYS, downlink_groups, payload_bytes, record_to_state,
                                     state_to_record)
 
-__all__ = ["LaLoraStrategy", "discover_clients", "make_server_app"]
+__all__ = ["LaLoraStrategy", "discover_clients", "make_server_app", "PRIVATE_METRICS"]
+
+# computed on a client's private batches without noise: only simulated clients send them
+PRIVATE_METRICS = ("train_loss", "mean_batch_size")
 
 
 def _check_replies(replies, expected: int, what: str) -> list:
     replies = list(replies)
     errors = [r.error.reason for r in replies if r.has_error()]
-    if errors:
+    if errors:   # e.g. a node refusing a round (lalora.flower.node.RequestRefused): logged, not hidden
+        from logging import ERROR
+
+        from flwr.common.logger import log
+
+        for reason in errors:
+            log(ERROR, "lalora: a client refused or failed %s: %s", what, reason)
         raise RuntimeError(f"{len(errors)} client(s) failed during {what}: {errors[0]}")
     if len(replies) != expected:
         raise RuntimeError(f"{what}: got {len(replies)} replies, expected {expected} "
@@ -129,6 +138,7 @@ class LaLoraStrategy(_strategy_base()):
         self.down_names = set(sim.groups.names(self.down_groups))
         self.records: list[dict] = []
         self._round: dict = {}
+        self.noise_sources: dict[int, str] = {}   # client -> "os-entropy" | "seeded" (run metadata)
 
     # ------------------------------------------------------------------ train
     def configure_train(self, server_round, arrays, config, grid):
@@ -170,15 +180,19 @@ class LaLoraStrategy(_strategy_base()):
             if int(m["ledger_steps"]) != ledger.steps(cid):
                 raise RuntimeError(f"client {cid} reports {int(m['ledger_steps'])} DP steps, the "
                                    f"server's ledger {ledger.steps(cid)}")
+            private = {k: float(m[k]) for k in PRIVATE_METRICS if k in m}
             updates.append(ClientUpdate(state=record_to_state(arrays), num_samples=int(m["num_samples"]),
-                                        num_steps=int(m["num_steps"]), client_id=cid,
-                                        metrics={"train_loss": float(m["train_loss"]),
-                                                 "mean_batch_size": float(m["mean_batch_size"])}))
+                                        num_steps=int(m["num_steps"]), client_id=cid, metrics=private))
+            self.noise_sources[cid] = str(r.content[KEYS.CONFIG]["noise_source"])
         self.global_state = self.sim.server_aggregate(updates, t, self.global_state)
         privacy = self.sim.privacy_summary()
+        # Simulated clients send their un-noised diagnostics; they stay in the local run folder,
+        # listed under "private_metrics". Deployed clients never send them.
+        private = [k for k in PRIVATE_METRICS if all(k in u.metrics for u in updates)]
+        self._round.update({k: float(np.mean([u.metrics[k] for u in updates])) for k in private})
+        if private:
+            self._round["private_metrics"] = private
         self._round.update({
-            "train_loss": float(np.mean([u.metrics["train_loss"] for u in updates])),
-            "mean_batch_size": float(np.mean([u.metrics["mean_batch_size"] for u in updates])),
             "epsilon_spent": privacy["epsilon_spent"],
             "uplink_payload_bytes": up_payload, "uplink_record_bytes": up_record,
             "downlink_payload_bytes": self._round["downlink_payload_bytes_per_client"] * len(clients),

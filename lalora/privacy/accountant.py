@@ -326,6 +326,10 @@ class PrivacyLedger:
     def steps(self, client: Hashable) -> int:
         return self._get(client).steps
 
+    def rounds(self, client: Hashable) -> list:
+        """The round keys recorded for ``client`` (in recording order)."""
+        return list(self._get(client).rounds)
+
     def epsilon(self, client: Hashable) -> float:
         rec = self._get(client)
         if rec.epsilon is None:
