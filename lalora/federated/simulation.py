@@ -140,6 +140,9 @@ class Simulator:
         if empty:
             raise ValueError(f"clients {empty} have no training examples; change partition/beta/seed")
 
+        if cfg.private:
+            self.verify_clipping_unit()
+
         self.schedule = client_schedule(cfg.clients, cfg.clients_per_round, cfg.rounds, cfg.seed)
         rounds_of = [sum(cid in s for s in self.schedule) for cid in range(cfg.clients)]
         self.planned_steps = [cfg.local_steps * n for n in rounds_of]
@@ -177,6 +180,28 @@ class Simulator:
         self._local_groups = frozenset(local_groups)
 
     # ------------------------------------------------------------------ privacy
+    def verify_clipping_unit(self) -> None:
+        """Run the clipping-unit probe (lalora.privacy.unit_probe) once, with every LoRA factor and
+        the head trainable, on the first examples of the first client that has 2: a model whose
+        rows are not one sample each raises before any step. Nothing computed here is released."""
+        from lalora.privacy.dp_step import _engine_per_sample_grads
+        from lalora.privacy.unit_probe import verify_clipping_unit
+
+        data = next((d for d in self.client_data if len(d) >= 2), None)
+        if data is None:
+            return
+        batch = data.batch(torch.arange(min(3, len(data))))
+
+        def loss_fn(model, b):
+            return torch.nn.functional.cross_entropy(self.task.forward(model, b), b["labels"],
+                                                     reduction="none")
+
+        self.groups.set_trainable(frozenset({"A", "B"}), head=self.train_head)
+        try:
+            verify_clipping_unit(self.model, loss_fn, batch, _engine_per_sample_grads)
+        finally:
+            self.groups.set_trainable(frozenset(), head=False)
+
     def _calibrate_sigma(self) -> float:
         pairs = _binding_pairs((q, s) for q, s in zip(self.sample_rates, self.planned_steps) if s > 0)
         return _sigma_for(float(self.cfg.epsilon), float(self.cfg.delta), pairs, self.cfg.accountant)
