@@ -105,6 +105,10 @@ def verify_clipping_unit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], t
             m.train(mode)
     for name in params:
         g = engine[name]
+        if not (torch.isfinite(g).all() and all(torch.isfinite(lp[name]).all() for lp in loop)):
+            # bad data, not a wrong unit: the same error the DP step gives
+            raise FloatingPointError(f"NaN/Inf in the per-sample gradient of parameter {name!r} "
+                                     "(clipping-unit probe, first samples of the data)")
         if g.shape[0] != 2:
             raise ClippingUnitError(f"parameter {name!r}: the engine returned {g.shape[0]} per-sample "
                                     "gradients for 2 samples")
