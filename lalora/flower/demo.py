@@ -14,7 +14,8 @@ What it does (docs/FLOWER.md, section 2, shows the same commands):
    --disable-runtime-dependency-installation`` (the environment already has lalora);
 3. per node i: ``flower-supernode --insecure --superlink 127.0.0.1:P --port Q_i --node-config
    'partition-id=i num-partitions=N state-dir="<workdir>/node<i>" epsilon=E delta=D'``;
-4. ``flwr run <workdir>/app lalora-demo``, then waits for ``final.json`` in ``<workdir>/runs``;
+4. ``flwr run <workdir>/app lalora-demo``, then waits for ``final.json`` in ``<workdir>/runs``
+   (optionally killing and restarting one SuperNode mid-run: ``restart_node``);
 5. stops every process it started (its own process groups), whatever happens.
 
 Returns final.json, the metrics rows and each node's persisted ledger (lalora.flower.node).
@@ -115,8 +116,12 @@ def _stop(procs: list) -> None:
 def run_demo(workdir, *, rounds: int = 2, nodes: int = 3, clients_per_round: int = 2, epsilon: float = 3.0,
              delta: float = 1e-5, task: str = "digits-swin", method: str = "la-lora", local_steps: int = 2,
              batch_size: int = 8, task_options: dict | None = None, timeout: float = 1800.0,
-             log=print) -> dict:
-    """Run one lalora experiment on a local SuperLink + ``nodes`` SuperNodes (module docstring)."""
+             restart_node: int | None = None, restart_at_round: int = 2, log=print) -> dict:
+    """Run one lalora experiment on a local SuperLink + ``nodes`` SuperNodes (module docstring).
+
+    ``restart_node=i``: once round ``restart_at_round`` has started (another node's log shows it),
+    SuperNode i is killed (its whole process group, SIGKILL) and started again with the same node
+    config and state folder; it rejoins under a new node id, and the ServerApp finds it."""
     from lalora.flower.node import NodeStore
 
     workdir = Path(workdir).resolve()
@@ -145,12 +150,25 @@ def run_demo(workdir, *, rounds: int = 2, nodes: int = 3, clients_per_round: int
     get_task(task, **task_options).build_model()
 
     procs: list = []
+    node_procs: dict[int, subprocess.Popen] = {}
     t0 = time.perf_counter()
 
-    def start(name: str, cmd: list) -> None:
+    def start(name: str, cmd: list) -> subprocess.Popen:
         out = open(workdir / f"{name}.log", "ab")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    def start_node(i: int) -> None:
+        state_dir = workdir / f"node{i}"
+        state_dir.mkdir(exist_ok=True)
+        node_procs[i] = start(f"node{i}", [
+            str(bindir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+            "--port", str(free_port()), "--node-config",
+            f'partition-id={i} num-partitions={nodes} state-dir="{state_dir}" '
+            f"epsilon={float(epsilon)} delta={float(delta)}"])
+
+    restarted = None
 
     try:
         start("superlink", [str(bindir / "flower-superlink"), "--insecure", "--port", str(link_port),
@@ -158,12 +176,7 @@ def run_demo(workdir, *, rounds: int = 2, nodes: int = 3, clients_per_round: int
                             "--disable-runtime-dependency-installation"])
         _wait_port(link_port, 120)
         for i in range(nodes):
-            state_dir = workdir / f"node{i}"
-            state_dir.mkdir(exist_ok=True)
-            start(f"node{i}", [str(bindir / "flower-supernode"), "--insecure", "--superlink",
-                               f"127.0.0.1:{link_port}", "--port", str(free_port()), "--node-config",
-                               f'partition-id={i} num-partitions={nodes} state-dir="{state_dir}" '
-                               f"epsilon={float(epsilon)} delta={float(delta)}"])
+            start_node(i)
         log(f"[flower-demo] SuperLink on 127.0.0.1:{link_port}, {nodes} SuperNodes; logs in {workdir}")
         with open(workdir / "flwr-run.log", "ab") as out:
             done = subprocess.run([str(bindir / "flwr"), "run", str(workdir / "app"), "lalora-demo"],
@@ -175,6 +188,17 @@ def run_demo(workdir, *, rounds: int = 2, nodes: int = 3, clients_per_round: int
             if time.monotonic() > end:
                 raise TimeoutError(f"no final.json in {runs_dir} after {timeout:.0f}s "
                                    f"(see {workdir}/*.log)")
+            if restart_node is not None and restarted is None and any(
+                    f"ROUND {restart_at_round}]" in (workdir / f"node{j}.log").read_text(errors="replace")
+                    for j in range(nodes) if j != restart_node):
+                old = node_procs[restart_node]
+                os.killpg(old.pid, signal.SIGKILL)
+                old.wait()
+                procs.remove(old)
+                start_node(restart_node)
+                restarted = time.perf_counter() - t0
+                log(f"[flower-demo] SuperNode {restart_node} killed and restarted at {restarted:.0f}s "
+                    f"(round {restart_at_round} under way)")
             dead = [p.args[0] for p in procs if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"{dead[0]} exited early (see {workdir}/*.log)")
@@ -192,7 +216,7 @@ def run_demo(workdir, *, rounds: int = 2, nodes: int = 3, clients_per_round: int
     log(f"[flower-demo] finished in {wall:.0f}s: ε spent {final['epsilon_spent']:.3f}, accuracy "
         f"{final['accuracy']}, run folder {run_folder}")
     return {"final": final, "metrics": metrics, "node_ledgers": ledgers, "run_dir": str(run_folder),
-            "wall_s": wall}
+            "wall_s": wall, "restarted_at_s": restarted}
 
 
 def main(argv=None) -> int:
@@ -202,8 +226,10 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="runs/flower-demo")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--restart-node", type=int, default=None,
+                   help="kill and restart this SuperNode once round 2 is under way")
     args = p.parse_args(argv)
-    run_demo(args.workdir, rounds=args.rounds, nodes=args.nodes)
+    run_demo(args.workdir, rounds=args.rounds, nodes=args.nodes, restart_node=args.restart_node)
     return 0
 
 
