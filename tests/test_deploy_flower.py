@@ -51,3 +51,33 @@ def test_superlink_and_three_supernodes_with_a_node_restart(tmp_path, monkeypatc
         assert sorted(ledger.rounds(run)) == rounds      # node 0: [1, 3], across its restart
         assert ledger.epsilon(run) == pytest.approx(final["per_client_epsilon"][i], rel=1e-9)
         assert ledger.epsilon(run) <= 3.0 + 1e-9
+
+
+@pytest.mark.slow
+def test_seeded_deployment_equals_the_inprocess_engine(tmp_path, monkeypatch):
+    """Seeded streams on the nodes (noise="seeded", simulation semantics over real processes): the
+    final global LoRA/head state equals the in-process engine's for the same config."""
+    import torch
+
+    from lalora.federated.simulation import Simulator
+    from lalora.flower.demo import run_demo
+    from lalora.flower.rundir import GLOBAL_STATE_FILE
+    from lalora.flower.server_app import config_from_run_config
+    from lalora.results import load_checkpoint
+
+    if not os.environ.get("LALORA_CACHE"):
+        monkeypatch.setenv("LALORA_CACHE", str(tmp_path / "cache"))
+    res = run_demo(tmp_path / "demo", rounds=2, nodes=3, clients_per_round=2, epsilon=3.0,
+                   local_steps=2, timeout=1500, noise="seeded")
+    assert res["final"]["noise_sources"] == ["seeded"]
+    deployed = load_checkpoint(f"{res['run_dir']}/{GLOBAL_STATE_FILE}")
+    cfg, _ = config_from_run_config(res["run_config"])
+    sim = Simulator(cfg)
+    state = sim.initial_global_state()
+    for t in range(1, sim.cfg.rounds + 1):
+        state = sim.server_aggregate([sim.client_update(c, t, state) for c in sim.sampled_clients(t)],
+                                     t, state)
+    assert set(deployed) == set(state)
+    for k in state:
+        assert torch.allclose(deployed[k], state[k], rtol=0, atol=1e-6), k
+    assert res["final"]["per_client_steps"] == sim.privacy_summary()["per_client_steps"]

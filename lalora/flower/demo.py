@@ -116,12 +116,15 @@ def _stop(procs: list) -> None:
 def run_demo(workdir, *, rounds: int = 2, nodes: int = 3, clients_per_round: int = 2, epsilon: float = 3.0,
              delta: float = 1e-5, task: str = "digits-swin", method: str = "la-lora", local_steps: int = 2,
              batch_size: int = 8, task_options: dict | None = None, timeout: float = 1800.0,
-             restart_node: int | None = None, restart_at_round: int = 2, log=print) -> dict:
+             restart_node: int | None = None, restart_at_round: int = 2, noise: str = "os-entropy",
+             log=print) -> dict:
     """Run one lalora experiment on a local SuperLink + ``nodes`` SuperNodes (module docstring).
 
     ``restart_node=i``: once round ``restart_at_round`` has started (another node's log shows it),
     SuperNode i is killed (its whole process group, SIGKILL) and started again with the same node
-    config and state folder; it rejoins under a new node id, and the ServerApp finds it."""
+    config and state folder; it rejoins under a new node id, and the ServerApp finds it.
+    ``noise="seeded"``: the nodes use the seeded streams (reproducible; each logs a warning).
+    The returned ``run_config`` is the Flower run config (``config_from_run_config`` maps it)."""
     from lalora.flower.node import NodeStore
 
     workdir = Path(workdir).resolve()
@@ -166,7 +169,7 @@ def run_demo(workdir, *, rounds: int = 2, nodes: int = 3, clients_per_round: int
             str(bindir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
             "--port", str(free_port()), "--node-config",
             f'partition-id={i} num-partitions={nodes} state-dir="{state_dir}" '
-            f"epsilon={float(epsilon)} delta={float(delta)}"])
+            f'epsilon={float(epsilon)} delta={float(delta)} noise="{noise}"'])
 
     restarted = None
 
@@ -216,7 +219,7 @@ def run_demo(workdir, *, rounds: int = 2, nodes: int = 3, clients_per_round: int
     log(f"[flower-demo] finished in {wall:.0f}s: ε spent {final['epsilon_spent']:.3f}, accuracy "
         f"{final['accuracy']}, run folder {run_folder}")
     return {"final": final, "metrics": metrics, "node_ledgers": ledgers, "run_dir": str(run_folder),
-            "wall_s": wall, "restarted_at_s": restarted}
+            "wall_s": wall, "restarted_at_s": restarted, "run_config": run_config}
 
 
 def main(argv=None) -> int:

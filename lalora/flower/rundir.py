@@ -8,7 +8,9 @@ import math
 
 import lalora
 
-__all__ = ["final_summary", "write_run_folder"]
+__all__ = ["final_summary", "write_run_folder", "GLOBAL_STATE_FILE"]
+
+GLOBAL_STATE_FILE = "global_state.pt"
 
 
 def final_summary(strategy, wall_s: float) -> dict:
@@ -57,4 +59,9 @@ def write_run_folder(runs_dir, strategy, final: dict) -> str:
     for record in strategy.records:
         run_dir.append_metrics(record)
     run_dir.write_final({**final, "hash": digest})
+    # the final global LoRA/head state (checksummed), so a deployment can be compared with a rerun
+    from lalora.results import save_checkpoint
+
+    save_checkpoint(run_dir.path / GLOBAL_STATE_FILE, {k: v.detach().cpu() for k, v in
+                                                        strategy.global_state.items()})
     return str(run_dir.path)
