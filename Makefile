@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow test-all reproduce notebooks bench clean-venv help lab site test-site
+.PHONY: setup test test-slow test-all reproduce notebooks bench flower-demo clean-venv help lab site test-site
 
 help:
 	@echo "make reproduce | make test | make test-slow | make bench | make notebooks PROFILE=ci | make lab | make site PROFILE=offline | make test-site"
@@ -37,6 +37,10 @@ test-all: setup
 
 reproduce: setup
 	$(BIN)/lalora notebooks --profile $(PROFILE)
+
+# A real Flower deployment on 127.0.0.1: SuperLink + 3 SuperNodes (own state folders), `flwr run`
+flower-demo: setup
+	$(BIN)/python -m lalora.flower.demo --workdir runs/flower-demo
 
 notebooks: reproduce
 

@@ -22,11 +22,13 @@
 # (one DP-LoRA step, full batch: sampling rate q = 1, so the accountant's ε is for one step of the
 # Gaussian mechanism with σ = `noise_multiplier_for(ε, δ, 1, 1)`), with and without a canary whose
 # gradient norm is 10·C. Score = projection of the released noisy gradient on the canary direction.
-# Two lower bounds, each at 97.5% confidence so that both hold jointly at 95%: *Clopper–Pearson*
-# (threshold chosen on half the trials, assumption-free) and *Gaussian scores* (μ-GDP fit of the two
-# score distributions, valid when they are Gaussian with equal variance — checked). The audit's
-# bound is the larger of the two. Counting bounds top out near log(trials), so at realistic trial
-# counts only the Gaussian-score bound can see a noise scale that is 2× too small.
+# One *lower bound*, Clopper–Pearson (threshold chosen on half the trials, assumption-free, 95%): it
+# alone decides whether the mechanism violates its ε. Beside it an *estimate*: the μ-GDP fit of the
+# two score distributions, which assumes Gaussian scores of equal variance. It is not a bound and
+# decides nothing (passing normality diagnostics does not make it one: with Student-t noise it
+# exceeded the true ε in 36 of 40 trials); it is shown, and flagged when it exceeds the accountant's
+# ε. Counting bounds top out near log(trials), so at realistic trial counts a noise scale 2× too
+# small shows only in the estimate.
 #
 # **Planted bugs** (monkeypatched inside `dp_step`, real code untouched): noise σ halved; clipping
 # off; per-window clipping on a small Swin (each of the image's 4 windows clipped to C).
@@ -76,9 +78,10 @@ rows = []
 def add(res, model):
     rows.append({"model": model, "planted": res.planted or "none", "epsilon_target": res.epsilon_target,
                  "accountant_epsilon": res.accountant_epsilon, "exact_epsilon": res.exact_epsilon,
-                 "cp_lb": res.threshold["epsilon_lb"], "gaussian_lb": res.gaussian["epsilon_lb"],
-                 "gaussian_assumption_ok": res.gaussian["assumption_ok"], "mean_shift": res.mean_shift,
-                 "trials_per_world": res.trials_per_world, "violates": res.violates})
+                 "cp_lb": res.threshold["epsilon_lb"], "gaussian_estimate": res.gaussian["epsilon_estimate"],
+                 "gaussian_diagnostics_pass": res.gaussian["diagnostics_pass"], "mean_shift": res.mean_shift,
+                 "trials_per_world": res.trials_per_world, "violates": res.violates,
+                 "estimate_exceeds": res.estimate_exceeds})
 
 
 for eps in epsilons:
@@ -127,12 +130,12 @@ block = table[table.model == "block-lora"]
 top = max(epsilons) * 1.6
 for bug, marker in zip(["none", *planted_bugs], ["o", "v", "s"]):
     sub = block[block.planted == bug]
-    lb = sub[["cp_lb", "gaussian_lb"]].max(axis=1).clip(upper=top)
-    ax[0].plot(sub.accountant_epsilon, lb, marker=marker, label=f"{bug}: max lower bound")
-    ax[0].plot(sub.accountant_epsilon, sub.cp_lb.clip(upper=top), marker=marker, ls=":", alpha=0.6,
-               label=f"{bug}: Clopper–Pearson")
+    ax[0].plot(sub.accountant_epsilon, sub.cp_lb.clip(upper=top), marker=marker,
+               label=f"{bug}: Clopper–Pearson bound")
+    ax[0].plot(sub.accountant_epsilon, sub.gaussian_estimate.clip(upper=top), marker=marker, ls=":",
+               alpha=0.6, label=f"{bug}: Gaussian estimate (not a bound)")
 ax[0].plot([0, max(epsilons)], [0, max(epsilons)], "k--", lw=1, label="accountant ε (must not exceed)")
-ax[0].set(xlabel="accountant ε (one step)", ylabel="empirical ε lower bound (joint 95%)",
+ax[0].set(xlabel="accountant ε (one step)", ylabel="empirical ε (bound: 95%)",
           title=f"one DP step, {trials} trials/world (capped at {top:.0f})")
 ax[0].legend(fontsize=7)
 sub = one_run[one_run.planted.isna()]
@@ -154,8 +157,11 @@ summary = {
     "one_run": one_rows,
     "correct_never_violates": bool(not table[table.planted == "none"].violates.any()
                                    and not one_run[one_run.planted.isna()].violates.any()),
-    "every_bug_caught": bool(table[table.planted != "none"].violates.all()),
+    # a verdict only from the bound; the estimate flags; the noise-free probes catch clipping bugs
+    "bugs_caught_by_the_bound": sorted(set(table[(table.planted != "none") & table.violates].planted)),
+    "every_bug_flagged": bool((table[table.planted != "none"].violates
+                               | table[table.planted != "none"].estimate_exceeds).all()),
 }
 atomic_write_json(os.path.join(output_dir, "12_privacy_audit.json"), summary)
 assert summary["correct_never_violates"], "the audit's lower bound exceeded the accountant's ε"
-summary["correct_never_violates"], summary["every_bug_caught"]
+summary["correct_never_violates"], summary["every_bug_flagged"], summary["bugs_caught_by_the_bound"]

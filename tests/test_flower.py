@@ -19,6 +19,7 @@ from lalora.federated.simulation import Simulator  # noqa: E402
 from lalora.flower.client_app import LaLoraClient, make_client_app  # noqa: E402
 from lalora.flower.encoding import KEYS, downlink_groups, payload_bytes  # noqa: E402
 from lalora.flower.inprocess import InProcessGrid, task_identity  # noqa: E402
+from lalora.flower.node import NodeStore, run_key  # noqa: E402
 from lalora.flower.run import run_flower  # noqa: E402
 from lalora.flower.server_app import make_server_app  # noqa: E402
 
@@ -65,13 +66,13 @@ class RecordingGrid(InProcessGrid):
     new ClientApp, as Flower may: all client memory must then come from Context.state."""
 
     def __init__(self, task, num_nodes, fresh_clients=False):
-        super().__init__(make_client_app(task=task), num_nodes)
+        super().__init__(make_client_app(task=task, deployment=False), num_nodes)
         self.task, self.fresh, self.log = task, fresh_clients, []
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for m in messages:
-            app = make_client_app(task=self.task) if self.fresh else self.client_app
+            app = make_client_app(task=self.task, deployment=False) if self.fresh else self.client_app
             reply = app(m, self.contexts[m.metadata.dst_node_id])
             self.log.append((m.metadata.message_type, m.metadata.group_id, m.metadata.dst_node_id,
                              m.content, reply.content))
@@ -99,11 +100,13 @@ def test_client_state_survives_recreated_client_apps(method):
     grid = RecordingGrid(task, 4, fresh_clients=True)
     strategy = run_on(grid, cfg, task)
     assert_same_state(strategy.global_state, state)
-    trained = {ctx.node_config["partition-id"] for ctx in grid.contexts.values()
-               if KEYS.LEDGER in ctx.state}
+    states = {ctx.node_config["partition-id"]: NodeStore(ctx, None).load() for ctx in grid.contexts.values()}
+    key = run_key(strategy.sim.cfg)
+    trained = {c for c, st in states.items() if st.served(key)}
     assert trained == {c for t in (1, 2, 3) for c in strategy.sim.sampled_clients(t)}
-    for ctx in grid.contexts.values():
-        assert (KEYS.LOCAL in ctx.state) == (method == "fedsa-lora" and KEYS.LEDGER in ctx.state)
+    for c, st in states.items():
+        assert st.served(key) == [t for t in (1, 2, 3) if c in strategy.sim.sampled_clients(t)]
+        assert bool(st.runs.get(key, {}).get("local")) == (method == "fedsa-lora" and c in trained)
 
 
 @pytest.mark.parametrize("method", sorted(m for m in METHODS))
@@ -155,7 +158,7 @@ def _setup_message(cfg, sigma):
 def test_bad_node_config_and_sigma_mismatch_are_clear_errors():
     from flwr.app import Context, RecordDict
 
-    client = LaLoraClient(task=tiny_task())
+    client = LaLoraClient(task=tiny_task(), deployment=False)
     cfg = tiny_config("la-lora")
     sigma = Simulator(cfg, task=tiny_task()).noise_multiplier
 

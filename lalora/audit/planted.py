@@ -9,6 +9,7 @@ duration of the `with` block (the real code is never edited), so the audit runs 
 - `per_window_clipping`: the per-sample-gradient engine is asked for N·nW "samples" instead of N,
                          so under Swin's windowed attention each *window* is clipped to C and an
                          image contributes up to nW·C (the Opacus failure mode, SPEC §3).
+- `ledger_undercount`:   the privacy ledger records 1 of every 20 DP steps (run_audit.py catches it).
 
     with planted.plant("noise_halved"):
         result = audit_dp_step(epsilon=1.0, planted="noise_halved")
@@ -21,7 +22,8 @@ from unittest import mock
 
 import torch
 
-__all__ = ["PLANTED_BUGS", "plant", "noise_halved", "clipping_off", "per_window_clipping"]
+__all__ = ["PLANTED_BUGS", "plant", "noise_halved", "clipping_off", "per_window_clipping",
+           "ledger_undercount"]
 
 
 def _dp_step():
@@ -66,10 +68,18 @@ def per_window_clipping(windows_per_sample: int = 4) -> Iterator[None]:
         yield
 
 
+def ledger_undercount(every: int = 20):
+    """The run's privacy ledger records 1 of every 20 DP steps (caught by the run audit only)."""
+    from .run_audit import ledger_undercount as undercount
+
+    return undercount(every)
+
+
 PLANTED_BUGS = {
     "noise_halved": noise_halved,
     "clipping_off": clipping_off,
     "per_window_clipping": per_window_clipping,
+    "ledger_undercount": ledger_undercount,
 }
 
 

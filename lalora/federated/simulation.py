@@ -28,8 +28,10 @@ How a run works
   client meets the target ε (the binding client is the one with the most steps, or largest q), and
   each client's spent ε is kept in a ``PrivacyLedger`` (idempotent per (client, round): a resumed
   round is never counted twice).
-- Randomness: the model build is seeded with ``cfg.seed``; each client owns two torch generators
-  (Poisson sampling, DP noise) seeded from (seed, client); LoRA dropout uses the global torch RNG.
+- Randomness: the model build is seeded with ``cfg.seed``; each client owns two torch generators:
+  Poisson sampling seeded from (seed, client), DP noise from (seed, hash of the resolved config,
+  client); LoRA dropout uses the global torch RNG. (Seeded noise is for simulation: deployed Flower
+  nodes draw from OS entropy, lalora.flower.node.)
   Every RNG state (torch, numpy, python, per-client generators) is checkpointed after every round,
   with the global state, fedsa's client-local state, the ledger and the round index; optimizer state
   is reset every round, so there is none to keep.
@@ -45,7 +47,6 @@ checkpoint of round N (used to test crash + resume).
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import random
@@ -63,6 +64,9 @@ from lalora.federated.client import ClientData, LocalTraining, local_train
 from lalora.federated.methods import get_method
 from lalora.federated.server import ClientUpdate, aggregate
 from lalora.federated.state import ParamGroups
+from lalora.privacy.accountant import binding_pairs as _binding_pairs
+from lalora.privacy.accountant import cached_epsilon_for as _epsilon_for
+from lalora.privacy.accountant import sigma_for_pairs as _sigma_for
 from lalora.results import RunDir, config_hash
 
 __all__ = ["Simulator", "ClientUpdate", "RunResult", "run_experiment", "client_schedule",
@@ -82,65 +86,6 @@ def client_schedule(num_clients: int, per_round: int, rounds: int, seed: int) ->
     rng = np.random.default_rng(_derived_seed(seed, _TAG_SCHEDULE))
     return [sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
             for _ in range(rounds)]
-
-
-def _binding_pairs(pairs) -> tuple:
-    """(q, steps) pairs not dominated by another (larger-or-equal q and steps needs at least as much
-    noise), sorted: the only ones that can set σ."""
-    pairs = sorted(set(pairs))
-    return tuple(p for p in pairs
-                 if not any(o != p and o[0] >= p[0] and o[1] >= p[1] for o in pairs))
-
-
-@functools.lru_cache(maxsize=256)
-def _sigma_for(epsilon: float, delta: float, pairs: tuple, accountant: str) -> float:
-    """One σ with which every (q, steps) pair meets ``epsilon`` (the largest per-pair σ, up to the
-    bisection tolerance). The accountant's bisection costs seconds, so bisect only for the pair
-    most likely to bind (largest q·√steps) and merely check the others, re-bisecting for any that
-    still exceeds ε (σ only grows, so earlier checks stay valid). Memoised per config."""
-    from lalora.privacy.accountant import noise_multiplier_for
-
-    ordered = sorted(pairs, key=lambda p: p[0] * math.sqrt(p[1]), reverse=True)
-    sigma = noise_multiplier_for(epsilon, delta, ordered[0][0], ordered[0][1], accountant)
-    for q, steps in ordered[1:]:
-        if _epsilon_for(sigma, delta, q, steps, accountant) > epsilon:
-            sigma = noise_multiplier_for(epsilon, delta, q, steps, accountant)
-    return sigma
-
-
-@functools.lru_cache(maxsize=4096)
-def _rdp_one_step(q: float, sigma: float) -> np.ndarray:
-    from opacus.accountants.analysis import rdp as rdp_analysis
-    from opacus.accountants.rdp import RDPAccountant
-
-    return np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1,
-                                               orders=RDPAccountant.DEFAULT_ALPHAS))
-
-
-@functools.lru_cache(maxsize=65536)
-def _epsilon_for(sigma: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    """ε of ``steps`` steps at (σ, q), i.e. the ledger's value for a client whose history is this one
-    (σ, q) entry (tests check equality). RDP is linear in the number of steps, so for the RDP
-    accountant the one-step RDP curve is computed once per (q, σ) and scaled -- the same arithmetic
-    as Opacus' ``compute_rdp`` -- which makes the per-round metric cheap."""
-    if steps == 0:
-        return 0.0
-    if sigma == 0:
-        return math.inf
-    if accountant != "rdp":
-        from lalora.privacy.accountant import epsilon_for
-
-        return epsilon_for(sigma, delta, q, steps, accountant)
-    import warnings
-
-    from opacus.accountants.analysis import rdp as rdp_analysis
-    from opacus.accountants.rdp import RDPAccountant
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
-        eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS,
-                                                rdp=_rdp_one_step(q, sigma) * steps, delta=delta)
-    return float(eps)
 
 
 def _load_task(cfg: RunConfig):
@@ -195,6 +140,9 @@ class Simulator:
         if empty:
             raise ValueError(f"clients {empty} have no training examples; change partition/beta/seed")
 
+        if cfg.private:
+            self.verify_clipping_unit()
+
         self.schedule = client_schedule(cfg.clients, cfg.clients_per_round, cfg.rounds, cfg.seed)
         rounds_of = [sum(cid in s for s in self.schedule) for cid in range(cfg.clients)]
         self.planned_steps = [cfg.local_steps * n for n in rounds_of]
@@ -219,7 +167,12 @@ class Simulator:
             clipping=cfg.clipping, dp_mode=cfg.dp_mode)
         self.sampling_generators = [torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_SAMPLING, c))
                                     for c in range(cfg.clients)]
-        self.noise_generators = [torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_NOISE, c))
+        # Noise streams also depend on the whole resolved config: two runs that differ only in ε (or
+        # any setting) must not draw the same N(0, 1) vectors, or their releases subtract to the
+        # clipped sum. Sampling, partition, LoRA init and schedule stay (seed, client): paired runs.
+        noise_key = int(config_hash(cfg.to_dict(), "noise-stream", length=15), 16)
+        self.noise_generators = [torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_NOISE,
+                                                                             noise_key, c))
                                  for c in range(cfg.clients)]
         torch.manual_seed(_derived_seed(cfg.seed, _TAG_TORCH))   # LoRA dropout during training
         local_groups = self.method.local_only & {"A", "B", "head"}
@@ -227,6 +180,28 @@ class Simulator:
         self._local_groups = frozenset(local_groups)
 
     # ------------------------------------------------------------------ privacy
+    def verify_clipping_unit(self) -> None:
+        """Run the clipping-unit probe (lalora.privacy.unit_probe) once, with every LoRA factor and
+        the head trainable, on the first examples of the first client that has 2: a model whose
+        rows are not one sample each raises before any step. Nothing computed here is released."""
+        from lalora.privacy.dp_step import _engine_per_sample_grads
+        from lalora.privacy.unit_probe import verify_clipping_unit
+
+        data = next((d for d in self.client_data if len(d) >= 2), None)
+        if data is None:
+            return
+        batch = data.batch(torch.arange(min(3, len(data))))
+
+        def loss_fn(model, b):
+            return torch.nn.functional.cross_entropy(self.task.forward(model, b), b["labels"],
+                                                     reduction="none")
+
+        self.groups.set_trainable(frozenset({"A", "B"}), head=self.train_head)
+        try:
+            verify_clipping_unit(self.model, loss_fn, batch, _engine_per_sample_grads)
+        finally:
+            self.groups.set_trainable(frozenset(), head=False)
+
     def _calibrate_sigma(self) -> float:
         pairs = _binding_pairs((q, s) for q, s in zip(self.sample_rates, self.planned_steps) if s > 0)
         return _sigma_for(float(self.cfg.epsilon), float(self.cfg.delta), pairs, self.cfg.accountant)

@@ -5,34 +5,44 @@ filter and privacy ledger as the in-process engine -- so a Flower run is a chang
 not of algorithm. Flower creates ClientApps afresh for every message (and may serve one node from
 different worker processes), so nothing a client must remember lives in Python objects:
 
-- ``Context.state`` (kept per node by Flower across rounds) holds this client's Poisson-sampling
-  and noise generator states, its privacy ledger, and FedSA-LoRA's local B and head;
+- the node state (``lalora.flower.node``: the node's privacy ledger over all its runs, seeded
+  generator states in seeded mode, FedSA-LoRA's local B and head) is a checksummed file in the
+  node's ``state-dir`` (deployment) or Flower's per-node ``Context.state`` (simulation); every
+  train request passes ``NodeGuard.admit`` (schedule, replay, operator's terms, budget) first;
 - the heavy part (task data, frozen base model, σ calibration) is a per-process cache keyed by the
-  run config; it holds no per-client state, and everything client-specific is restored from
-  ``Context.state`` before each update.
+  run config; it holds no per-client state.
+
+Two modes (``make_client_app(deployment=...)``):
+
+- deployment (``app``, what SuperNodes run): noise, Poisson batches and LoRA dropout from OS
+  entropy, re-seeded every round; replies carry no metric computed on private data;
+- simulation (``run_flower``): seeded streams, so a Flower run equals the in-process engine; the
+  private diagnostics (train_loss, mean_batch_size) go back to the local server, which marks them.
 
 Message protocol (``lalora.flower.encoding.KEYS``):
 
 - ``query`` (setup, once): ConfigRecord ``{"config": RunConfig JSON, "noise_multiplier": σ}``;
-  the node stores the config, checks that its own σ calibration matches the server's, and
-  replies with its ``partition-id`` (the client id, from the node config).
+  the node stores the config, checks that its own σ calibration matches the server's and that the
+  config meets its operator's terms, and replies with its ``partition-id`` (the client id).
 - ``train``: ArrayRecord of the downlink state + ``{"round": t}``; replies with the ArrayRecord of
-  exactly the groups the server averages this round, and a MetricRecord of diagnostics.
+  exactly the groups the server averages this round, a MetricRecord (public counts; private
+  diagnostics in simulation only) and ``{"noise_source": ...}``.
 - ``evaluate`` (FedSA-LoRA only: its model is global A + the client's local B and head): the
   client's test accuracy and loss.
 
-LoRA dropout draws from torch's global RNG; here that RNG is seeded per (seed, client, round)
-inside a ``fork_rng``, so a Flower run does not depend on which worker serves which client. The
-in-process engine draws dropout from one global stream instead, so the two engines agree
+LoRA dropout draws from torch's global RNG; in simulation that RNG is seeded per (seed, client,
+round) inside a ``fork_rng``, so a Flower run does not depend on which worker serves which client.
+The in-process engine draws dropout from one global stream instead, so the two engines agree
 bit-for-bit only when LoRA dropout is 0 (see docs/FLOWER.md).
 
-For a deployment (``flower-supernode ... --node-config "partition-id=3 num-partitions=8"``) the
-app object is ``lalora.flower.client_app:app``.
+For a deployment the app object is ``lalora.flower.client_app:app``; the node config is
+``"partition-id=3 num-partitions=8 state-dir=/var/lib/lalora epsilon=3 delta=1e-5"`` (docs/FLOWER.md).
 """
 from __future__ import annotations
 
 import json
 import math
+import secrets
 
 import numpy as np
 import torch
@@ -64,9 +74,10 @@ class LaLoraClient:
 
     ``task``/``partitions`` override the task registry (tests with an unregistered task)."""
 
-    def __init__(self, task=None, partitions=None):
+    def __init__(self, task=None, partitions=None, *, deployment: bool = True):
         self.task = task
         self.partitions = partitions
+        self.deployment = deployment
         self._cache: dict[str, tuple] = {}   # config JSON -> (Simulator, initial generator states)
 
     # ------------------------------------------------------------------ per-process simulator cache
@@ -83,30 +94,11 @@ class LaLoraClient:
             hit = self._cache[config_json] = (sim, initial)
         return hit
 
-    def _restore(self, sim, initial, cid: int, context) -> None:
-        """Load client ``cid``'s persistent state from ``context.state`` into the cached simulator."""
-        from lalora.privacy.accountant import PrivacyLedger
+    def _guard(self, context):
+        from lalora.flower.node import NodeGuard, NodePolicy, NodeStore
 
-        rng = record_to_state(context.state[KEYS.RNG]) if KEYS.RNG in context.state else None
-        sim.sampling_generators[cid].set_state(rng["sampling"] if rng else initial[0][cid])
-        sim.noise_generators[cid].set_state(rng["noise"] if rng else initial[1][cid])
-        sim.client_local = ({cid: record_to_state(context.state[KEYS.LOCAL])}
-                            if KEYS.LOCAL in context.state else {})
-        if KEYS.LEDGER in context.state:
-            sim.ledger = PrivacyLedger.from_dict(json.loads(str(context.state[KEYS.LEDGER]["json"])))
-        else:
-            sim.ledger = PrivacyLedger(delta=sim.cfg.delta, accountant=sim.cfg.accountant)
-            sim.ledger.set_client(cid, sample_rate=sim.sample_rates[cid],
-                                  noise_multiplier=sim.noise_multiplier)
-
-    def _save(self, sim, cid: int, context) -> None:
-        from flwr.app import ConfigRecord
-
-        context.state[KEYS.RNG] = state_to_record({"sampling": sim.sampling_generators[cid].get_state(),
-                                                   "noise": sim.noise_generators[cid].get_state()})
-        if cid in sim.client_local:
-            context.state[KEYS.LOCAL] = state_to_record(sim.client_local[cid])
-        context.state[KEYS.LEDGER] = ConfigRecord({"json": json.dumps(sim.ledger.to_dict())})
+        policy = NodePolicy.from_node_config(context.node_config, deployment=self.deployment)
+        return NodeGuard(policy, NodeStore(context, policy.state_dir))
 
     def _setup(self, context):
         if KEYS.SETUP not in context.state:
@@ -127,41 +119,51 @@ class LaLoraClient:
         n = context.node_config.get("num-partitions")
         if n is not None and int(n) != sim.cfg.clients:
             raise ValueError(f"num-partitions={n} but the config has clients={sim.cfg.clients}")
+        self._guard(context).policy.check_config(sim.cfg, sim.noise_multiplier)   # refuse early
         context.state[KEYS.SETUP] = ConfigRecord({"config": str(setup["config"])})
         return Message(RecordDict({KEYS.CONFIG: ConfigRecord({"partition-id": cid})}), reply_to=msg)
 
     def train(self, msg, context):
-        from flwr.app import Message, MetricRecord, RecordDict
+        from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
         sim, initial = self._setup(context)
         cid = partition_id(context)
         t = int(msg.content[KEYS.CONFIG]["round"])
-        self._restore(sim, initial, cid, context)
+        guard = self._guard(context)
+        state = guard.admit(sim, cid, t)          # refuses replays, unscheduled rounds, over budget
+        guard.restore(state, sim, cid, initial)
         global_state = sim.initial_global_state()      # frozen/local groups: shared seeded init
         global_state.update(record_to_state(msg.content[KEYS.ARRAYS]))
         with torch.random.fork_rng():
-            torch.manual_seed(_round_seed(sim.cfg.seed, cid, t))
+            torch.manual_seed(_round_seed(sim.cfg.seed, cid, t) if guard.policy.noise == "seeded"
+                              else secrets.randbits(63))   # LoRA dropout is a private draw too
             update = sim.client_update(cid, t, global_state)
-        self._save(sim, cid, context)
-        metrics = MetricRecord({
+        guard.record(state, sim, cid, t)          # persisted before anything leaves the node
+        metrics = {   # public: data-independent (|D_i| is the server's partition, see FLOWER.md)
             "num_samples": int(update.num_samples), "num_steps": int(update.num_steps),
-            "train_loss": float(update.metrics["train_loss"]),
-            "mean_batch_size": float(np.mean(update.metrics["batch_sizes"])),
-            "ledger_steps": int(sim.ledger.steps(cid)),
-            "epsilon": float(sim.client_epsilon(cid)),
-        })
-        return Message(RecordDict({KEYS.ARRAYS: state_to_record(update.state), KEYS.METRICS: metrics}),
+            "ledger_steps": int(sim.ledger.steps(cid)), "epsilon": float(sim.client_epsilon(cid)),
+        }
+        if not self.deployment:   # computed on private batches, un-noised: simulation only
+            metrics.update({"train_loss": float(update.metrics["train_loss"]),
+                            "mean_batch_size": float(np.mean(update.metrics["batch_sizes"]))})
+        return Message(RecordDict({KEYS.ARRAYS: state_to_record(update.state),
+                                   KEYS.METRICS: MetricRecord(metrics),
+                                   KEYS.CONFIG: ConfigRecord({"noise_source": guard.policy.noise})}),
                        reply_to=msg)
 
     def evaluate(self, msg, context):
         from flwr.app import Message, MetricRecord, RecordDict
 
-        sim, initial = self._setup(context)
+        from lalora.flower.node import run_key
+
+        sim, _ = self._setup(context)
         cid = partition_id(context)
-        self._restore(sim, initial, cid, context)
+        run = self._guard(context).store.load().runs.get(run_key(sim.cfg), {})
+        sim.client_local = {cid: dict(run["local"])} if run.get("local") else {}
         global_state = sim.initial_global_state()
         global_state.update(record_to_state(msg.content[KEYS.ARRAYS]))
-        # the simulator's per-client evaluation (global A + this client's local B and head)
+        # the simulator's per-client evaluation (global A + this client's local B and head); its
+        # model is a post-processing of DP releases, evaluated on the public test set
         sim._load_client(cid, global_state)
         acc, loss = sim._accuracy()
         return Message(RecordDict({KEYS.METRICS: MetricRecord({"accuracy": float(acc),
@@ -169,11 +171,16 @@ class LaLoraClient:
                        reply_to=msg)
 
 
-def make_client_app(task=None, partitions=None):
-    """A ``flwr.clientapp.ClientApp`` serving lalora's query/train/evaluate messages."""
+def make_client_app(task=None, partitions=None, *, deployment: bool = True):
+    """A ``flwr.clientapp.ClientApp`` serving lalora's query/train/evaluate messages.
+
+    ``deployment=True`` (the default, and ``app``): the node's terms and state folder come from its
+    node config, noise from OS entropy, no private metric in replies (lalora.flower.node).
+    ``deployment=False``: Flower's simulation (``run_flower``): seeded streams, state in
+    ``Context.state``, private diagnostics returned to the (local) server, marked private."""
     from flwr.clientapp import ClientApp
 
-    client = LaLoraClient(task=task, partitions=partitions)
+    client = LaLoraClient(task=task, partitions=partitions, deployment=deployment)
     client_app = ClientApp()
     client_app.query()(client.query)
     client_app.train()(client.train)

@@ -27,9 +27,7 @@ class KEYS:
     CONFIG = "lalora.config"        # ConfigRecord: round index, setup (message)
     METRICS = "lalora.metrics"      # MetricRecord: train/eval diagnostics (reply)
     SETUP = "lalora.setup"          # ConfigRecord in Context.state: the run config of this node
-    LOCAL = "lalora.local"          # ArrayRecord in Context.state: FedSA-LoRA's B and head
-    RNG = "lalora.rng"              # ArrayRecord in Context.state: per-client generator states
-    LEDGER = "lalora.ledger"        # ConfigRecord in Context.state: this client's privacy ledger
+    # (the node's ledger, streams and local tensors: lalora.flower.node.NodeStore)
 
 
 def downlink_groups(method, train_head: bool) -> frozenset:

@@ -12,14 +12,14 @@ in-process engine there is no checkpoint/resume yet: an interrupted Flower run s
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
-import lalora
 from lalora.config import RunConfig
+from lalora.flower.rundir import final_summary as _final_summary
+from lalora.flower.rundir import write_run_folder as _write
 
 __all__ = ["FlowerRunResult", "run_flower"]
 
@@ -33,55 +33,6 @@ class FlowerRunResult:
     global_state: dict = field(repr=False, default_factory=dict)
     wall_s: float = 0.0
     cached: bool = False      # a Flower run is always computed (same field as RunResult)
-
-
-def _final_summary(strategy, wall_s: float) -> dict:
-    sim, cfg = strategy.sim, strategy.sim.cfg
-    last_eval = next((r for r in reversed(strategy.records) if "test_accuracy" in r), {})
-    privacy = sim.privacy_summary()
-    final = {
-        "task": cfg.task, "method": cfg.method, "engine": "flower",
-        "lalora_version": lalora.__version__,
-        "accuracy": last_eval.get("test_accuracy"), "loss": last_eval.get("test_loss"),
-        "evaluated_round": last_eval.get("round"), **privacy,
-        "target_epsilon": cfg.epsilon if sim.private else math.inf, "delta": cfg.delta,
-        "noise_multiplier": sim.noise_multiplier, "private": sim.private,
-        "clip_norm": cfg.clip_norm if sim.private else math.inf, "sample_rates": sim.sample_rates,
-        "rounds": cfg.rounds, "filter": bool(cfg.filter),
-        # as in the in-process final.json: the rounds only; total_wall_s adds Ray start-up,
-        # worker task builds and node discovery
-        "wall_time_s": strategy.records[-1]["elapsed_s"] if strategy.records else 0.0,
-        "total_wall_s": wall_s,
-        "uplink_payload_bytes_per_round": [r["uplink_payload_bytes"] for r in strategy.records],
-        "downlink_payload_bytes_per_round": [r["downlink_payload_bytes"] for r in strategy.records],
-    }
-    if "test_per_client_accuracy" in last_eval:
-        final["per_client_accuracy"] = last_eval["test_per_client_accuracy"]
-        final["scored_clients"] = last_eval["test_scored_clients"]
-        final["fedsa_scoring"] = last_eval["test_fedsa_scoring"]
-    return final
-
-
-def _write(runs_dir, strategy, final: dict) -> str:
-    from lalora.results import RunDir, config_hash
-
-    cfg = strategy.sim.cfg
-    extra = {}
-    try:    # the in-process engine hashes the task's data/model fingerprint too; mirror it
-        from lalora.federated.simulation import task_fingerprint
-    except ImportError:
-        task_fingerprint = None
-    if task_fingerprint is not None:
-        extra["task_fingerprint"] = task_fingerprint(strategy.sim.task)
-    digest = config_hash({**cfg.to_dict(), **extra}, lalora.__version__)
-    run_dir = RunDir.for_config(runs_dir, cfg.task, cfg.method, f"{digest}-flower")
-    run_dir.reset()
-    run_dir.write_config({**cfg.to_dict(), **extra, "hash": digest,
-                          "lalora_version": lalora.__version__, "engine": "flower"})
-    for record in strategy.records:
-        run_dir.append_metrics(record)
-    run_dir.write_final({**final, "hash": digest})
-    return str(run_dir.path)
 
 
 def run_flower(cfg: RunConfig, *, runs_dir: str | os.PathLike | None = "runs", backend: str = "ray",
@@ -106,7 +57,7 @@ def run_flower(cfg: RunConfig, *, runs_dir: str | os.PathLike | None = "runs", b
     def show(record: dict) -> None:
         acc = record.get("test_accuracy")
         print(f"[flower] round {record['round']}/{cfg.rounds if cfg.rounds else '?'}: "
-              f"loss {record['train_loss']:.4f} | eps {record['epsilon_spent']:.3f} | "
+              f"loss {record.get('train_loss', float('nan')):.4f} | eps {record['epsilon_spent']:.3f} | "
               f"acc {'-' if acc is None else f'{acc:.4f}'} | up {record['uplink_payload_bytes']} B | "
               f"{record['round_s']:.1f}s", file=sys.stderr, flush=True)
 
@@ -117,7 +68,7 @@ def run_flower(cfg: RunConfig, *, runs_dir: str | os.PathLike | None = "runs", b
     holder: dict = {}
     server_app = make_server_app(cfg, holder=holder, task=task, partitions=partitions,
                                  timeout=timeout, progress=show if progress else None)
-    client_app = make_client_app(task=task, partitions=partitions)
+    client_app = make_client_app(task=task, partitions=partitions, deployment=False)   # seeded
     t0 = time.perf_counter()
     if backend == "inprocess":
         from flwr.app import Context, RecordDict

@@ -32,13 +32,22 @@ import numpy as np
 from lalora.flower.encoding import (KEYS, downlink_groups, payload_bytes, record_to_state,
                                     state_to_record)
 
-__all__ = ["LaLoraStrategy", "discover_clients", "make_server_app"]
+__all__ = ["LaLoraStrategy", "discover_clients", "make_server_app", "PRIVATE_METRICS"]
+
+# computed on a client's private batches without noise: only simulated clients send them
+PRIVATE_METRICS = ("train_loss", "mean_batch_size")
 
 
 def _check_replies(replies, expected: int, what: str) -> list:
     replies = list(replies)
     errors = [r.error.reason for r in replies if r.has_error()]
-    if errors:
+    if errors:   # e.g. a node refusing a round (lalora.flower.node.RequestRefused): logged, not hidden
+        from logging import ERROR
+
+        from flwr.common.logger import log
+
+        for reason in errors:
+            log(ERROR, "lalora: a client refused or failed %s: %s", what, reason)
         raise RuntimeError(f"{len(errors)} client(s) failed during {what}: {errors[0]}")
     if len(replies) != expected:
         raise RuntimeError(f"{what}: got {len(replies)} replies, expected {expected} "
@@ -59,7 +68,17 @@ def discover_clients(grid, sim, *, timeout: float = 600.0) -> dict[int, int]:
             raise RuntimeError(f"only {len(list(grid.get_node_ids()))} of {sim.cfg.clients} "
                                f"SuperNodes connected within {timeout:.0f}s")
         time.sleep(0.5)
-    node_ids = sorted(grid.get_node_ids())
+    node_of = setup_nodes(grid, sim, sorted(grid.get_node_ids()), timeout=timeout)
+    missing = sorted(set(range(sim.cfg.clients)) - set(node_of))
+    if missing:
+        raise ValueError(f"no SuperNode serves partition-id(s) {missing}")
+    return node_of
+
+
+def setup_nodes(grid, sim, node_ids, *, timeout: float) -> dict[int, int]:
+    """Send the setup query (run config, σ) to ``node_ids``; return {partition id: node id}."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
     setup = ConfigRecord({"config": json.dumps(sim.cfg.to_dict()),
                           "noise_multiplier": float(sim.noise_multiplier)})
     messages = [Message(RecordDict({KEYS.CONFIG: setup}), dst_node_id=n,
@@ -72,10 +91,10 @@ def discover_clients(grid, sim, *, timeout: float = 600.0) -> dict[int, int]:
             raise ValueError(f"partition-id {cid} is out of range 0..{sim.cfg.clients - 1} or used "
                              "by two SuperNodes")
         node_of[cid] = r.metadata.src_node_id
-    missing = sorted(set(range(sim.cfg.clients)) - set(node_of))
-    if missing:
-        raise ValueError(f"no SuperNode serves partition-id(s) {missing}")
     return node_of
+
+
+_GONE = ("Node Unavailable", "Message Unavailable")   # Flower's error reasons for a node that left
 
 
 class StoppableGrid:
@@ -119,39 +138,100 @@ class LaLoraStrategy(_strategy_base()):
     ``records`` holds one metrics dict per round (the in-process ``metrics.jsonl`` fields plus
     message sizes) and ``global_state`` the final global LoRA/head state."""
 
-    def __init__(self, sim, node_of: dict[int, int], *, timeout: float = 3600.0, progress=None):
+    def __init__(self, sim, node_of: dict[int, int], *, timeout: float = 3600.0, progress=None,
+                 rejoin_timeout: float = 600.0):
         self.sim = sim
         self.node_of = node_of
         self.timeout = timeout
+        self.rejoin_timeout = rejoin_timeout
         self.progress = progress
         self.global_state = sim.initial_global_state()
         self.down_groups = downlink_groups(sim.method, sim.train_head)
         self.down_names = set(sim.groups.names(self.down_groups))
         self.records: list[dict] = []
         self._round: dict = {}
+        self.noise_sources: dict[int, str] = {}   # client -> "os-entropy" | "seeded" (run metadata)
 
     # ------------------------------------------------------------------ train
-    def configure_train(self, server_round, arrays, config, grid):
+    # ------------------------------------------------------------------ SuperNodes that rejoin
+    def _refresh_nodes(self, grid, clients, *, wait: bool) -> None:
+        """A restarted SuperNode registers under a new node id: ask every node we do not know for
+        its partition id (setup query) and remap. With ``wait``, wait (up to ``rejoin_timeout``)
+        until each of ``clients`` maps to a connected node."""
+        if not hasattr(grid, "get_node_ids") or not hasattr(grid, "push_messages"):
+            return                                    # in-process grid: nodes never leave
+        deadline = time.monotonic() + self.rejoin_timeout
+        while True:
+            live = set(grid.get_node_ids())
+            new = sorted(live - set(self.node_of.values()))
+            if new:
+                for cid, node in setup_nodes(grid, self.sim, new, timeout=self.timeout).items():
+                    self.node_of[cid] = node          # the latest registration serves the partition
+            stale = [c for c in clients if self.node_of[c] not in live]
+            if not stale or not wait:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the SuperNodes of clients {stale} left and did not rejoin within "
+                                   f"{self.rejoin_timeout:.0f}s")
+            time.sleep(1.0)
+
+    def _train_messages(self, t: int, clients) -> list:
         from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+        return [Message(RecordDict({KEYS.ARRAYS: self._round["record"],
+                                    KEYS.CONFIG: ConfigRecord({"round": t})}),
+                        dst_node_id=self.node_of[cid], message_type=MessageType.TRAIN,
+                        group_id=str(t)) for cid in clients]
+
+    def configure_train(self, server_round, arrays, config, grid):
         t = server_round
         clients = self.sim.sampled_clients(t)
+        self._grid = grid
+        self._refresh_nodes(grid, clients, wait=True)
         down = {k: v for k, v in self.global_state.items() if k in self.down_names}
         record = state_to_record(down)
         self._round = {"round": t, "clients": clients, "lr": self.sim.local.lr_at(t),
-                       "t0": time.perf_counter(),
+                       "t0": time.perf_counter(), "record": record,
                        "downlink_payload_bytes_per_client": payload_bytes(down),
                        "downlink_record_bytes_per_client": record.count_bytes()}
-        return [Message(RecordDict({KEYS.ARRAYS: record, KEYS.CONFIG: ConfigRecord({"round": t})}),
-                        dst_node_id=self.node_of[cid], message_type=MessageType.TRAIN,
-                        group_id=str(t)) for cid in clients]
+        return self._train_messages(t, clients)
+
+    def _resend_to_rejoined(self, t: int, replies: list) -> list:
+        """Replies saying the node left (killed, restarted) are replaced by the reply of the same
+        client's rejoined SuperNode. A node that did serve the round before leaving refuses it
+        again (lalora.flower.node), and the round fails: nothing is released twice."""
+        cid_of = {node: cid for cid, node in self.node_of.items()}
+        gone = [r for r in replies if r.has_error() and any(g in r.error.reason for g in _GONE)]
+        if not gone or not hasattr(self, "_grid"):
+            return replies
+        # Flower's error replies come "from the SuperLink": the lost clients are those without a reply
+        answered = {cid_of.get(r.metadata.src_node_id) for r in replies if not r.has_error()}
+        lost = sorted(set(self._round["clients"]) - answered)
+        if len(lost) != len(gone) or len(gone) != sum(r.has_error() for r in replies):
+            return replies
+        from logging import WARNING
+
+        from flwr.common.logger import log
+
+        log(WARNING, "lalora: round %d: the SuperNodes of clients %s left; waiting for them to rejoin",
+            t, lost)
+        old = {self.node_of[c] for c in lost}
+        self._refresh_nodes(self._grid, [], wait=False)
+        end = time.monotonic() + self.rejoin_timeout
+        while any(self.node_of[c] in old for c in lost):
+            if time.monotonic() > end:
+                return replies                        # _check_replies reports the original errors
+            time.sleep(1.0)
+            self._refresh_nodes(self._grid, [], wait=False)
+        again = list(self._grid.send_and_receive(self._train_messages(t, lost), timeout=self.timeout))
+        return [r for r in replies if r not in gone] + again
 
     def aggregate_train(self, server_round, replies):
         from lalora.federated.server import ClientUpdate
 
         t = server_round
         clients = self._round["clients"]
-        replies = _check_replies(replies, len(clients), f"round {t}")
+        replies = _check_replies(self._resend_to_rejoined(t, list(replies)), len(clients), f"round {t}")
         cid_of = {node: cid for cid, node in self.node_of.items()}
         by_cid = {cid_of[r.metadata.src_node_id]: r for r in replies}
         if sorted(by_cid) != clients:
@@ -170,15 +250,19 @@ class LaLoraStrategy(_strategy_base()):
             if int(m["ledger_steps"]) != ledger.steps(cid):
                 raise RuntimeError(f"client {cid} reports {int(m['ledger_steps'])} DP steps, the "
                                    f"server's ledger {ledger.steps(cid)}")
+            private = {k: float(m[k]) for k in PRIVATE_METRICS if k in m}
             updates.append(ClientUpdate(state=record_to_state(arrays), num_samples=int(m["num_samples"]),
-                                        num_steps=int(m["num_steps"]), client_id=cid,
-                                        metrics={"train_loss": float(m["train_loss"]),
-                                                 "mean_batch_size": float(m["mean_batch_size"])}))
+                                        num_steps=int(m["num_steps"]), client_id=cid, metrics=private))
+            self.noise_sources[cid] = str(r.content[KEYS.CONFIG]["noise_source"])
         self.global_state = self.sim.server_aggregate(updates, t, self.global_state)
         privacy = self.sim.privacy_summary()
+        # Simulated clients send their un-noised diagnostics; they stay in the local run folder,
+        # listed under "private_metrics". Deployed clients never send them.
+        private = [k for k in PRIVATE_METRICS if all(k in u.metrics for u in updates)]
+        self._round.update({k: float(np.mean([u.metrics[k] for u in updates])) for k in private})
+        if private:
+            self._round["private_metrics"] = private
         self._round.update({
-            "train_loss": float(np.mean([u.metrics["train_loss"] for u in updates])),
-            "mean_batch_size": float(np.mean([u.metrics["mean_batch_size"] for u in updates])),
             "epsilon_spent": privacy["epsilon_spent"],
             "uplink_payload_bytes": up_payload, "uplink_record_bytes": up_record,
             "downlink_payload_bytes": self._round["downlink_payload_bytes_per_client"] * len(clients),
@@ -228,7 +312,7 @@ class LaLoraStrategy(_strategy_base()):
             ev = self.sim.evaluate(self.global_state)
             self._round.update({f"test_{k}": v for k, v in ev.items()})
         record = {k: v for k, v in self._round.items()
-                  if k not in ("t0", "downlink_payload_bytes_per_client",
+                  if k not in ("t0", "record", "downlink_payload_bytes_per_client",
                                "downlink_record_bytes_per_client")}
         record["round_s"] = time.perf_counter() - self._round["t0"]
         record["elapsed_s"] = record["round_s"] + (self.records[-1]["elapsed_s"] if self.records else 0.0)
@@ -315,7 +399,7 @@ def _make_deployment_app():
     @deployment_app.main()
     def main(grid, context) -> None:
         from lalora.federated.simulation import Simulator
-        from lalora.flower.run import _final_summary, _write
+        from lalora.flower.rundir import final_summary, write_run_folder
 
         cfg, runs_dir = config_from_run_config(context.run_config)
         t0 = time.perf_counter()
@@ -323,7 +407,7 @@ def _make_deployment_app():
         strategy = LaLoraStrategy(sim, discover_clients(grid, sim))
         strategy.run(grid)
         if runs_dir:
-            _write(runs_dir, strategy, _final_summary(strategy, time.perf_counter() - t0))
+            write_run_folder(runs_dir, strategy, final_summary(strategy, time.perf_counter() - t0))
 
     return deployment_app
 

@@ -326,6 +326,10 @@ class PrivacyLedger:
     def steps(self, client: Hashable) -> int:
         return self._get(client).steps
 
+    def rounds(self, client: Hashable) -> list:
+        """The round keys recorded for ``client`` (in recording order)."""
+        return list(self._get(client).rounds)
+
     def epsilon(self, client: Hashable) -> float:
         rec = self._get(client)
         if rec.epsilon is None:
@@ -373,3 +377,39 @@ class PrivacyLedger:
     def __repr__(self) -> str:
         return (f"PrivacyLedger(delta={self.delta}, accountant={self.accountant!r}, "
                 f"clients={len(self._clients)})")
+
+
+# --------------------------------------------------------------------------- federated calibration
+# (moved here from federated/simulation.py: one place for accounting)
+def binding_pairs(pairs: Iterable[tuple[float, int]]) -> tuple:
+    """(q, steps) pairs not dominated by another (larger-or-equal q and steps needs at least as much
+    noise), sorted: the only ones that can set σ for a federated run."""
+    pairs = sorted(set(pairs))
+    return tuple(p for p in pairs
+                 if not any(o != p and o[0] >= p[0] and o[1] >= p[1] for o in pairs))
+
+
+@functools.lru_cache(maxsize=256)
+def sigma_for_pairs(epsilon: float, delta: float, pairs: tuple, accountant: str) -> float:
+    """One σ with which every (q, steps) pair meets ``epsilon`` (the largest per-pair σ, up to the
+    bisection tolerance). The accountant's bisection costs seconds, so bisect only for the pair
+    most likely to bind (largest q·√steps) and merely check the others, re-bisecting for any that
+    still exceeds ε (σ only grows, so earlier checks stay valid). Memoised per config."""
+    ordered = sorted(pairs, key=lambda p: p[0] * math.sqrt(p[1]), reverse=True)
+    sigma = noise_multiplier_for(epsilon, delta, ordered[0][0], ordered[0][1], accountant)
+    for q, steps in ordered[1:]:
+        if cached_epsilon_for(sigma, delta, q, steps, accountant) > epsilon:
+            sigma = noise_multiplier_for(epsilon, delta, q, steps, accountant)
+    return sigma
+
+
+@functools.lru_cache(maxsize=65536)
+def cached_epsilon_for(sigma: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    """``epsilon_for`` memoised per (σ, δ, q, steps, accountant): a run asks for every client's ε after
+    every round. Equal to the ledger's value for a client whose history is this one (σ, q) entry
+    (the RDP path scales the memoised one-step RDP curve, exactly as the ledger does)."""
+    if steps == 0:
+        return 0.0
+    if sigma == 0:
+        return math.inf
+    return epsilon_for(sigma, delta, q, steps, accountant)

@@ -83,13 +83,21 @@ def _check_args(clip_norm, noise_multiplier, expected_batch_size, clipping) -> N
 def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, *,
                 clip_norm: float, noise_multiplier: float, expected_batch_size: float,
                 generator: torch.Generator | None, clipping: str = "flat", backend: str = "auto",
-                num_samples: int | None = None) -> DPStepResult:
+                num_samples: int | None = None, verify_unit: bool = False) -> DPStepResult:
     """Privatized gradient of the trainable parameters on `batch`, written to p.grad (see module doc).
 
     loss_fn(model, batch) -> (N,) per-sample losses (reduction "none"); the engine sums them.
-    num_samples overrides batch_size_of(batch).
+    num_samples overrides batch_size_of(batch). verify_unit=True first runs the clipping-unit probe
+    (lalora.privacy.unit_probe) on two samples of `batch` and raises, naming the layer, if the
+    model's rows are not one sample each (sequence-first layers, a batch reordered mid-forward).
     """
     _check_args(clip_norm, noise_multiplier, expected_batch_size, clipping)
+    if verify_unit:   # before anything is computed or released
+        from .unit_probe import verify_clipping_unit
+
+        verify_clipping_unit(model, loss_fn, batch,
+                             lambda m, f, b: _engine_per_sample_grads(m, f, b, backend=backend),
+                             num_samples=num_samples)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     n = batch_size_of(batch) if num_samples is None else int(num_samples)
     std = float(noise_multiplier) * float(clip_norm) if noise_multiplier > 0 else 0.0
@@ -128,6 +136,13 @@ def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tens
         summed = [clipped_noised_sum([g], f, 0.0, None, backend=backend)[0] + z
                   for g, f, z in zip(per_sample, cols, noise)]
     return _write(params, names, summed, expected_batch_size, norms, factors, n)
+
+
+def _engine_per_sample_grads(model: nn.Module, loss_fn, batch: Any, *, backend: str = "auto"):
+    """Per-sample gradients of the trainable parameters on `batch` (the probe's per_sample_fn)."""
+    n = batch_size_of(batch)
+    with PerSampleGradEngine(model, backend=backend) as engine:
+        return engine.backward(loss_fn(model, batch).sum(), n)
 
 
 def _write(params, names, summed, expected_batch_size, norms, factors, n) -> DPStepResult:
