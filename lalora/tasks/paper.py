@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
-
-from .data import stack_collate
+from .data import CifarPickleImages, ImageDataset, ImageFiles, stack_collate, to_rgb
 from .registry import Task, register
 from .text import LANGUAGE_DEFAULTS, load_encoder_and_tokenizer, make_text_task
 from .vision import VISION_TARGETS, freeze_backbone_inject_lora, vision_forward
@@ -71,100 +68,79 @@ def _need_path(param: str, path) -> Path:
 
 
 # --------------------------------------------------------------------------- image datasets
-class ImageDictDataset(Dataset):
-    """(path-or-PIL, label) samples -> {"pixel_values": transformed tensor, "labels": int64}."""
-
-    def __init__(self, base: Dataset, targets: list[int], transform: Callable):
-        self.base, self.targets, self.transform = base, list(targets), transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        img, label = self.base[i]
-        return {"pixel_values": self.transform(img), "labels": torch.tensor(int(label))}
-
-    def batch(self, indices) -> dict[str, torch.Tensor]:
-        idx = [int(i) for i in np.asarray(indices).reshape(-1)]
-        if not idx:  # an empty Poisson batch: zero-length tensors of the right shape
-            one = self[0]
-            return {k: v.new_empty((0, *v.shape)) for k, v in one.items()}
-        return stack_collate([self[i] for i in idx])
-
-
-class _FileList(Dataset):
-    def __init__(self, files: list[Path], labels: list[int]):
-        self.files, self.labels = files, labels
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
-            return im.convert("RGB"), self.labels[i]
-
-
 def image_transform(image_size: int):
+    """RGB, bicubic resize to image_size², ImageNet normalisation (the released code's transform,
+    without augmentation)."""
     from torchvision import transforms as T
 
     return T.Compose([
-        T.Lambda(lambda im: im.convert("RGB")),
+        T.Lambda(to_rgb),
         T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
 
 
-def load_cifar100(data_root, image_size: int = 224):
-    """(train, test, class_names) as ImageDictDatasets; see the module docstring for layouts."""
-    from torchvision.datasets import CIFAR100, ImageFolder
+def _image_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
+    """(classes, files, labels) of an ImageFolder tree, scanned once (no image is opened)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+    classes, class_to_idx = find_classes(str(root))
+    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS + (".JPEG",))
+    return classes, [f for f, _ in samples], [y for _, y in samples]
+
+
+def load_cifar100(data_root, image_size: int = 224):
+    """(train, test, class_names) as per-item ImageDatasets; see the module docstring for layouts."""
     root = _need_path("data_root", data_root)
     tf = image_transform(image_size)
-    if (root / "cifar-100-python").is_dir():
-        tr, te = CIFAR100(str(root), train=True, download=False), CIFAR100(str(root), train=False, download=False)
-        classes = list(tr.classes)
-    elif (root / "train").is_dir() and (root / "test").is_dir():
-        tr, te = ImageFolder(str(root / "train")), ImageFolder(str(root / "test"))
-        if tr.classes != te.classes:
+    pickles = root / "cifar-100-python"
+    if pickles.is_dir():
+        for f in ("train", "test"):
+            if not (pickles / f).is_file():
+                raise _missing(f"CIFAR-100 pickle {f}", pickles / f, HOW["cifar100"])
+        tr, te = CifarPickleImages(pickles / "train"), CifarPickleImages(pickles / "test")
+        classes = [str(i) for i in range(100)]
+        if (pickles / "meta").is_file():
+            import pickle
+
+            with open(pickles / "meta", "rb") as f:
+                classes = list(pickle.load(f, encoding="latin1")["fine_label_names"])
+        return ImageDataset(tr, tr.labels, tf), ImageDataset(te, te.labels, tf), classes
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        classes, tr_files, tr_y = _image_folder(root / "train")
+        te_classes, te_files, te_y = _image_folder(root / "test")
+        if classes != te_classes:
             raise ValueError(f"data_root {root}: train/ and test/ have different class folders")
-        classes = list(tr.classes)
-    else:
-        raise _missing("CIFAR-100 (cifar-100-python/ or train/ + test/ folders)", root, HOW["cifar100"])
-    return ImageDictDataset(tr, tr.targets, tf), ImageDictDataset(te, te.targets, tf), classes
+        return ImageDataset(ImageFiles(tr_files), tr_y, tf), ImageDataset(ImageFiles(te_files), te_y, tf), classes
+    raise _missing("CIFAR-100 (cifar-100-python/ or train/ + test/ folders)", root, HOW["cifar100"])
 
 
 def load_tiny_imagenet(data_root, image_size: int = 224):
-    from torchvision.datasets import ImageFolder
-
     root = _need_path("data_root", data_root)
     if (root / "tiny-imagenet-200").is_dir():
         root = root / "tiny-imagenet-200"
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise _missing("Tiny-ImageNet (train/ and val/ folders)", root, HOW["tinyimagenet"])
     tf = image_transform(image_size)
-    tr = ImageFolder(str(root / "train"))  # train/<wnid>/images/*.JPEG: ImageFolder recurses
+    classes, tr_files, tr_y = _image_folder(root / "train")  # train/<wnid>/images/*.JPEG
+    class_to_idx = {c: i for i, c in enumerate(classes)}
     ann = root / "val" / "val_annotations.txt"
     if ann.exists():
-        files, labels = [], []
+        te_files, te_y = [], []
         for line in ann.read_text().splitlines():
             parts = line.split("\t")
             if len(parts) < 2:
                 continue
-            if parts[1] not in tr.class_to_idx:
+            if parts[1] not in class_to_idx:
                 raise ValueError(f"{ann}: class {parts[1]!r} is not a train/ folder")
-            files.append(root / "val" / "images" / parts[0])
-            labels.append(tr.class_to_idx[parts[1]])
-        te: Dataset = _FileList(files, labels)
-        te_targets = labels
+            te_files.append(root / "val" / "images" / parts[0])
+            te_y.append(class_to_idx[parts[1]])
     else:
-        te = ImageFolder(str(root / "val"))
-        if te.classes != tr.classes:
+        te_classes, te_files, te_y = _image_folder(root / "val")
+        if te_classes != classes:
             raise ValueError(f"{root}/val has class folders different from train/")
-        te_targets = te.targets
-    return ImageDictDataset(tr, tr.targets, tf), ImageDictDataset(te, te_targets, tf), list(tr.classes)
+    return ImageDataset(ImageFiles(tr_files), tr_y, tf), ImageDataset(ImageFiles(te_files), te_y, tf), classes
 
 
 # --------------------------------------------------------------------------- timm Swin weights
@@ -211,14 +187,12 @@ def build_timm_swin(model_name: str, weights_path, num_classes: int, model_kwarg
     return model
 
 
-def _subsample(ds: ImageDictDataset, max_samples: int | None, seed: int) -> ImageDictDataset:
+def _subsample(ds: ImageDataset, max_samples: int | None, seed: int) -> ImageDataset:
     if max_samples is None:
         return ds
     if max_samples < 1:
         raise ValueError(f"max_train_samples must be >= 1, got {max_samples}")
-    keep = np.sort(np.random.default_rng(seed).permutation(len(ds))[:max_samples])
-    base = torch.utils.data.Subset(ds.base, keep.tolist())
-    return ImageDictDataset(base, [ds.targets[i] for i in keep], ds.transform)
+    return ds.subset(np.sort(np.random.default_rng(seed).permutation(len(ds))[:max_samples]))
 
 
 def _paper_vision_task(name, loader, data_root, weights_path, model_name, image_size, model_kwargs,
