@@ -143,6 +143,95 @@ def _need_path(param: str, path) -> Path:
     return Path(path).expanduser()
 
 
+# --------------------------------------------------------------------------- path checks
+# What each paper task expects at data_root / weights_path, checked before anything is loaded so
+# that `lalora run` and `lalora notebooks --check` fail in one line instead of a traceback.
+EXPECTED = {
+    "cifar100": "a folder holding cifar-100-python/{train,test,meta} (or ImageFolder train/<class>/ + test/<class>/)",
+    "tinyimagenet": "a folder holding tiny-imagenet-200/ (or its contents) with train/<wnid>/images/ and "
+                    "val/images/ + val/val_annotations.txt",
+    "glue": "a folder holding <TASK>/train.tsv and the dev file (SST-2, QNLI: dev.tsv; MNLI: dev_matched.tsv)",
+    "swin": "a timm checkpoint file (.pth/.pt/.bin/.safetensors) or a folder with model.safetensors",
+    "roberta": "a RoBERTa-base folder in save_pretrained layout (config.json, model.safetensors or "
+               "pytorch_model.bin, tokenizer.json or vocab.json + merges.txt)",
+}
+
+
+def is_paper_task(task: str) -> bool:
+    return task.endswith("-roberta") or task.startswith(("cifar100-", "tinyimagenet-"))
+
+
+def _data_problem(task: str, root: Path) -> str | None:
+    """None if ``root`` has the layout ``task`` reads, else what is wrong."""
+    if task.startswith("cifar100-"):
+        c = root / "cifar-100-python"
+        if (c / "train").is_file() and (c / "test").is_file():
+            return None
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            return None
+        return f"{root} has neither cifar-100-python/train + test nor train/ + test/ folders"
+    if task.startswith("tinyimagenet-"):
+        t = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
+        if not (t / "train").is_dir() or not any(p.is_dir() for p in (t / "train").iterdir()):
+            return f"{t}/train has no class folders"
+        if not (t / "val").is_dir():
+            return f"{t}/val is missing"
+        if not (t / "val" / "val_annotations.txt").is_file() and not any(
+                p.is_dir() and p.name != "images" for p in (t / "val").iterdir()):
+            return f"{t}/val has neither val_annotations.txt nor class folders"
+        return None
+    glue = task.removesuffix("-roberta")
+    spec = GLUE[glue]
+    for d in (root / spec["dir"], root):
+        if (d / "train.tsv").is_file() and (d / spec["test"]).is_file():
+            return None
+    return f"{root / spec['dir']} lacks train.tsv or {spec['test']}"
+
+
+def _weights_problem(task: str, path: Path) -> str | None:
+    if task.endswith("-roberta"):
+        if not path.is_dir():
+            return f"{path} is not a folder"
+        missing = [n for n, ok in (
+            ("config.json", (path / "config.json").is_file()),
+            ("model.safetensors or pytorch_model.bin",
+             (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file()),
+            ("tokenizer.json or vocab.json + merges.txt", (path / "tokenizer.json").is_file()
+             or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())),
+        ) if not ok]
+        return f"{path} lacks {', '.join(missing)}" if missing else None
+    if path.is_file():
+        return None
+    if path.is_dir() and ((path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file()
+                          or len(list(path.glob("*.pth")) + list(path.glob("*.pt"))) == 1):
+        return None
+    return f"{path} is not a checkpoint file or a folder with one" if path.exists() else f"{path} does not exist"
+
+
+def path_problems(task: str, data_root, weights_path, names: dict | None = None) -> list[str]:
+    """One line per problem with ``task``'s paths: the name (``names`` maps data_root/weights_path to
+    what the user typed, e.g. --data-root), what is wrong, what is expected and how to obtain it."""
+    names = {"data_root": "data_root", "weights_path": "weights_path", **(names or {})}
+    if not is_paper_task(task):
+        return []
+    kind = "cifar100" if task.startswith("cifar100-") else "tinyimagenet" if task.startswith("tinyimagenet-") else "glue"
+    wkind = "roberta" if task.endswith("-roberta") else "swin"
+    model = SWIN_NAMES[task.split("-", 1)[1]] if wkind == "swin" else ""
+    out = []
+    for key, value, exp, how, check in (
+            ("data_root", data_root, EXPECTED[kind], HOW[kind], _data_problem),
+            ("weights_path", weights_path, EXPECTED[wkind], HOW[wkind].format(name=model), _weights_problem)):
+        if value is None:
+            problem = "not given"
+        else:
+            path = Path(value).expanduser()
+            problem = f"{path} does not exist" if not path.exists() else check(task, path)
+        if problem:
+            out.append(f"{names[key]} for task {task}: {problem}; expected {exp}; to obtain it: {how} "
+                       "(docs/PAPER_DATA.md)")
+    return out
+
+
 # --------------------------------------------------------------------------- image datasets
 def image_transform(image_size: int):
     """RGB, bicubic resize to image_size², ImageNet normalisation (the released code's transform,
