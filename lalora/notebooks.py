@@ -2,7 +2,9 @@
 
 Each notebook source is a jupytext ``py:percent`` file ``notebooks/NN_name.py`` whose first code
 cell is tagged ``parameters``. A profile (``ci``: seconds, for tests; ``offline``: the default main
-job on a CPU; ``paper``: the paper's settings on a GPU with data and weights on disk) is a folder
+job on a CPU; ``paper``: the paper's settings on a GPU with data and weights on disk;
+``paper-smoke``: the paper's models and shapes on generated inputs, one or two rounds, no
+downloads; ``LALORA_SMOKE_SIZE=cpu`` shrinks it for a CPU) is a folder
 ``notebooks/params/<profile>/`` of YAML files, one per notebook. The runner
 
 1. discovers ``NN_*.py`` (report notebooks, ``*_report``, run last so they see every result),
@@ -37,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-PROFILES = ("ci", "offline", "paper")
+PROFILES = ("ci", "offline", "paper", "paper-smoke")
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.py$")
 KERNEL_NAME = "python3"
 # Parameters every notebook declares; the runner always injects them.
@@ -352,7 +354,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("notebooks", help="execute the notebooks of one profile with papermill",
                               description=__doc__.splitlines()[0])
     p.add_argument("--profile", choices=PROFILES, default="offline",
-                   help="parameter profile: ci (seconds), offline (CPU main job), paper (GPU, data on disk)")
+                   help="parameter profile: ci (seconds), offline (CPU main job), paper (GPU, data on disk), "
+                        "paper-smoke (paper models on generated inputs, 1-2 rounds)")
     p.add_argument("--only", action="append", metavar="NAME",
                    help="run only this notebook (01_main_vision, 01 or main_vision); repeatable")
     p.add_argument("--prepare-only", action="store_true",
