@@ -16,7 +16,11 @@ Accepted layouts (``data_root``):
   too. The labelled val set is the test set (the official test set has no labels).
 - GLUE: ``<root>/<SST-2|QNLI|MNLI|QQP>/{train,dev}.tsv`` (MNLI: ``dev_matched.tsv``), as written
   by the GLUE download script, or those files directly in ``<root>``. The dev set is the test set.
-A missing path raises FileNotFoundError naming it and saying how to obtain it.
+A missing path raises FileNotFoundError naming it and saying how to obtain it; ``path_problems``
+checks both paths and their layout without loading anything (``lalora run``, ``lalora notebooks
+--check``). Images are decoded and resized per item (``lalora.tasks.data.ImageDataset``), never held
+as one 224² tensor. ``paper_task_defaults`` and ``paper_noise_table`` give a task's SPEC §4 settings
+and the σ they calibrate without the data.
 """
 from __future__ import annotations
 
