@@ -109,3 +109,8 @@ def test_smoke_task_images_are_fakedata_through_the_paper_transform(monkeypatch)
     assert b["pixel_values"].shape == (2, 3, 40, 40) and b["pixel_values"].dtype == torch.float32
     assert torch.equal(task.train[5]["pixel_values"], b["pixel_values"][1])   # FakeData is deterministic
     assert not torch.equal(b["pixel_values"][0], b["pixel_values"][1])
+    state = torch.get_rng_state()
+    task.train.workers = 4                                       # threaded decoding: same images,
+    for _ in range(3):                                           # global RNG left as it was
+        assert torch.equal(task.train.batch([5, 0, 5, 9])["pixel_values"][[1, 0]], b["pixel_values"])
+    assert torch.equal(torch.get_rng_state(), state)

@@ -20,6 +20,7 @@ overrides either preset.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import torch
@@ -49,15 +50,27 @@ def smoke_size() -> dict:
 
 
 class FakeImages:
-    """Item i of torchvision FakeData (a PIL image, the same at every call); picklable for workers."""
+    """Item i of torchvision FakeData (a PIL image, the same at every call); picklable for workers.
+
+    FakeData seeds torch's global generator per item and restores it afterwards; the lock keeps
+    decoding threads (``ImageDataset.workers``) from interleaving those save/seed/restore steps,
+    which would make images, and the global RNG state (LoRA dropout), depend on thread timing."""
 
     def __init__(self, n: int, image_size: int, seed: int):
         from torchvision.datasets import FakeData
 
         self.fake = FakeData(size=n, image_size=(3, image_size, image_size), num_classes=1, random_offset=seed)
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {"fake": self.fake}
+
+    def __setstate__(self, state):
+        self.fake, self._lock = state["fake"], threading.Lock()
 
     def __call__(self, i: int):
-        return self.fake[i][0]
+        with self._lock:
+            return self.fake[i][0]
 
 
 def _fake_images(n: int, image_size: int, num_classes: int, seed: int) -> ImageDataset:
