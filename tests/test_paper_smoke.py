@@ -84,7 +84,7 @@ def _env(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(5400)  # 13 notebooks: 1,744 s measured on the shared 2-core CPU under load
+@pytest.mark.timeout(5400)  # 13 notebooks: 620 s (load 4) to 1,744 s (load 14) measured on a 2-core CPU
 def test_paper_smoke_profile_runs_every_notebook_on_cpu(tmp_path):
     out = tmp_path / "results" / "paper-smoke"
     proc = subprocess.run([sys.executable, "-m", "lalora.cli", "notebooks", "--profile", "paper-smoke",
