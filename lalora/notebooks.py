@@ -2,7 +2,9 @@
 
 Each notebook source is a jupytext ``py:percent`` file ``notebooks/NN_name.py`` whose first code
 cell is tagged ``parameters``. A profile (``ci``: seconds, for tests; ``offline``: the default main
-job on a CPU; ``paper``: the paper's settings on a GPU with data and weights on disk) is a folder
+job on a CPU; ``paper``: the paper's settings on a GPU with data and weights on disk;
+``paper-smoke``: the paper's models and shapes on generated inputs, one or two rounds, no
+downloads; ``LALORA_SMOKE_SIZE=cpu`` shrinks it for a CPU) is a folder
 ``notebooks/params/<profile>/`` of YAML files, one per notebook. The runner
 
 1. discovers ``NN_*.py`` (report notebooks, ``*_report``, run last so they see every result),
@@ -37,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-PROFILES = ("ci", "offline", "paper")
+PROFILES = ("ci", "offline", "paper", "paper-smoke")
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.py$")
 KERNEL_NAME = "python3"
 # Parameters every notebook declares; the runner always injects them.
@@ -312,6 +314,39 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     atomic_write_json(path, data)
 
 
+def profile_paths(params: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(task, data_root, weights_path) of every task one notebook's parameters name, resolved the
+    way :func:`experiment_base` passes them to the task factory."""
+    tasks = params.get("tasks") or ([params["task"]] if params.get("task") else [])
+    out = []
+    for task in tasks:
+        base = experiment_base(task, task_overrides=params.get("task_overrides"),
+                               data_root=params.get("data_root"), weights_path=params.get("weights_path"))
+        ov = base["task_overrides"]
+        out.append((task, ov.get("data_root"), ov.get("weights_path")))
+    return out
+
+
+def check_paths(profile: str, *, only: Iterable[str] | None = None, root: Path | str | None = None) -> list[str]:
+    """One line per missing or malformed data/weights path in the profile's parameters (relative
+    paths are taken from the repository root, the kernels' cwd); [] when all are in place."""
+    from lalora.tasks.paper import path_problems
+
+    root = Path(root).resolve() if root else find_repo_root()
+    problems: list[str] = []
+    seen: set = set()
+    for source in select(discover(root / "notebooks"), only):
+        params, path = load_params(root / "notebooks" / "params", profile, source.stem)
+        for task, data_root, weights_path in profile_paths(params):
+            absolute = [None if v is None else (root / Path(v).expanduser()) for v in (data_root, weights_path)]
+            if (task, *map(str, absolute)) in seen:
+                continue
+            seen.add((task, *map(str, absolute)))
+            rel = path.relative_to(root) if path else source.stem
+            problems += [f"{rel}: {line}" for line in path_problems(task, *absolute)]
+    return problems
+
+
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
@@ -319,7 +354,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("notebooks", help="execute the notebooks of one profile with papermill",
                               description=__doc__.splitlines()[0])
     p.add_argument("--profile", choices=PROFILES, default="offline",
-                   help="parameter profile: ci (seconds), offline (CPU main job), paper (GPU, data on disk)")
+                   help="parameter profile: ci (seconds), offline (CPU main job), paper (GPU, data on disk), "
+                        "paper-smoke (paper models on generated inputs, 1-2 rounds)")
     p.add_argument("--only", action="append", metavar="NAME",
                    help="run only this notebook (01_main_vision, 01 or main_vision); repeatable")
     p.add_argument("--prepare-only", action="store_true",
@@ -332,6 +368,9 @@ def register(subparsers) -> None:
     p.add_argument("--execution-timeout", type=int, default=None, help="seconds per cell")
     p.add_argument("--stop-on-failure", action="store_true", help="stop at the first failing notebook")
     p.add_argument("--list", action="store_true", help="list the notebooks and exit")
+    p.add_argument("--check", action="store_true",
+                   help="check every data/weights path of the profile and its layout, train nothing; exit 2 "
+                        "on a problem (the paper profile also runs this check before executing)")
     p.set_defaults(func=_main)
 
 
@@ -341,6 +380,15 @@ def _main(args) -> int:
         for source in select(discover(root / "notebooks"), args.only):
             print(source.stem)
         return 0
+    if args.check or (args.profile == "paper" and not args.prepare_only):
+        problems = check_paths(args.profile, only=args.only, root=root)
+        for line in problems:
+            print(f"lalora notebooks: error: {line}", file=sys.stderr)
+        if problems:
+            return 2
+        if args.check:
+            print(f"lalora notebooks --profile {args.profile} --check: every data and weights path is in place")
+            return 0
     summary = run_notebooks(args.profile, only=args.only, root=root, output_dir=args.output_dir,
                             runs_dir=args.runs_dir, prepare_only=args.prepare_only, quiet=args.quiet,
                             log_output=args.log_output, execution_timeout=args.execution_timeout,

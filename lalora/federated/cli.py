@@ -2,6 +2,8 @@
 
     lalora run --task digits-swin --method la-lora --epsilon 3
     lalora run --task digits-swin --method dp-lora --epsilon 3 --filter --rounds 20 --seed 1
+    lalora run --task cifar100-swin-t --method la-lora --epsilon 1 --data-root data \\
+        --weights-path weights/swin_tiny_patch4_window7_224.pth          (docs/PAPER_DATA.md)
 
 Unset options take the task's defaults (``Task.defaults``), then RunConfig's fallbacks. The run
 lives in ``<runs-dir>/<task>/<method>/<hash>/``; a finished run is served from there (``--force``
@@ -67,6 +69,9 @@ def register(subparsers) -> None:
     p.add_argument("--head", choices=["train", "freeze"], default="train")
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=JSON",
                    help="extra task factory keyword, e.g. max_train_samples=500 (repeatable)")
+    p.add_argument("--data-root", help="paper tasks: the folder holding the data set (docs/PAPER_DATA.md)")
+    p.add_argument("--weights-path", help="paper tasks: the pretrained weights, a file or folder "
+                                          "(docs/PAPER_DATA.md)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue an interrupted run from its checkpoint (default on)")
@@ -93,6 +98,23 @@ def _task_options(items: list[str]) -> dict:
     return out
 
 
+def _paper_path_problem(args: argparse.Namespace, task_overrides: dict) -> str | None:
+    """Move --data-root/--weights-path into ``task_overrides``; the first problem with a paper
+    task's paths (one line naming the flag, what is expected and how to obtain it), else None."""
+    from lalora.tasks.paper import is_paper_task, path_problems
+
+    for flag, key in (("--data-root", "data_root"), ("--weights-path", "weights_path")):
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if not is_paper_task(args.task):
+            return f"{flag} is only for the paper tasks (CIFAR-100, Tiny-ImageNet, GLUE); {args.task} needs no path"
+        task_overrides[key] = value
+    problems = path_problems(args.task, task_overrides.get("data_root"), task_overrides.get("weights_path"),
+                             names={"data_root": "--data-root", "weights_path": "--weights-path"})
+    return problems[0] if problems else None
+
+
 def _fmt_eps(value) -> str:
     if isinstance(value, str) or (isinstance(value, float) and math.isinf(value)):
         return "inf (no DP)"
@@ -112,6 +134,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"lalora run: error: unknown task {args.task!r}; choices: {', '.join(list_tasks())}",
               file=sys.stderr)
         return 2
+    try:
+        task_overrides = _task_options(args.task_option)
+    except ValueError as err:
+        print(f"lalora run: error: {err}", file=sys.stderr)
+        return 2
+    problem = _paper_path_problem(args, task_overrides)
+    if problem:
+        print(f"lalora run: error: {problem}", file=sys.stderr)
+        return 2
     if args.threads:
         import torch
 
@@ -130,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
             lr_decay=args.lr_decay, r=args.r, alpha=args.alpha, partition=args.partition, beta=args.beta,
             eval_every=args.eval_every, filter=args.filter, lr_B_ratio=args.lr_B_ratio,
             alternation_period=args.alternation_period, weighted_aggregation=args.weighted_aggregation,
-            head=args.head, task_overrides=_task_options(args.task_option), dp_mode=args.dp_mode)
+            head=args.head, task_overrides=task_overrides, dp_mode=args.dp_mode)
     except ValueError as err:
         print(f"lalora run: error: {err}", file=sys.stderr)
         return 2

@@ -16,20 +16,21 @@ Accepted layouts (``data_root``):
   too. The labelled val set is the test set (the official test set has no labels).
 - GLUE: ``<root>/<SST-2|QNLI|MNLI|QQP>/{train,dev}.tsv`` (MNLI: ``dev_matched.tsv``), as written
   by the GLUE download script, or those files directly in ``<root>``. The dev set is the test set.
-A missing path raises FileNotFoundError naming it and saying how to obtain it.
+A missing path raises FileNotFoundError naming it and saying how to obtain it; ``path_problems``
+checks both paths and their layout without loading anything (``lalora run``, ``lalora notebooks
+--check``). Images are decoded and resized per item (``lalora.tasks.data.ImageDataset``), never held
+as one 224² tensor. ``paper_task_defaults`` and ``paper_noise_table`` give a task's SPEC §4 settings
+and the σ they calibrate without the data.
 """
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
-
-from .data import stack_collate
+from .data import CifarPickleImages, ImageDataset, ImageFiles, stack_collate, to_rgb
 from .registry import Task, register
 from .text import LANGUAGE_DEFAULTS, load_encoder_and_tokenizer, make_text_task
 from .vision import VISION_TARGETS, freeze_backbone_inject_lora, vision_forward
@@ -37,11 +38,87 @@ from .vision import VISION_TARGETS, freeze_backbone_inject_lora, vision_forward
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# SPEC §4, vision column; values the paper leaves open follow the released code's README run
+# (junkangLiu0/LA-LORA, DP_lora.py: 8 clients, selection 0.5, batch 16, K 20, 100 rounds, SGD
+# lr 0.1 with decay 0.99 per round, Dirichlet 0.1, r 16). samples_per_client = 500 is the released
+# code's CIFAR-100 nums_sample (dirichlet_data.py); it fixes q = 16/500 and so the noise regime.
 PAPER_VISION_DEFAULTS = dict(
-    clients=8, clients_per_round=4, partition="dirichlet-released", beta=0.1, rounds=100,
-    local_steps=20, batch_size=16, optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=1e-3,
-    lr_decay=0.99,
+    clients=8, clients_per_round=4, partition="dirichlet-released", beta=0.1, samples_per_client=500,
+    rounds=100, local_steps=20, batch_size=16, optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=1e-3,
+    lr_decay=0.99, eval_batch_size=512,  # evaluation at a large batch (no gradients: memory allows it)
 )
+# SPEC §4, language column (= lalora.tasks.text.LANGUAGE_DEFAULTS: 20 clients / 4, β = 0.8, AdamW
+# lr 2e-4 wd 0.01 as the released DP_LLM.py README); samples_per_client unset: the training set is
+# split over the 20 clients.
+PAPER_LANGUAGE_DEFAULTS = dict(LANGUAGE_DEFAULTS, eval_batch_size=512)
+PAPER_VISION_LORA = dict(r=16, alpha=16.0)     # SPEC §4: r = α = 16 on attn.qkv, attn.proj
+PAPER_LANGUAGE_LORA = dict(r=8, alpha=8.0)     # SPEC §4: r = α = 8 on query/key/value/attn output
+
+
+def paper_task_defaults(task: str) -> dict:
+    """The experiment defaults (Task.defaults) a paper task will carry, without loading its data."""
+    if task.endswith("-roberta"):
+        return dict(PAPER_LANGUAGE_DEFAULTS, **PAPER_LANGUAGE_LORA)
+    if task.startswith(("cifar100-", "tinyimagenet-")):
+        return dict(PAPER_VISION_DEFAULTS, **PAPER_VISION_LORA)
+    raise ValueError(f"task {task!r} is not a paper task")
+
+
+def noise_multipliers(defaults: dict, epsilons, *, seed: int = 0, delta: float = 1e-5, accountant: str = "rdp",
+                      train_size: int | None = None) -> dict[float, float]:
+    """σ per ε that a run with these (resolved) defaults calibrates, without building the task.
+
+    The same arithmetic as the Simulator: the seed's client schedule gives each client's number
+    of DP steps (K × rounds it is sampled), q = batch / |D_i| with |D_i| = samples_per_client (or
+    train_size // clients), and one σ makes the binding client meet ε (lalora.federated.simulation).
+    """
+    from lalora.federated.simulation import _binding_pairs, _sigma_for, client_schedule
+
+    n_i = defaults.get("samples_per_client")
+    if n_i is None:
+        if train_size is None:
+            raise ValueError("train_size is needed when samples_per_client is not set")
+        n_i = train_size // defaults["clients"]
+    q = min(1.0, defaults["batch_size"] / n_i)
+    schedule = client_schedule(defaults["clients"], defaults["clients_per_round"], defaults["rounds"], seed)
+    steps = [defaults["local_steps"] * sum(c in s for s in schedule) for c in range(defaults["clients"])]
+    pairs = _binding_pairs((q, k) for k in steps if k > 0)
+    return {float(e): _sigma_for(float(e), float(delta), pairs, accountant) for e in epsilons}
+
+
+# Labelled training rows of the GLUE train.tsv files (the GLUE release; MNLI train has no "-" label);
+# only used to price σ before the data is on disk: a run calibrates σ on the rows it reads.
+GLUE_TRAIN_ROWS = {"sst2": 67_349, "qnli": 104_743, "mnli": 392_702}
+
+
+def paper_noise_table(epsilons=(1.0, 2.0, 3.0), seeds=(0, 1, 2), delta: float = 1e-5,
+                      accountant: str = "rdp") -> str:
+    """Markdown table of the σ the paper profile's runs calibrate for each ε (notebook 00, README).
+
+    Vision: 8 clients × 500 samples, q = 16/500, K = 20, 100 rounds with 4 of 8 clients per round;
+    σ depends on the seed only through the busiest client's number of rounds. Language: GLUE
+    train sets split over 20 clients (seed 0)."""
+    rows = ["| setting | seed | busiest client's DP steps | q | " + " | ".join(f"σ at ε = {e:g}" for e in epsilons)
+            + " |", "|---|---|---|---|" + "---|" * len(epsilons)]
+
+    def row(label, defaults, seed, train_size=None):
+        from lalora.federated.simulation import client_schedule
+
+        sched = client_schedule(defaults["clients"], defaults["clients_per_round"], defaults["rounds"], seed)
+        steps = defaults["local_steps"] * max(sum(c in s for s in sched) for c in range(defaults["clients"]))
+        n_i = defaults.get("samples_per_client") or train_size // defaults["clients"]
+        sig = noise_multipliers(defaults, epsilons, seed=seed, delta=delta, accountant=accountant,
+                                train_size=train_size)
+        rows.append(f"| {label} | {seed} | {steps} | {defaults['batch_size']}/{n_i} = "
+                    f"{defaults['batch_size'] / n_i:.4g} | " + " | ".join(f"{sig[float(e)]:.3f}" for e in epsilons) + " |")
+
+    for seed in seeds:
+        row("vision (CIFAR-100, Tiny-ImageNet; Swin-T/B)", paper_task_defaults("cifar100-swin-t"), seed)
+    for glue, n in GLUE_TRAIN_ROWS.items():
+        row(f"language {glue.upper()} ({n:,} rows / 20 clients)", paper_task_defaults(f"{glue}-roberta"), seeds[0], n)
+    return (f"Noise multipliers σ ({accountant.upper()} accountant, δ = {delta:g}, Poisson rate q = batch/|D_i|, "
+            "one σ for all clients set by the busiest one):\n\n" + "\n".join(rows))
+
 
 HOW = {
     "cifar100": "download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it into "
@@ -70,101 +147,169 @@ def _need_path(param: str, path) -> Path:
     return Path(path).expanduser()
 
 
+# --------------------------------------------------------------------------- path checks
+# What each paper task expects at data_root / weights_path, checked before anything is loaded so
+# that `lalora run` and `lalora notebooks --check` fail in one line instead of a traceback.
+EXPECTED = {
+    "cifar100": "a folder holding cifar-100-python/{train,test,meta} (or ImageFolder train/<class>/ + test/<class>/)",
+    "tinyimagenet": "a folder holding tiny-imagenet-200/ (or its contents) with train/<wnid>/images/ and "
+                    "val/images/ + val/val_annotations.txt",
+    "glue": "a folder holding <TASK>/train.tsv and the dev file (SST-2, QNLI: dev.tsv; MNLI: dev_matched.tsv)",
+    "swin": "a timm checkpoint file (.pth/.pt/.bin/.safetensors) or a folder with model.safetensors",
+    "roberta": "a RoBERTa-base folder in save_pretrained layout (config.json, model.safetensors or "
+               "pytorch_model.bin, tokenizer.json or vocab.json + merges.txt)",
+}
+
+
+def is_paper_task(task: str) -> bool:
+    return task.endswith("-roberta") or task.startswith(("cifar100-", "tinyimagenet-"))
+
+
+def _data_problem(task: str, root: Path) -> str | None:
+    """None if ``root`` has the layout ``task`` reads, else what is wrong."""
+    if task.startswith("cifar100-"):
+        c = root / "cifar-100-python"
+        if (c / "train").is_file() and (c / "test").is_file():
+            return None
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            return None
+        return f"{root} has neither cifar-100-python/train + test nor train/ + test/ folders"
+    if task.startswith("tinyimagenet-"):
+        t = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() else root
+        if not (t / "train").is_dir() or not any(p.is_dir() for p in (t / "train").iterdir()):
+            return f"{t}/train has no class folders"
+        if not (t / "val").is_dir():
+            return f"{t}/val is missing"
+        if not (t / "val" / "val_annotations.txt").is_file() and not any(
+                p.is_dir() and p.name != "images" for p in (t / "val").iterdir()):
+            return f"{t}/val has neither val_annotations.txt nor class folders"
+        return None
+    glue = task.removesuffix("-roberta")
+    spec = GLUE[glue]
+    for d in (root / spec["dir"], root):
+        if (d / "train.tsv").is_file() and (d / spec["test"]).is_file():
+            return None
+    return f"{root / spec['dir']} lacks train.tsv or {spec['test']}"
+
+
+def _weights_problem(task: str, path: Path) -> str | None:
+    if task.endswith("-roberta"):
+        if not path.is_dir():
+            return f"{path} is not a folder"
+        missing = [n for n, ok in (
+            ("config.json", (path / "config.json").is_file()),
+            ("model.safetensors or pytorch_model.bin",
+             (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file()),
+            ("tokenizer.json or vocab.json + merges.txt", (path / "tokenizer.json").is_file()
+             or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())),
+        ) if not ok]
+        return f"{path} lacks {', '.join(missing)}" if missing else None
+    if path.is_file():
+        return None
+    if path.is_dir() and ((path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file()
+                          or len(list(path.glob("*.pth")) + list(path.glob("*.pt"))) == 1):
+        return None
+    return f"{path} is not a checkpoint file or a folder with one" if path.exists() else f"{path} does not exist"
+
+
+def path_problems(task: str, data_root, weights_path, names: dict | None = None) -> list[str]:
+    """One line per problem with ``task``'s paths: the name (``names`` maps data_root/weights_path to
+    what the user typed, e.g. --data-root), what is wrong, what is expected and how to obtain it."""
+    names = {"data_root": "data_root", "weights_path": "weights_path", **(names or {})}
+    if not is_paper_task(task):
+        return []
+    kind = "cifar100" if task.startswith("cifar100-") else "tinyimagenet" if task.startswith("tinyimagenet-") else "glue"
+    wkind = "roberta" if task.endswith("-roberta") else "swin"
+    model = SWIN_NAMES[task.split("-", 1)[1]] if wkind == "swin" else ""
+    out = []
+    for key, value, exp, how, check in (
+            ("data_root", data_root, EXPECTED[kind], HOW[kind], _data_problem),
+            ("weights_path", weights_path, EXPECTED[wkind], HOW[wkind].format(name=model), _weights_problem)):
+        if value is None:
+            problem = "not given"
+        else:
+            path = Path(value).expanduser()
+            problem = f"{path} does not exist" if not path.exists() else check(task, path)
+        if problem:
+            out.append(f"{names[key]} for task {task}: {problem}; expected {exp}; to obtain it: {how} "
+                       "(docs/PAPER_DATA.md)")
+    return out
+
+
 # --------------------------------------------------------------------------- image datasets
-class ImageDictDataset(Dataset):
-    """(path-or-PIL, label) samples -> {"pixel_values": transformed tensor, "labels": int64}."""
-
-    def __init__(self, base: Dataset, targets: list[int], transform: Callable):
-        self.base, self.targets, self.transform = base, list(targets), transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        img, label = self.base[i]
-        return {"pixel_values": self.transform(img), "labels": torch.tensor(int(label))}
-
-    def batch(self, indices) -> dict[str, torch.Tensor]:
-        idx = [int(i) for i in np.asarray(indices).reshape(-1)]
-        if not idx:  # an empty Poisson batch: zero-length tensors of the right shape
-            one = self[0]
-            return {k: v.new_empty((0, *v.shape)) for k, v in one.items()}
-        return stack_collate([self[i] for i in idx])
-
-
-class _FileList(Dataset):
-    def __init__(self, files: list[Path], labels: list[int]):
-        self.files, self.labels = files, labels
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
-            return im.convert("RGB"), self.labels[i]
-
-
 def image_transform(image_size: int):
+    """RGB, bicubic resize to image_size², ImageNet normalisation (the released code's transform,
+    without augmentation)."""
     from torchvision import transforms as T
 
     return T.Compose([
-        T.Lambda(lambda im: im.convert("RGB")),
+        T.Lambda(to_rgb),
         T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
 
 
-def load_cifar100(data_root, image_size: int = 224):
-    """(train, test, class_names) as ImageDictDatasets; see the module docstring for layouts."""
-    from torchvision.datasets import CIFAR100, ImageFolder
+def _image_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
+    """(classes, files, labels) of an ImageFolder tree, scanned once (no image is opened)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+    classes, class_to_idx = find_classes(str(root))
+    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS + (".JPEG",))
+    return classes, [f for f, _ in samples], [y for _, y in samples]
+
+
+def load_cifar100(data_root, image_size: int = 224):
+    """(train, test, class_names) as per-item ImageDatasets; see the module docstring for layouts."""
     root = _need_path("data_root", data_root)
     tf = image_transform(image_size)
-    if (root / "cifar-100-python").is_dir():
-        tr, te = CIFAR100(str(root), train=True, download=False), CIFAR100(str(root), train=False, download=False)
-        classes = list(tr.classes)
-    elif (root / "train").is_dir() and (root / "test").is_dir():
-        tr, te = ImageFolder(str(root / "train")), ImageFolder(str(root / "test"))
-        if tr.classes != te.classes:
+    pickles = root / "cifar-100-python"
+    if pickles.is_dir():
+        for f in ("train", "test"):
+            if not (pickles / f).is_file():
+                raise _missing(f"CIFAR-100 pickle {f}", pickles / f, HOW["cifar100"])
+        tr, te = CifarPickleImages(pickles / "train"), CifarPickleImages(pickles / "test")
+        classes = [str(i) for i in range(100)]
+        if (pickles / "meta").is_file():
+            import pickle
+
+            with open(pickles / "meta", "rb") as f:
+                classes = list(pickle.load(f, encoding="latin1")["fine_label_names"])
+        return ImageDataset(tr, tr.labels, tf), ImageDataset(te, te.labels, tf), classes
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        classes, tr_files, tr_y = _image_folder(root / "train")
+        te_classes, te_files, te_y = _image_folder(root / "test")
+        if classes != te_classes:
             raise ValueError(f"data_root {root}: train/ and test/ have different class folders")
-        classes = list(tr.classes)
-    else:
-        raise _missing("CIFAR-100 (cifar-100-python/ or train/ + test/ folders)", root, HOW["cifar100"])
-    return ImageDictDataset(tr, tr.targets, tf), ImageDictDataset(te, te.targets, tf), classes
+        return ImageDataset(ImageFiles(tr_files), tr_y, tf), ImageDataset(ImageFiles(te_files), te_y, tf), classes
+    raise _missing("CIFAR-100 (cifar-100-python/ or train/ + test/ folders)", root, HOW["cifar100"])
 
 
 def load_tiny_imagenet(data_root, image_size: int = 224):
-    from torchvision.datasets import ImageFolder
-
     root = _need_path("data_root", data_root)
     if (root / "tiny-imagenet-200").is_dir():
         root = root / "tiny-imagenet-200"
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise _missing("Tiny-ImageNet (train/ and val/ folders)", root, HOW["tinyimagenet"])
     tf = image_transform(image_size)
-    tr = ImageFolder(str(root / "train"))  # train/<wnid>/images/*.JPEG: ImageFolder recurses
+    classes, tr_files, tr_y = _image_folder(root / "train")  # train/<wnid>/images/*.JPEG
+    class_to_idx = {c: i for i, c in enumerate(classes)}
     ann = root / "val" / "val_annotations.txt"
     if ann.exists():
-        files, labels = [], []
+        te_files, te_y = [], []
         for line in ann.read_text().splitlines():
             parts = line.split("\t")
             if len(parts) < 2:
                 continue
-            if parts[1] not in tr.class_to_idx:
+            if parts[1] not in class_to_idx:
                 raise ValueError(f"{ann}: class {parts[1]!r} is not a train/ folder")
-            files.append(root / "val" / "images" / parts[0])
-            labels.append(tr.class_to_idx[parts[1]])
-        te: Dataset = _FileList(files, labels)
-        te_targets = labels
+            te_files.append(root / "val" / "images" / parts[0])
+            te_y.append(class_to_idx[parts[1]])
     else:
-        te = ImageFolder(str(root / "val"))
-        if te.classes != tr.classes:
+        te_classes, te_files, te_y = _image_folder(root / "val")
+        if te_classes != classes:
             raise ValueError(f"{root}/val has class folders different from train/")
-        te_targets = te.targets
-    return ImageDictDataset(tr, tr.targets, tf), ImageDictDataset(te, te_targets, tf), list(tr.classes)
+    return ImageDataset(ImageFiles(tr_files), tr_y, tf), ImageDataset(ImageFiles(te_files), te_y, tf), classes
 
 
 # --------------------------------------------------------------------------- timm Swin weights
@@ -211,14 +356,12 @@ def build_timm_swin(model_name: str, weights_path, num_classes: int, model_kwarg
     return model
 
 
-def _subsample(ds: ImageDictDataset, max_samples: int | None, seed: int) -> ImageDictDataset:
+def _subsample(ds: ImageDataset, max_samples: int | None, seed: int) -> ImageDataset:
     if max_samples is None:
         return ds
     if max_samples < 1:
         raise ValueError(f"max_train_samples must be >= 1, got {max_samples}")
-    keep = np.sort(np.random.default_rng(seed).permutation(len(ds))[:max_samples])
-    base = torch.utils.data.Subset(ds.base, keep.tolist())
-    return ImageDictDataset(base, [ds.targets[i] for i in keep], ds.transform)
+    return ds.subset(np.sort(np.random.default_rng(seed).permutation(len(ds))[:max_samples]))
 
 
 def _paper_vision_task(name, loader, data_root, weights_path, model_name, image_size, model_kwargs,
@@ -374,7 +517,7 @@ def _glue_factory(glue: str):
             name=name, encoder=encoder, tokenizer=tok, num_classes=len(spec["labels"]),
             train_texts=(tr_a, tr_b), train_labels=tr_y, test_texts=(te_a, te_b), test_labels=te_y,
             max_len=max_len or spec["max_len"], pooling="cls", head="roberta", r=r, alpha=alpha,
-            dropout=dropout, seed=seed, defaults=LANGUAGE_DEFAULTS,
+            dropout=dropout, seed=seed, defaults=PAPER_LANGUAGE_DEFAULTS,
             info={"data": [str(tr_file), str(te_file)], "weights_path": str(wpath), "classes": spec["labels"],
                   "skipped_rows": {"train": tr_skip, "test": te_skip}},
         )
