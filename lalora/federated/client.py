@@ -12,6 +12,10 @@ Per local step k of round t:
   4. optionally the low-pass filter on the noised gradient of the trained factors (post-processing);
   5. one optimizer step.
 
+Everything runs on the model's device: each batch is moved there, the Poisson draw uses the
+sampling generator on that device (the indices come back to the CPU to gather the examples) and
+the noise is drawn by the noise generator there.
+
 The optimizer is created at the start of every round (the released code does the same), so
 no optimizer state crosses rounds and checkpoints need none. The learning rate of round t is
 ``lr · lr_decay^(t-1)``; B's is multiplied by ``lr_B_ratio``.
@@ -48,6 +52,7 @@ class LocalTraining:
     alternation_period: int
     train_head: bool
     clipping: str = "flat"
+    precision: str = "fp32"   # "bf16": autocast forward (fp32 weights, fp32 per-sample gradients)
 
     def lr_at(self, t: int) -> float:
         return self.lr * self.lr_decay ** (t - 1)
@@ -95,7 +100,12 @@ def make_optimizer(groups: ParamGroups, cfg: LocalTraining, t: int) -> torch.opt
 def poisson_positions(n: int, q: float, generator: torch.Generator) -> torch.Tensor:
     from lalora.privacy.sampling import poisson_sample
 
-    return poisson_sample(n, q, generator)
+    return poisson_sample(n, q, generator).cpu()   # indices gather examples held on the CPU
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device`` (no copy when already there)."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 def local_train(model: torch.nn.Module, groups: ParamGroups, schedule: MethodSchedule,
@@ -122,21 +132,22 @@ def local_train(model: torch.nn.Module, groups: ParamGroups, schedule: MethodSch
     loss_log: list[tuple[float, int]] = []
     optimizer = make_optimizer(groups, cfg, t)
     model.train()
+    device = next(model.parameters()).device
     batch_sizes = []
     for k in range(1, cfg.local_steps + 1):
         trains = schedule.trains(k, t, cfg.alternation_period)
         groups.set_trainable(trains, head=cfg.train_head)
         positions = poisson_positions(n, q, sampling_generator)
-        batch = data.batch(positions)
+        batch = to_device(data.batch(positions), device)
         batch_sizes.append(int(positions.numel()))
         if cfg.private:
             from lalora.privacy.dp_step import dp_gradient
 
             dp_gradient(model, per_sample_loss, batch, clip_norm=cfg.clip_norm,
                         noise_multiplier=cfg.noise_multiplier, expected_batch_size=expected_batch,
-                        generator=noise_generator, clipping=cfg.clipping)
+                        generator=noise_generator, clipping=cfg.clipping, precision=cfg.precision)
         else:
-            _plain_gradient(model, per_sample_loss, batch, expected_batch)
+            _plain_gradient(model, per_sample_loss, batch, expected_batch, cfg.precision)
         if cfg.use_filter:
             filter_gradients_(groups.factor_params(trains))
         optimizer.step()
@@ -149,14 +160,18 @@ def local_train(model: torch.nn.Module, groups: ParamGroups, schedule: MethodSch
             "sample_rate": q}
 
 
-def _plain_gradient(model, loss_fn, batch, expected_batch: float) -> None:
+def _plain_gradient(model, loss_fn, batch, expected_batch: float, precision: str = "fp32") -> None:
     """Non-private gradient with the DP step's normalisation: sum of per-sample grads / q·|D_i|."""
+    from dplora_kernels.dp import autocast_for
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     if batch["labels"].shape[0] == 0:
         for p in trainable:
             p.grad = torch.zeros_like(p)
         return
-    loss = loss_fn(model, batch).sum() / expected_batch
+    with autocast_for(precision, trainable[0].device):
+        losses = loss_fn(model, batch)
+    loss = losses.float().sum() / expected_batch
     grads = torch.autograd.grad(loss, trainable, allow_unused=True)
     named = {id(p): n for n, p in model.named_parameters()}
     for p, g in zip(trainable, grads):   # same rule as the DP step: never step on NaN/Inf

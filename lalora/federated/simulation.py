@@ -56,10 +56,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from dplora_kernels.dp import autocast_for
 
 import lalora
 from lalora.config import RunConfig
-from lalora.federated.client import ClientData, LocalTraining, local_train
+from lalora.federated.client import ClientData, LocalTraining, local_train, to_device
 from lalora.federated.methods import get_method
 from lalora.federated.server import ClientUpdate, aggregate
 from lalora.federated.state import ParamGroups
@@ -176,7 +177,8 @@ class Simulator:
         self.method = get_method(cfg.method)
 
         torch.manual_seed(cfg.seed)
-        self.model = self.task.build_model()
+        self.device = torch.device(cfg.device)   # resolved: "cpu", "cuda" or "cuda:N"
+        self.model = self.task.build_model().to(self.device)
         self.groups = ParamGroups.from_model(self.model)
         self.train_head = cfg.head == "train" and bool(self.groups.params["head"])
         self.groups.set_trainable(frozenset(), head=False)
@@ -216,10 +218,11 @@ class Simulator:
             clip_norm=cfg.clip_norm if self.private else math.inf,
             noise_multiplier=self.noise_multiplier, private=self.private, use_filter=bool(cfg.filter),
             alternation_period=cfg.alternation_period, train_head=self.train_head,
-            clipping=cfg.clipping)
-        self.sampling_generators = [torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_SAMPLING, c))
+            clipping=cfg.clipping, precision=cfg.precision)
+        # Poisson and noise generators live on the run's device: the noise is drawn where it is added
+        self.sampling_generators = [torch.Generator(self.device).manual_seed(_derived_seed(cfg.seed, _TAG_SAMPLING, c))
                                     for c in range(cfg.clients)]
-        self.noise_generators = [torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_NOISE, c))
+        self.noise_generators = [torch.Generator(self.device).manual_seed(_derived_seed(cfg.seed, _TAG_NOISE, c))
                                  for c in range(cfg.clients)]
         torch.manual_seed(_derived_seed(cfg.seed, _TAG_TORCH))   # LoRA dropout during training
         local_groups = self.method.local_only & {"A", "B", "head"}
@@ -281,7 +284,9 @@ class Simulator:
         for start in range(0, n, self.cfg.eval_batch_size):
             idx = list(range(start, min(n, start + self.cfg.eval_batch_size)))
             batch = test.batch(idx) if hasattr(test, "batch") else self.task.collate([test[i] for i in idx])
-            logits = self.task.forward(self.model, batch)
+            batch = to_device(batch, self.device)
+            with autocast_for(self.cfg.precision, self.device):
+                logits = self.task.forward(self.model, batch)
             if not torch.isfinite(logits).all():   # NaN logits would score as class 0, silently
                 raise FloatingPointError(f"NaN/Inf logits on test examples {idx[0]}..{idx[-1]} of task "
                                          f"{self.cfg.task!r}; check the test data")
