@@ -332,3 +332,32 @@ def test_gpu_auto_backend_matches_loop(precision):
     for n, p in m.named_parameters():
         if p.requires_grad:
             assert rel_err(p.grad * N, want[n]) <= tol, n
+
+
+def test_flat_step_is_one_grouped_call_over_arena_views(monkeypatch):
+    """Flat clipping: clip, sum and noise of every materialised parameter in ONE clip_and_noise call,
+    whose inputs are views of one arena, with the kernels' norms (no per-parameter clip calls)."""
+    from dplora_kernels import dp
+    calls = []
+    real = dp.clip_and_noise
+
+    def spy(per_sample, sqnorm, *a, **kw):
+        calls.append([g.untyped_storage().data_ptr() for g in per_sample])
+        return real(per_sample, sqnorm, *a, **kw)
+
+    monkeypatch.setattr(dp, "clip_and_noise", spy)
+    monkeypatch.setattr(dp, "clipped_noised_sum", lambda *a, **k: pytest.fail("per-tensor sum in the flat step"))
+    m = build(torch.float32)
+    dk.dp_gradient(m, loss_fn, data(4), clip_norm=0.3, noise_multiplier=0.0, expected_batch_size=4,
+                   generator=None, backend="torch")
+    assert len(calls) == 1 and len(calls[0]) == 4        # the 4 LoRA factors; the head is ghosted
+    assert len(set(calls[0])) == 1                        # all views of one arena
+
+
+def test_ghost_head_gets_full_noise():
+    """A ghosted head (one row per sample) still gets N(0, (sigma C)^2) noise / expected_batch_size."""
+    head = nn.Linear(64, 32)
+    dk.dp_gradient(head, lambda mod, b: (mod(b) * 0).sum(1), torch.zeros(4, 64), clip_norm=2.0,
+                   noise_multiplier=1.5, expected_batch_size=4, generator=torch.Generator().manual_seed(0))
+    draws = torch.cat([head.weight.grad.flatten(), head.bias.grad.flatten()])   # 2080 draws
+    assert abs(draws.std().item() / (1.5 * 2.0 / 4) - 1) < 0.05

@@ -202,13 +202,14 @@ def _flat(psg: PerSampleGrads, names, ghost, total, clip_norm, std, generator, b
         factors = _clip_factors(total, clip_norm)
     if ghost:
         ghost_names = [k for k in names if k in ghost]
-        noise = _noise_only([_ghost_shape(ghost[k]) for k in ghost_names], total.device, std,
-                            generator, backend)
         for gl in psg.ghost:
             for k, s in zip(gl.names, gl.clipped_sums(factors)):
                 out[k] = s
-        for k, z in zip(ghost_names, noise):
-            out[k] = out[k] + z
+        if std > 0:   # the ghost heads' noise: one more draw, after the arena's
+            noise = _noise_only([_ghost_shape(ghost[k]) for k in ghost_names], total.device, std,
+                                generator, backend)
+            for k, z in zip(ghost_names, noise):
+                out[k] = out[k] + z
     return [out[k] for k in names], factors
 
 
