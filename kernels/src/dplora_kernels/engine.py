@@ -168,7 +168,10 @@ class PerSampleGradEngine:
             raise ValueError(f"model parameters are on several devices {devices}; the per-sample-gradient "
                              "engine needs all trainable parameters on one device (move the model with .to())")
         self.device = torch.device(devices[0]) if devices else torch.device("cpu")
-        resolve_backend(self.backend, self.device)   # raises ValueError naming `backend`
+        # resolved once (raises ValueError naming `backend`), not per layer call; "auto" keeps float64
+        # models on the torch path, as the kernel functions do (float64 is for reference checks)
+        f64 = any(p.dtype == torch.float64 for p in self.params.values())
+        self._backend = "torch" if self.backend == "auto" and f64 else resolve_backend(self.backend, self.device)
 
     # ---- setup ---------------------------------------------------------------------------------
     def __enter__(self) -> "PerSampleGradEngine":
@@ -280,6 +283,7 @@ class PerSampleGradEngine:
             calls = []
         return self._fill(calls, grad_outs, n, ghost)
 
+    @torch.no_grad()
     def _fill(self, calls: list, grad_outs: list, n: int, ghost: bool) -> PerSampleGrads:
         """Per-sample gradients of every call, written into one arena (see module doc)."""
         times_called: dict[int, int] = {}
@@ -356,7 +360,7 @@ class PerSampleGradEngine:
             a_on, b_on = m.lora_A.requires_grad, m.lora_B.requires_grad
             which = "both" if (a_on and b_on) else ("A" if a_on else "B")
             r = lora_per_sample_grads(_rows(c.x), _rows(g), m.lora_A.detach(), m.lora_B.detach(),
-                                      m.scaling, n, u=_rows(c.u), backend=self.backend, which=which)
+                                      m.scaling, n, u=_rows(c.u), backend=self._backend, which=which)
             if a_on:
                 yield (m.lora_A,), (r.grad_A,), r.sqnorm_A
             if b_on:
@@ -364,7 +368,7 @@ class PerSampleGradEngine:
         elif isinstance(m, nn.Linear):
             w_on, b_on = m.weight.requires_grad, m.bias is not None and m.bias.requires_grad
             if w_on:
-                r = linear_per_sample_grads(_rows(c.x), _rows(g), n, bias=b_on, backend=self.backend)
+                r = linear_per_sample_grads(_rows(c.x), _rows(g), n, bias=b_on, backend=self._backend)
                 yield ((m.weight, m.bias) if b_on else (m.weight,)), (r.grad_weight, r.grad_bias), r.sqnorm
             elif b_on:   # only the bias trains: G_b,i = sum of g over sample i's rows
                 gb = ref.per_sample_view(g, n).to(ref.acc_dtype(g.dtype)).sum(1)
