@@ -122,7 +122,8 @@ class PerSampleGrads:
             for sq in gl.sqnorms:
                 total = sq if total is None else total + sq
         if total is None:
-            return torch.zeros(self.num_samples, dtype=torch.float32)
+            device = self.arena.device if self.arena is not None else None
+            return torch.zeros(self.num_samples, dtype=torch.float32, device=device)
         return total
 
     @functools.cached_property
