@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 import dplora_kernels as dk
-from dplora_kernels import engine as eng_mod
 
 
 class Tiny(nn.Module):
