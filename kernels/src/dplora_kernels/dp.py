@@ -111,9 +111,9 @@ def _check_batch_device(batch: Any, device: torch.device) -> None:
                              f"on {device}; move the batch to {device}")
 
 
-def _run(model, loss_fn, batch, n, backend, precision, ghost):
+def _run(engine, model, loss_fn, batch, n, precision, ghost):
     """Forward under the engine (and autocast for bf16), one backward -> PerSampleGrads."""
-    with PerSampleGradEngine(model, backend=backend) as engine:
+    with engine:
         _check_batch_device(batch, engine.device)
         with autocast_for(precision, engine.device):
             losses = loss_fn(model, batch)
@@ -136,7 +136,7 @@ def per_sample_gradients(model: nn.Module, loss_fn: Callable[[nn.Module, Any], t
     n = batch_size_of(batch) if num_samples is None else int(num_samples)
     if n < 1:
         raise ValueError(f"num_samples must be >= 1; got {n}")
-    return _run(model, loss_fn, batch, n, backend, precision, ghost=False)
+    return _run(PerSampleGradEngine(model, backend=backend), model, loss_fn, batch, n, precision, ghost=False)
 
 
 def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, *,
@@ -164,7 +164,7 @@ def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tens
         return _write(params, names, summed, expected_batch_size, torch.zeros(0, device=device),
                       torch.ones(0, device=device), 0)
 
-    psg = _run(model, loss_fn, batch, n, backend, precision, ghost=True)
+    psg = _run(engine, model, loss_fn, batch, n, precision, ghost=True)
     total = psg.total_sqnorm()
     if not bool(torch.isfinite(total).all()):   # the step's one host synchronisation
         raise FloatingPointError(f"NaN/Inf in the per-sample gradient of parameter {_non_finite(psg)!r}; "
