@@ -191,7 +191,7 @@ def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tens
 
 
 def _flat(psg: PerSampleGrads, names, ghost, total, clip_norm, std, generator, backend):
-    """Flat clipping: the arena's views in one grouped clip+sum+noise call, ghost heads after it."""
+    """Flat clipping: the whole arena in one clip+sum+noise call, ghost heads after it."""
     arena_names = [k for k in names if k not in ghost]
     out: dict[str, torch.Tensor] = {}
     if arena_names:
