@@ -48,7 +48,7 @@ CLIP_NORM, NOISE_MULTIPLIER, LR = 1.0, 1.0, 1e-3
 
 class PlainLoRALinear(nn.Module):
     """PEFT-style LoRA made of two nn.Linear (what Opacus' hooks understand); used for the non-private
-    baseline and both Opacus modes. Same init as DPLoRALinear."""
+    baseline and both Opacus modes. Same init as dplora_kernels.LoRALinear."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float):
         super().__init__()
@@ -71,7 +71,7 @@ def inject(model: nn.Module, suffixes: tuple[str, ...], r: int, alpha: float, ki
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
-        new = dk.DPLoRALinear(base, r, alpha) if kind == "dp" else PlainLoRALinear(base, r, alpha)
+        new = dk.LoRALinear(base, r, alpha, dropout=0.0) if kind == "dp" else PlainLoRALinear(base, r, alpha)
         setattr(parent, child, new.to(base.weight.device))
     if not names:
         raise ValueError(f"no module matched {suffixes}")
@@ -161,13 +161,12 @@ def make_step(method: str, wl: Workload, device):
         return step
 
     if method == "dplora":
-        dp = dk.DPStep(model, CLIP_NORM, NOISE_MULTIPLIER, expected_batch_size=wl.n,
-                       generator=torch.Generator(device=device).manual_seed(0))
+        gen = torch.Generator(device=device).manual_seed(0)
+        per_sample_ce = nn.CrossEntropyLoss(reduction="none")
 
-        def step():
-            dp.set_num_samples(wl.n)          # Swin: windows are rows, images are the clipping unit
-            ce(model(x), y).backward()
-            dp.clip_and_noise()
+        def step():   # the one engine; Swin: windows are rows, images (num_samples=N) the clipping unit
+            dk.dp_gradient(model, lambda m, b: per_sample_ce(m(b[0]), b[1]), (x, y), clip_norm=CLIP_NORM,
+                           noise_multiplier=NOISE_MULTIPLIER, expected_batch_size=wl.n, generator=gen)
             opt.step()
             opt.zero_grad(set_to_none=True)
         return step

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -49,6 +50,7 @@ OPTIMIZER_STATE_POLICIES = ("reset",)   # optimizer re-created every round (as t
 # picks sigma (the sigma real DP would use at that epsilon) and no epsilon is claimed.
 DP_MODES = ("dp", "as-released")
 NOT_DP = "NOT differentially private"
+PRECISIONS = ("fp32", "bf16")   # bf16: autocast forward, fp32 LoRA weights and per-sample gradients
 
 
 def _parse_float(value: Any, name: str) -> float:
@@ -99,6 +101,10 @@ class RunConfig:
     dp_mode: str = "dp"
     # extra keyword overrides passed to get_task (e.g. {"max_train_samples": 500})
     task_overrides: dict = field(default_factory=dict)
+    # where and how the run computes: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N";
+    # resolve() replaces "auto" by the device it picks, so the hash names the device type used
+    device: str = "auto"
+    precision: str = "fp32"
 
     # ------------------------------------------------------------------ construction / resolution
     def __post_init__(self) -> None:
@@ -121,6 +127,7 @@ class RunConfig:
                 changes[name] = task_defaults.get(name, fallback)
         if self.filter is None:
             changes["filter"] = get_method(self.method).filter_default
+        changes["device"] = resolve_device(self.device, self.precision)
         cfg = dataclasses.replace(self, **changes)
         cfg.validate(resolved=True)
         return cfg
@@ -164,6 +171,8 @@ class RunConfig:
         if self.dp_mode == "as-released" and not self.private:
             raise ValueError(f"dp_mode 'as-released' needs a private method and a finite epsilon "
                              f"(got method {self.method!r}, epsilon {self.epsilon})")
+        _check_device_name(self.device)
+        _choice(self.precision, PRECISIONS, "precision")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if not (self.lr_B_ratio > 0):
@@ -212,6 +221,37 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown RunConfig field(s): {unknown}")
         return cls(**d)
+
+
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _check_device_name(device: Any) -> None:
+    if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+
+
+def resolve_device(device: str, precision: str = "fp32") -> str:
+    """The device a run uses: "auto" -> "cuda" when CUDA is available, else "cpu". A CUDA device
+    that is not there, or bf16 on a GPU without bf16 support, raises ValueError naming the field."""
+    import torch
+
+    _check_device_name(device)
+    _choice(precision, PRECISIONS, "precision")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available on this machine; use device='cpu' "
+                             "or 'auto'")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s)")
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"precision='bf16' but {torch.cuda.get_device_name(index)} has no bf16 support; "
+                             "use precision='fp32'")
+    return device
 
 
 def _check_finite_number(name: str, value: Any) -> None:

@@ -55,6 +55,8 @@ lr = None
 task_overrides = {}                # {task: {factory kwarg: value}}
 data_root = None                   # paper profile: folder holding the datasets
 weights_path = None                # paper profile: pretrained weights (file or folder)
+device = "auto"                    # auto: cuda when available, else cpu; or cpu, cuda, cuda:N
+precision = "fp32"                 # or bf16: autocast forward, fp32 LoRA weights and DP accumulation
 
 # %%
 import time
@@ -74,7 +76,7 @@ started = time.perf_counter()
 records, table = run_main_grid(tasks, methods, epsilons, seeds, runs_dir, reference_method=reference_method,
                                task_overrides=task_overrides, data_root=data_root, weights_path=weights_path,
                                rounds=rounds, local_steps=local_steps, batch_size=batch_size, clients=clients,
-                               clients_per_round=clients_per_round, lr=lr)
+                               clients_per_round=clients_per_round, lr=lr, device=device, precision=precision)
 
 # %% [markdown]
 # ## Table: test accuracy (%), mean ± std over seeds

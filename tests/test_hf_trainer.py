@@ -31,12 +31,7 @@ README = Path(__file__).resolve().parents[1] / "kernels" / "README.md"
 
 
 @pytest.fixture(autouse=True)
-def engine_dp_gradient(monkeypatch):
-    # the lead removes this at merge: until the one-engine branch lands, dplora_kernels has no
-    # dp_gradient of its own, so the tests point it at lalora's (same contract).
-    if not hasattr(dk, "dp_gradient"):
-        from lalora.privacy.dp_step import dp_gradient
-        monkeypatch.setattr(dk, "dp_gradient", dp_gradient, raising=False)
+def one_thread():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

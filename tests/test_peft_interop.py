@@ -94,3 +94,44 @@ def test_copy_ours_to_peft_and_scaling_mismatch():
     holder.encoder = other
     with pytest.raises(ValueError, match="scaling"):
         copy_lora_weights(holder, ours)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_peft_bert_with_saved_head_matches_loop(dtype):
+    """A PEFT LoRA model as PEFT builds it -- lora_A/lora_B ModuleDicts and the head kept trainable
+    through modules_to_save (a ModulesToSaveWrapper around a trainable copy) -- gets per-sample
+    gradients from the one engine equal to a float64-style per-sample loop: 1e-6 relative in
+    float64, 1e-4 in float32. The saved head (one row per sample) is also the DP step's ghost-norm
+    case: its DP gradient equals the clipped loop sum."""
+    from peft import LoraConfig, get_peft_model
+
+    from dplora_kernels import per_sample_gradients
+    from test_per_sample_grads import RTOL, check_against_loop
+
+    base = small_bert(dtype)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"],
+                     modules_to_save=["head"])
+    model = get_peft_model(base, cfg).eval()
+    randomize_lora_B(model, seed=2)
+    names = {k for k, p in model.named_parameters() if p.requires_grad}
+    saved = {k for k in names if "modules_to_save" in k}
+    assert saved and all("lora_" in k for k in names - saved), names
+    batch = text_batch(60, n=4)
+    psg, ref = check_against_loop(model, text_loss, batch, 4, dtype)
+    assert set(psg.grads) == names
+    # DP step (flat clipping, no noise): the saved head goes through the ghost-norm path
+    clip = 0.5 * float(psg.total_sqnorm().sqrt().min())
+    res = dp_gradient(model, text_loss, batch, clip_norm=clip, noise_multiplier=0.0,
+                      expected_batch_size=1.0, generator=None)
+    norms = torch.sqrt(sum(g.reshape(4, -1).double().pow(2).sum(1) for g in ref.values()))
+    factors = torch.clamp(clip / (norms + 1e-6), max=1.0)
+    for k in saved:
+        want = torch.einsum("i,i...->...", factors, ref[k].double())
+        assert_close_rel(res.grads[k], want, RTOL[dtype], k)
+    assert per_sample_gradients(model, text_loss, batch).ghost == []
+    from dplora_kernels import PerSampleGradEngine
+    with PerSampleGradEngine(model) as eng:
+        ghosted = eng.backward(text_loss(model, batch).sum(), 4, ghost=True)
+    assert {k for gl in ghosted.ghost for k in gl.names} == saved   # the DP step took the ghost path

@@ -1,4 +1,4 @@
-"""PerSampleGradEngine vs a float64 per-sample loop (microbatch of one, ordinary autograd).
+"""PerSampleGradEngine (dplora_kernels.engine, the one engine) vs a float64 per-sample loop (microbatch of one, ordinary autograd).
 
 Tolerance: max |engine - loop| <= rtol * max |loop| per parameter, and per-sample flat norms to
 rtol elementwise; rtol = 1e-6 in float64, 1e-4 in float32. Models: an MLP with LoRA (2-D and
@@ -16,7 +16,7 @@ from torch import nn
 from _dp_reference import (assert_close_rel, flat_norms, freeze_all, loop_per_sample_grads,
                            randomize_lora_B)
 from lalora.lora import inject_lora, set_active_factors
-from lalora.privacy.engine import PerSampleGradEngine
+from dplora_kernels.engine import PerSampleGradEngine
 
 RTOL = {torch.float64: 1e-6, torch.float32: 1e-4}
 

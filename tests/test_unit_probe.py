@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lalora.lora import inject_lora
-from lalora.privacy.dp_step import _engine_per_sample_grads, dp_gradient
+from lalora.privacy.dp_step import dp_gradient
+from lalora.privacy.dp_step import per_sample_gradients as _engine_per_sample_grads
 from lalora.privacy.unit_probe import ClippingUnitError, take_samples, verify_clipping_unit
 
 from test_per_sample_grads import (freeze_all, img_loss, randomize_lora_B, small_bert, small_swin,

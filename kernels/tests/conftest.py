@@ -29,8 +29,8 @@ def device():
 @pytest.fixture
 def poisoned():
     """Kernel-written buffers start as NaN (see triton_kernels.POISON_OUTPUTS)."""
-    from dplora_kernels import nn as dnn
+    from dplora_kernels import engine
     from dplora_kernels import triton_kernels as tk
-    tk.POISON_OUTPUTS, dnn.POISON_ARENA = True, True
+    tk.POISON_OUTPUTS, engine.POISON_ARENA = True, True
     yield
-    tk.POISON_OUTPUTS, dnn.POISON_ARENA = False, False
+    tk.POISON_OUTPUTS, engine.POISON_ARENA = False, False

@@ -1,6 +1,7 @@
 """Planted privacy bugs, to show that the audit can fail.
 
-Each is a context manager that monkeypatches a name *inside* `lalora.privacy.dp_step` for the
+Each is a context manager that monkeypatches a name *inside* `dplora_kernels.dp` (the module that
+implements the `dp_gradient` lalora.privacy re-exports) for the
 duration of the `with` block (the real code is never edited), so the audit runs the genuine
 `dp_gradient` with one piece broken -- exactly the kind of silent bug auditing exists to catch:
 
@@ -27,20 +28,24 @@ __all__ = ["PLANTED_BUGS", "plant", "noise_halved", "clipping_off", "per_window_
 
 
 def _dp_step():
-    from ..privacy import dp_step
+    from dplora_kernels import dp
 
-    return dp_step
+    return dp
 
 
 @contextmanager
 def noise_halved() -> Iterator[None]:
     mod = _dp_step()
-    real = mod.clipped_noised_sum
+    real, real_grouped = mod.clipped_noised_sum, mod.clip_and_noise
 
     def halved(per_sample, factors, noise_std, generator, *args, **kwargs):
         return real(per_sample, factors, noise_std / 2.0, generator, *args, **kwargs)
 
-    with mock.patch.object(mod, "clipped_noised_sum", halved):
+    def halved_grouped(per_sample, sqnorm, clip_norm, noise_std, generator, *args, **kwargs):
+        return real_grouped(per_sample, sqnorm, clip_norm, noise_std / 2.0, generator, *args, **kwargs)
+
+    with mock.patch.object(mod, "clipped_noised_sum", halved), \
+            mock.patch.object(mod, "clip_and_noise", halved_grouped):
         yield
 
 
@@ -48,10 +53,16 @@ def noise_halved() -> Iterator[None]:
 def clipping_off() -> Iterator[None]:
     mod = _dp_step()
 
+    real_grouped = mod.clip_and_noise
+
     def no_clip(sqnorm, clip_norm, *args, **kwargs):
         return torch.ones_like(sqnorm)
 
-    with mock.patch.object(mod, "_clip_factors", no_clip):
+    def no_clip_grouped(per_sample, sqnorm, clip_norm, *args, **kwargs):
+        return real_grouped(per_sample, sqnorm, float("inf"), *args, **kwargs)
+
+    with mock.patch.object(mod, "_clip_factors", no_clip), \
+            mock.patch.object(mod, "clip_and_noise", no_clip_grouped):
         yield
 
 

@@ -18,6 +18,10 @@ for comparison only: a fixed-size batch of b examples drawn uniformly without re
 data-dependent C = min(median tensor norm, 0.4), noise N(0, (σC/b)²). It is NOT differentially
 private: no per-sample clipping, so no accountant applies (the simulation claims no ε for it).
 
+Everything runs on the model's device: each batch is moved there, the Poisson draw uses the
+sampling generator on that device (the indices come back to the CPU to gather the examples) and
+the noise is drawn by the noise generator there.
+
 The optimizer is created at the start of every round (the released code does the same), so
 no optimizer state crosses rounds and checkpoints need none. The learning rate of round t is
 ``lr · lr_decay^(t-1)``; B's is multiplied by ``lr_B_ratio``.
@@ -55,6 +59,7 @@ class LocalTraining:
     train_head: bool
     clipping: str = "flat"
     dp_mode: str = "dp"       # "as-released": the released (non-DP) step, see the module doc
+    precision: str = "fp32"   # "bf16": autocast forward (fp32 weights, fp32 per-sample gradients)
 
     def lr_at(self, t: int) -> float:
         return self.lr * self.lr_decay ** (t - 1)
@@ -102,7 +107,12 @@ def make_optimizer(groups: ParamGroups, cfg: LocalTraining, t: int) -> torch.opt
 def poisson_positions(n: int, q: float, generator: torch.Generator) -> torch.Tensor:
     from lalora.privacy.sampling import poisson_sample
 
-    return poisson_sample(n, q, generator)
+    return poisson_sample(n, q, generator).cpu()   # indices gather examples held on the CPU
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device`` (no copy when already there)."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 def local_train(model: torch.nn.Module, groups: ParamGroups, schedule: MethodSchedule,
@@ -129,6 +139,7 @@ def local_train(model: torch.nn.Module, groups: ParamGroups, schedule: MethodSch
     loss_log: list[tuple[float, int]] = []
     optimizer = make_optimizer(groups, cfg, t)
     model.train()
+    device = next(model.parameters()).device
     batch_sizes = []
     for k in range(1, cfg.local_steps + 1):
         trains = schedule.trains(k, t, cfg.alternation_period)
@@ -138,7 +149,7 @@ def local_train(model: torch.nn.Module, groups: ParamGroups, schedule: MethodSch
             positions = torch.randperm(n, generator=sampling_generator)[:min(cfg.batch_size, n)]
         else:
             positions = poisson_positions(n, q, sampling_generator)
-        batch = data.batch(positions)
+        batch = to_device(data.batch(positions), device)
         batch_sizes.append(int(positions.numel()))
         if released:
             from lalora.privacy.dp_step import as_released_gradient
@@ -150,9 +161,9 @@ def local_train(model: torch.nn.Module, groups: ParamGroups, schedule: MethodSch
 
             dp_gradient(model, per_sample_loss, batch, clip_norm=cfg.clip_norm,
                         noise_multiplier=cfg.noise_multiplier, expected_batch_size=expected_batch,
-                        generator=noise_generator, clipping=cfg.clipping)
+                        generator=noise_generator, clipping=cfg.clipping, precision=cfg.precision)
         else:
-            _plain_gradient(model, per_sample_loss, batch, expected_batch)
+            _plain_gradient(model, per_sample_loss, batch, expected_batch, cfg.precision)
         if cfg.use_filter:
             filter_gradients_(groups.factor_params(trains))
         optimizer.step()
@@ -165,14 +176,18 @@ def local_train(model: torch.nn.Module, groups: ParamGroups, schedule: MethodSch
             "sample_rate": q}
 
 
-def _plain_gradient(model, loss_fn, batch, expected_batch: float) -> None:
+def _plain_gradient(model, loss_fn, batch, expected_batch: float, precision: str = "fp32") -> None:
     """Non-private gradient with the DP step's normalisation: sum of per-sample grads / q·|D_i|."""
+    from dplora_kernels.dp import autocast_for
+
     trainable = [p for p in model.parameters() if p.requires_grad]
     if batch["labels"].shape[0] == 0:
         for p in trainable:
             p.grad = torch.zeros_like(p)
         return
-    loss = loss_fn(model, batch).sum() / expected_batch
+    with autocast_for(precision, trainable[0].device):
+        losses = loss_fn(model, batch)
+    loss = losses.float().sum() / expected_batch
     grads = torch.autograd.grad(loss, trainable, allow_unused=True)
     named = {id(p): n for n, p in model.named_parameters()}
     for p, g in zip(trainable, grads):   # same rule as the DP step: never step on NaN/Inf

@@ -57,10 +57,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from dplora_kernels.dp import autocast_for
 
 import lalora
 from lalora.config import NOT_DP, RunConfig
-from lalora.federated.client import ClientData, LocalTraining, local_train
+from lalora.federated.client import ClientData, LocalTraining, local_train, to_device
 from lalora.federated.methods import get_method
 from lalora.federated.server import ClientUpdate, aggregate
 from lalora.federated.state import ParamGroups
@@ -121,7 +122,8 @@ class Simulator:
         self.method = get_method(cfg.method)
 
         torch.manual_seed(cfg.seed)
-        self.model = self.task.build_model()
+        self.device = torch.device(cfg.device)   # resolved: "cpu", "cuda" or "cuda:N"
+        self.model = self.task.build_model().to(self.device)
         self.groups = ParamGroups.from_model(self.model)
         self.train_head = cfg.head == "train" and bool(self.groups.params["head"])
         self.groups.set_trainable(frozenset(), head=False)
@@ -164,15 +166,16 @@ class Simulator:
             clip_norm=cfg.clip_norm if self.private else math.inf,
             noise_multiplier=self.noise_multiplier, private=self.private, use_filter=bool(cfg.filter),
             alternation_period=cfg.alternation_period, train_head=self.train_head,
-            clipping=cfg.clipping, dp_mode=cfg.dp_mode)
-        self.sampling_generators = [torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_SAMPLING, c))
-                                    for c in range(cfg.clients)]
+            clipping=cfg.clipping, dp_mode=cfg.dp_mode, precision=cfg.precision)
+        # Poisson and noise generators live on the run's device: the noise is drawn where it is added
+        self.sampling_generators = [torch.Generator(self.device).manual_seed(
+            _derived_seed(cfg.seed, _TAG_SAMPLING, c)) for c in range(cfg.clients)]
         # Noise streams also depend on the whole resolved config: two runs that differ only in ε (or
         # any setting) must not draw the same N(0, 1) vectors, or their releases subtract to the
         # clipped sum. Sampling, partition, LoRA init and schedule stay (seed, client): paired runs.
         noise_key = int(config_hash(cfg.to_dict(), "noise-stream", length=15), 16)
-        self.noise_generators = [torch.Generator().manual_seed(_derived_seed(cfg.seed, _TAG_NOISE,
-                                                                             noise_key, c))
+        self.noise_generators = [torch.Generator(self.device).manual_seed(_derived_seed(cfg.seed, _TAG_NOISE,
+                                                                                        noise_key, c))
                                  for c in range(cfg.clients)]
         torch.manual_seed(_derived_seed(cfg.seed, _TAG_TORCH))   # LoRA dropout during training
         local_groups = self.method.local_only & {"A", "B", "head"}
@@ -184,13 +187,13 @@ class Simulator:
         """Run the clipping-unit probe (lalora.privacy.unit_probe) once, with every LoRA factor and
         the head trainable, on the first examples of the first client that has 2: a model whose
         rows are not one sample each raises before any step. Nothing computed here is released."""
-        from lalora.privacy.dp_step import _engine_per_sample_grads
+        from lalora.privacy.dp_step import per_sample_gradients
         from lalora.privacy.unit_probe import verify_clipping_unit
 
         data = next((d for d in self.client_data if len(d) >= 2), None)
         if data is None:
             return
-        batch = data.batch(torch.arange(min(3, len(data))))
+        batch = to_device(data.batch(torch.arange(min(3, len(data)))), self.device)
 
         def loss_fn(model, b):
             return torch.nn.functional.cross_entropy(self.task.forward(model, b), b["labels"],
@@ -198,7 +201,7 @@ class Simulator:
 
         self.groups.set_trainable(frozenset({"A", "B"}), head=self.train_head)
         try:
-            verify_clipping_unit(self.model, loss_fn, batch, _engine_per_sample_grads)
+            verify_clipping_unit(self.model, loss_fn, batch, per_sample_gradients)
         finally:
             self.groups.set_trainable(frozenset(), head=False)
 
@@ -256,7 +259,9 @@ class Simulator:
         for start in range(0, n, self.cfg.eval_batch_size):
             idx = list(range(start, min(n, start + self.cfg.eval_batch_size)))
             batch = test.batch(idx) if hasattr(test, "batch") else self.task.collate([test[i] for i in idx])
-            logits = self.task.forward(self.model, batch)
+            batch = to_device(batch, self.device)
+            with autocast_for(self.cfg.precision, self.device):
+                logits = self.task.forward(self.model, batch)
             if not torch.isfinite(logits).all():   # NaN logits would score as class 0, silently
                 raise FloatingPointError(f"NaN/Inf logits on test examples {idx[0]}..{idx[-1]} of task "
                                          f"{self.cfg.task!r}; check the test data")

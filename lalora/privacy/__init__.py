@@ -1,7 +1,8 @@
 """lalora.privacy: sample-level DP for (federated) LoRA training (SPEC §3).
 
-  engine.py      PerSampleGradEngine: per-sample gradients in one backward pass (per image under Swin)
-  dp_step.py     dp_gradient: flat/per-layer clipping, sum, Gaussian noise, / expected batch size
+  dp_step.py     dp_gradient (re-exported from dplora_kernels.dp: the one per-sample-gradient engine,
+                 flat/per-layer clipping, sum, Gaussian noise, / expected batch size) and the
+                 authors' non-private as-released step
   accountant.py  noise_multiplier_for / epsilon_for via Opacus' accountants (RDP, PRV)
   sampling.py    poisson_sample (variable batch, possibly empty)
   config.py      DPConfig (validates itself)
@@ -15,8 +16,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "PerSampleGradEngine": "engine", "PerSampleGrads": "engine",
-    "dp_gradient": "dp_step", "DPStepResult": "dp_step", "as_released_gradient": "dp_step",
+    "dp_gradient": "dp_step", "per_sample_gradients": "dp_step", "DPStepResult": "dp_step", "as_released_gradient": "dp_step",
     "AsReleasedResult": "dp_step", "batch_size_of": "dp_step",
     "noise_multiplier_for": "accountant", "epsilon_for": "accountant",
     "epsilon_for_history": "accountant", "noise_multiplier_for_clients": "accountant",

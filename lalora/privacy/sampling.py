@@ -45,7 +45,8 @@ def poisson_sample(num_examples: int, sample_rate: float,
         raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}") from None
     if math.isnan(q) or not 0.0 < q <= 1.0:
         raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
-    mask = torch.rand(num_examples, generator=generator) < q
+    device = generator.device if generator is not None else None   # draw where the generator lives
+    mask = torch.rand(num_examples, generator=generator, device=device) < q
     return mask.nonzero(as_tuple=False).flatten()
 
 

@@ -1,21 +1,29 @@
-"""dplora_kernels: per-sample LoRA gradients and DP clipping, fused in Triton, with a PyTorch reference.
+"""dplora_kernels: per-sample gradients and DP-SGD clipping for LoRA training, fused in Triton on CUDA,
+with a PyTorch reference path everywhere else.
 
 Standalone: needs only torch (and triton for the fused kernels); never imports lalora.
 
-Functions (docs/CONTRACTS.md): lora_per_sample_grads, linear_per_sample_grads, clip_factors,
-clipped_noised_sum, clip_and_noise, available_backends, resolve_backend.
-Training-loop integration: DPLoRALinear / DPLinear modules and the DPStep helper (see README.md).
+One engine, one LoRA layer (README.md, docs/CONTRACTS.md):
+  LoRALinear                   the LoRA layer (frozen nn.Linear + s * B A dropout(x))
+  PerSampleGradEngine          hooks -> per-sample gradients of every trainable parameter, one backward
+  per_sample_gradients(...)    that engine as one call -> PerSampleGrads
+  dp_gradient(...)             clip (flat / per-layer) + sum + Gaussian noise -> p.grad
+Kernel functions: lora_per_sample_grads, linear_per_sample_grads, clip_factors, clipped_noised_sum,
+clip_and_noise, available_backends, resolve_backend.
 """
 
 from ._backend import available_backends, resolve_backend
 from .api import (LinearPerSampleGrads, LoRAPerSampleGrads, clip_and_noise, clip_factors,
                   clipped_noised_sum, gaussian_noise, linear_per_sample_grads, lora_per_sample_grads)
-from .nn import DPLinear, DPLoRALinear, DPStep, DPStepResult, add_dp_lora
+from .dp import DPStepResult, batch_size_of, dp_gradient, per_sample_gradients
+from .engine import PerSampleGradEngine, PerSampleGrads
+from .lora import LoRALinear
 
 __all__ = [
     "available_backends", "resolve_backend", "lora_per_sample_grads", "linear_per_sample_grads",
     "clip_factors", "clipped_noised_sum", "clip_and_noise", "gaussian_noise",
     "LoRAPerSampleGrads", "LinearPerSampleGrads",
-    "DPLoRALinear", "DPLinear", "DPStep", "DPStepResult", "add_dp_lora",
+    "LoRALinear", "PerSampleGradEngine", "PerSampleGrads", "per_sample_gradients", "dp_gradient",
+    "DPStepResult", "batch_size_of",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

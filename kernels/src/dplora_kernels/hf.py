@@ -14,12 +14,11 @@ What it changes in the Trainer, and why:
     default: cross-entropy per example, token losses averaged per example), then
     `dplora_kernels.dp_gradient` (per-sample gradients of every trainable parameter, clipping to
     `clip_norm`, Gaussian noise sigma * clip_norm, division by the expected batch size q|D|), which
-    writes p.grad; the Trainer's optimizer and scheduler then step as usual. The function is looked up
-    on the `dplora_kernels` module at every call.
+    writes p.grad; the Trainer's optimizer and scheduler then step as usual.
   * An Opacus accountant ("rdp" or "prv") calibrates sigma so that the planned steps (max_steps, or
     epochs x round(1/q)) spend at most `target_epsilon` at `target_delta`, records every step, and the
     run stops before a step that would exceed the budget (e.g. with an explicit `noise_multiplier`).
-  * `precision="bf16"`: the forward runs under `torch.autocast(bfloat16)`; parameters, the optimizer
+  * `precision="bf16"` (passed to dp_gradient): the forward runs under `torch.autocast(bfloat16)`; parameters, the optimizer
     state and p.grad stay fp32 (master weights), per-sample gradients accumulate in fp32.
 Refused (ValueError naming the argument): gradient accumulation (each DP step must be one Poisson
 batch), several processes (needs a distributed Poisson sampler), `max_grad_norm` > 0 is set to 0
@@ -29,7 +28,6 @@ under-count the steps taken).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, Callable
 
@@ -44,7 +42,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 __all__ = ["DPTrainer", "PoissonBatchSampler", "per_sample_cross_entropy", "calibrate_noise_multiplier",
            "epsilon_after", "max_steps_within"]
 
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+_PRECISIONS = ("fp32", "bf16")   # as dp_gradient: bf16 = autocast forward, fp32 weights and per-sample grads
 
 
 # ----------------------------------------------------------------------------- sampling and losses
@@ -167,7 +165,7 @@ class DPTrainer(Trainer):
         if not (float(clip_norm) > 0 and math.isfinite(clip_norm)):
             raise ValueError(f"clip_norm must be finite and > 0; got {clip_norm!r}")
         if precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}; got {precision!r}")
+            raise ValueError(f"precision must be one of {_PRECISIONS}; got {precision!r}")
         _accountant(accountant)   # validates the name
         if self.args.gradient_accumulation_steps != 1:
             raise ValueError("gradient_accumulation_steps must be 1: each DP step is one Poisson batch; "
@@ -250,15 +248,8 @@ class DPTrainer(Trainer):
                                            pin_memory=self.args.dataloader_pin_memory)
 
     # ---- the DP step ---------------------------------------------------------------------------
-    def _autocast(self, model):
-        dtype = _PRECISIONS[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        device = next(p for p in model.parameters()).device
-        return torch.autocast(device_type=device.type, dtype=dtype)
-
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        import dplora_kernels as dk   # looked up at call time (see the module doc)
+        from .dp import dp_gradient
 
         if self.budget_steps is not None and self.dp_steps >= self.budget_steps:
             # One more step would spend more than target_epsilon: take none, and stop.
@@ -271,15 +262,14 @@ class DPTrainer(Trainer):
         losses: list[torch.Tensor] = []
 
         def loss_fn(m, batch):
-            with self._autocast(m):
-                out = self.per_sample_loss(m, batch)
+            out = self.per_sample_loss(m, batch)   # dp_gradient runs it under autocast for bf16
             losses.append(out.detach())
             return out.float()
 
-        dk.dp_gradient(model, loss_fn, inputs, clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier,
+        dp_gradient(model, loss_fn, inputs, clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier,
                        expected_batch_size=self.sample_rate * len(self.train_dataset),
                        generator=self._noise_gen, clipping=self.clipping, backend=self.backend,
-                       num_samples=n)
+                       num_samples=n, precision=self.precision)
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.dp_steps += 1
         if self.budget_steps is not None and self.dp_steps >= self.budget_steps:

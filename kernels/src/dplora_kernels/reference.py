@@ -34,12 +34,14 @@ def lora_per_sample_grads(x, grad_out, A, B, scale, num_samples, u=None, which="
     xs = per_sample_view(x, num_samples).to(dt)
     gs = per_sample_view(grad_out, num_samples).to(dt)
     grad_A = grad_B = None
+    # bmm on transposed views, not einsum: einsum makes contiguous copies of the permuted operands,
+    # which cost more than the small per-sample products themselves on the CPU
     if which in ("both", "A"):
         v = scale * (gs @ B.to(dt))                       # (N, L, r)
-        grad_A = torch.einsum("nlr,nld->nrd", v, xs)      # (N, r, n)
+        grad_A = torch.bmm(v.transpose(1, 2), xs)         # (N, r, n)
     if which in ("both", "B"):
         us = per_sample_view(u, num_samples).to(dt) if u is not None else xs @ A.to(dt).T
-        grad_B = scale * torch.einsum("nlm,nlr->nmr", gs, us)   # (N, m, r)
+        grad_B = torch.bmm(gs.transpose(1, 2), us).mul_(scale)   # (N, m, r)
     return grad_A, grad_B
 
 
@@ -48,7 +50,7 @@ def linear_per_sample_grads(x, grad_out, num_samples, bias=True):
     dt = acc_dtype(x.dtype)
     xs = per_sample_view(x, num_samples).to(dt)
     gs = per_sample_view(grad_out, num_samples).to(dt)
-    grad_weight = torch.einsum("nlm,nld->nmd", gs, xs)
+    grad_weight = torch.bmm(gs.transpose(1, 2), xs)   # (N, m, n)
     grad_bias = gs.sum(dim=1) if bias else None
     return grad_weight, grad_bias
 

@@ -1,0 +1,263 @@
+"""The DP-SGD gradient on the per-sample-gradient engine: clip, sum, Gaussian noise, scale.
+
+    p.grad = (sum_i c_i g_i + N(0, sigma^2 C^2 I)) / expected_batch_size     for every trainable p
+
+g_i are the per-sample gradients of exactly the parameters trainable now (requires_grad), from one
+backward pass (PerSampleGradEngine), in one fp32 arena. Clipping:
+  * "flat" (default): c_i = min(1, C / (||g_i|| + 1e-6)), ||g_i|| over all trainable tensors jointly.
+    Clip, sum and noise of the whole (N, P) arena are ONE call (api.clip_and_noise on the arena: one
+    matvec on the torch path, one launch with Triton); one-row-per-sample heads (ghost norms, see engine.py) are summed as (c ⊙ g)^T x.
+  * "per_layer": each of the K trainable tensors is clipped on its own to C_k = C / sqrt(K), so the
+    per-sample contribution still has total norm <= C and the same noise N(0, sigma^2 C^2) gives the
+    same guarantee as flat clipping.
+The divisor is the *expected* batch size q|D| (Poisson sampling), not the realised one, as the
+accountant assumes. An empty batch (N = 0) gives noise only and never calls the model. NaN/Inf in a
+per-sample gradient raises FloatingPointError naming the parameter, leaving every p.grad untouched;
+the check is ONE host synchronisation per step (on the total squared norm), the parameter is looked
+for only after it fails. Noise is drawn from `generator` on its device (put it on the model's device
+to keep the draw there).
+
+precision="bf16" runs the forward under torch.autocast(bfloat16); LoRA weights stay fp32 and the
+per-sample gradients, norms, clipped sum and noise are accumulated in fp32 (see engine.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .api import clip_and_noise, clipped_noised_sum
+from .api import clip_factors as _clip_factors
+from .engine import PerSampleGradEngine, PerSampleGrads
+
+__all__ = ["dp_gradient", "DPStepResult", "per_sample_gradients", "PerSampleGrads", "batch_size_of",
+           "PRECISIONS", "autocast_for"]
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class DPStepResult:
+    """What a DP step wrote, for tests and audits.
+
+    grads: the privatized gradient written to p.grad, by parameter name.
+    per_sample_norms: (N,) flat per-sample norms before clipping.
+    clip_factors: (N,) under flat clipping; (N, K) under per-layer (columns in `grads` order).
+    batch_size: N, the realised batch size.
+    """
+    grads: dict[str, torch.Tensor]
+    per_sample_norms: torch.Tensor
+    clip_factors: torch.Tensor
+    batch_size: int
+
+
+def batch_size_of(batch: Any) -> int:
+    """N of a batch: dict (its "labels", else its first tensor), tensor, or tuple/list of tensors."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, dict):
+        if isinstance(batch.get("labels"), torch.Tensor):
+            return int(batch["labels"].shape[0])
+        vals = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    elif isinstance(batch, (tuple, list)):
+        vals = [v for v in batch if isinstance(v, torch.Tensor)]
+    else:
+        vals = []
+    if not vals:
+        raise ValueError(f"batch must be a tensor, or a dict/tuple holding tensors; got {type(batch).__name__}")
+    return int(vals[0].shape[0])
+
+
+def _batch_tensors(batch: Any) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    vals = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else []
+    return [v for v in vals if isinstance(v, torch.Tensor)]
+
+
+def autocast_for(precision: str, device: torch.device | str):
+    """The context the forward runs in: nullcontext for fp32, torch.autocast(bfloat16) for bf16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def _check_args(clip_norm, noise_multiplier, expected_batch_size, clipping, precision) -> None:
+    if not (float(clip_norm) > 0):
+        raise ValueError(f"clip_norm must be > 0 (inf disables clipping); got {clip_norm!r}")
+    if not (float(noise_multiplier) >= 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"noise_multiplier must be finite and >= 0; got {noise_multiplier!r}")
+    if math.isinf(clip_norm) and noise_multiplier > 0:
+        raise ValueError("noise_multiplier > 0 needs a finite clip_norm (noise std is sigma * C)")
+    if not (float(expected_batch_size) > 0 and math.isfinite(expected_batch_size)):
+        raise ValueError(f"expected_batch_size must be finite and > 0; got {expected_batch_size!r}")
+    if clipping not in ("flat", "per_layer"):
+        raise ValueError(f"clipping must be 'flat' or 'per_layer'; got {clipping!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+
+
+def _check_batch_device(batch: Any, device: torch.device) -> None:
+    for t in _batch_tensors(batch):
+        if t.device != device:
+            raise ValueError(f"batch holds a tensor on {t.device} but the model's trainable parameters are "
+                             f"on {device}; move the batch to {device}")
+
+
+def _run(engine, model, loss_fn, batch, n, precision, ghost):
+    """Forward under the engine (and autocast for bf16), one backward -> PerSampleGrads."""
+    with engine:
+        _check_batch_device(batch, engine.device)
+        with autocast_for(precision, engine.device):
+            losses = loss_fn(model, batch)
+        if losses.dim() != 1 or losses.shape[0] != n:
+            raise ValueError(f"loss_fn must return per-sample losses of shape ({n},); got {tuple(losses.shape)}")
+        return engine.backward(losses.float().sum() if losses.dtype != torch.float64 else losses.sum(), n,
+                               ghost=ghost)
+
+
+def per_sample_gradients(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, *,
+                         num_samples: int | None = None, backend: str = "auto",
+                         precision: str = "fp32") -> PerSampleGrads:
+    """Per-sample gradients of the trainable parameters on `batch`, no clipping or noise.
+
+    Returns PerSampleGrads: .grads name -> (N, *shape) (views of one fp32 arena), .sqnorms name -> (N,),
+    .total_sqnorm() (N,), .num_samples.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+    n = batch_size_of(batch) if num_samples is None else int(num_samples)
+    if n < 1:
+        raise ValueError(f"num_samples must be >= 1; got {n}")
+    return _run(PerSampleGradEngine(model, backend=backend), model, loss_fn, batch, n, precision, ghost=False)
+
+
+def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, *,
+                clip_norm: float, noise_multiplier: float, expected_batch_size: float,
+                generator: torch.Generator | None, clipping: str = "flat", backend: str = "auto",
+                num_samples: int | None = None, precision: str = "fp32",
+                verify_unit: bool = False) -> DPStepResult:
+    """Privatized gradient of the trainable parameters on `batch`, written to p.grad (see module doc).
+
+    loss_fn(model, batch) -> (N,) per-sample losses (reduction "none"); the engine sums them.
+    num_samples overrides batch_size_of(batch) (the clipping unit when rows are not samples).
+    verify_unit=True first runs the clipping-unit probe (dplora_kernels.unit_probe) on two samples of
+    `batch` and raises, naming the layer, if the model's rows are not one sample each (sequence-first
+    layers, a batch reordered mid-forward).
+    """
+    _check_args(clip_norm, noise_multiplier, expected_batch_size, clipping, precision)
+    if verify_unit:   # before anything is computed or released
+        from .unit_probe import verify_clipping_unit
+
+        verify_clipping_unit(model, loss_fn, batch,
+                             lambda m, f, b: per_sample_gradients(m, f, b, backend=backend, precision=precision),
+                             num_samples=num_samples)
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    n = batch_size_of(batch) if num_samples is None else int(num_samples)
+    std = float(noise_multiplier) * float(clip_norm) if noise_multiplier > 0 else 0.0
+    if not params:
+        return DPStepResult({}, torch.zeros(n), torch.ones(n), n)
+    names = list(params)
+    shapes = [params[k].shape for k in names]
+    engine = PerSampleGradEngine(model, backend=backend)   # validates devices and backend up front
+    device = engine.device
+
+    if n == 0:   # Poisson drew nobody: noise only, the model is not called
+        summed = _noise_only(shapes, device, std, generator, backend)
+        return _write(params, names, summed, expected_batch_size, torch.zeros(0, device=device),
+                      torch.ones(0, device=device), 0)
+
+    psg = _run(engine, model, loss_fn, batch, n, precision, ghost=True)
+    total = psg.total_sqnorm()
+    if not bool(torch.isfinite(total).all()):   # the step's one host synchronisation
+        raise FloatingPointError(f"NaN/Inf in the per-sample gradient of parameter {_non_finite(psg)!r}; "
+                                 "p.grad left untouched")
+    ghost = {k: (gl, j) for gl in psg.ghost for j, k in enumerate(gl.names)}
+    if clipping == "flat":
+        summed, factors = _flat(psg, names, ghost, total, float(clip_norm), std, generator, backend)
+    else:
+        c_k = float(clip_norm) / math.sqrt(len(names))
+        sq = psg.sqnorms
+        cols = [_clip_factors(sq[k], c_k) for k in names]
+        factors = torch.stack(cols, dim=1)
+        # noise for all tensors in one draw, in `names` order, as in the flat case
+        noise = _noise_only(shapes, device, std, generator, backend)
+        summed = []
+        for k, f, z in zip(names, cols, noise):
+            if k in ghost:
+                gl, j = ghost[k]
+                s = gl.clipped_sums(f)[j]
+            else:
+                s = clipped_noised_sum([psg.grads[k]], f, 0.0, None, backend=backend)[0]
+            summed.append(s + z)
+    return _write(params, names, summed, expected_batch_size, total.sqrt(), factors, n)
+
+
+def _flat(psg: PerSampleGrads, names, ghost, total, clip_norm, std, generator, backend):
+    """Flat clipping: the whole arena in one clip+sum+noise call, ghost heads after it."""
+    arena_names = [k for k in names if k not in ghost]
+    out: dict[str, torch.Tensor] = {}
+    if arena_names:
+        # the arena itself is the one (N, P) input: one matvec / one kernel launch for every parameter,
+        # and the same flat noise draw as a list of its views (same total size, same order)
+        sizes = [psg.grads[k][0].numel() for k in arena_names]
+        assert psg.arena is not None and sum(sizes) == psg.arena.shape[1]
+        (flat,), factors = clip_and_noise([psg.arena], total, clip_norm, std, generator, backend=backend)
+        for k, part in zip(arena_names, flat.split(sizes)):
+            out[k] = part.view(psg.grads[k].shape[1:])
+    else:
+        factors = _clip_factors(total, clip_norm)
+    if ghost:
+        ghost_names = [k for k in names if k in ghost]
+        for gl in psg.ghost:
+            for k, s in zip(gl.names, gl.clipped_sums(factors)):
+                out[k] = s
+        if std > 0:   # the ghost heads' noise: one more draw, after the arena's
+            noise = _noise_only([_ghost_shape(ghost[k]) for k in ghost_names], total.device, std,
+                                generator, backend)
+            for k, z in zip(ghost_names, noise):
+                out[k] = out[k] + z
+    return [out[k] for k in names], factors
+
+
+def _ghost_shape(entry) -> torch.Size:
+    gl, j = entry
+    return torch.Size((gl.g.shape[1], gl.x.shape[1]) if j == 0 else (gl.g.shape[1],))
+
+
+def _noise_only(shapes, device, std, generator, backend) -> list[torch.Tensor]:
+    """N(0, std^2) tensors of the given shapes from ONE draw (zeros when std == 0)."""
+    empty = [torch.zeros((0, *s), device=device) for s in shapes]
+    return clipped_noised_sum(empty, torch.zeros(0, device=device), std, generator, backend=backend)
+
+
+def _non_finite(psg: PerSampleGrads) -> str:
+    """The first parameter whose per-sample gradient or norm is not finite (only called on failure)."""
+    for k, g in psg.grads.items():
+        if not bool(torch.isfinite(g).all()):
+            return k
+    for gl in psg.ghost:
+        for k, sq in zip(gl.names, gl.sqnorms):
+            if not bool(torch.isfinite(sq).all()):
+                return k
+    for names, sq in psg.units:
+        if not bool(torch.isfinite(sq).all()):
+            return names[0]
+    return "?"
+
+
+def _write(params, names, summed, expected_batch_size, norms, factors, n) -> DPStepResult:
+    grads = {}
+    for k, g in zip(names, summed):
+        p = params[k]
+        grads[k] = (g / float(expected_batch_size)).to(dtype=p.dtype, device=p.device)
+    for k in names:
+        params[k].grad = grads[k].clone()
+    return DPStepResult(grads, norms, factors, n)

@@ -1,0 +1,422 @@
+"""The per-sample-gradient engine: every trainable parameter's per-sample gradient in ONE backward pass.
+
+How: while the engine is active, forward hooks record, for each call of a module that owns a
+trainable parameter, its input activation and its output. `backward(loss, num_samples)` then runs a
+single `torch.autograd.grad(loss, outputs)`: that gives dL/d(output) for every recorded call and
+skips the summed parameter gradients autograd would otherwise compute (and DP would discard).
+Per-sample gradients follow in closed form from (activation, grad_out) pairs:
+
+  LoRALinear   G_A,i = s B^T g_i^T x_i, G_B,i = s g_i^T u_i  (x after dropout, u = x A^T)
+               -> api.lora_per_sample_grads (Triton on CUDA)
+  nn.Linear    G_W,i = g_i^T x_i, G_b,i = sum g_i  (head, PEFT lora_A/lora_B, anything else;
+               PEFT's scaling multiplies lora_B's output, so its grad_out already carries s)
+               -> api.linear_per_sample_grads
+  nn.LayerNorm G_w,i = sum g_i * xhat_i, G_b,i = sum g_i
+  nn.Embedding G_i = scatter of g_i into the rows of sample i's token ids  (N x V x d: small vocabularies)
+
+Where they go: ONE (N, P) arena (fp32; float64 for a float64 model), P = the total size of the
+trainable parameters, with a (N, *shape) view per parameter. The squared norm of each unit (a LoRA
+factor, a Linear's weight+bias, ...) is the one the kernel function returns, computed once; only a
+parameter written by several calls (a module run twice, a shared weight) has its norm taken again
+from the summed view, because the norm of a sum is not the sum of norms.
+
+Ghost norms (`ghost=True`, used by the DP step): an nn.Linear called once whose input has ONE row
+per sample (a head on a pooled feature, x (N, n), g (N, m)) is not materialised. Its per-sample
+squared norm is ||g_i||^2 ||x_i||^2 (+ ||g_i||^2 for the bias) -- O(N (m + n)) instead of the
+O(N m n) outer products -- and the clipped sum is (c ⊙ g)^T x, one (m x N)(N x n) matmul, the same
+work as a non-private backward. Choice rule: with one row per sample it is never more expensive,
+so it is always taken there; with k > 1 rows per sample the identity needs the (k x k) Gram
+matrices (O(N k^2 (m + n))) and materialising wins whenever k (m + n) > m n, the usual case for
+token layers, so the engine materialises every layer with k > 1.
+
+Any other trainable parameter -> ValueError listing its name (silently missing a parameter from the
+clipping norm would break the privacy guarantee). So does a trainable parameter of a supported layer
+that the loss reaches without the layer being called (functional use, e.g. nn.MultiheadAttention's
+out_proj), and a layer re-run inside the backward (activation checkpointing).  Not detectable: a
+parameter used both by its module and functionally elsewhere (e.g. a tied LM head via F.linear).
+
+The clipping unit: an activation whose leading dimension is R is viewed as (N, R // N, ...), N = the
+number of samples. Rows must be sample-major (batch-first): one sequence is one unit with T tokens,
+and under timm Swin's windowed attention (B*nW, 49, C) one *image* is one unit, because timm stores
+windows image-major (tests check this, shifted windows included). R % N != 0 raises (so does an input
+broadcast over the batch, leading dim 1), and so does a BatchNorm in training mode (its batch
+statistics mix samples). A sequence-first layout whose T happens to be a multiple of N cannot be
+told apart: models must be batch-first. A module called several times (or a parameter shared by
+modules) gets the sum of its per-call per-sample gradients. In-place modification of a recorded
+activation or output after the forward is detected (tensor version counter) and raises.
+
+Mixed precision: under torch.autocast the recorded activations and output gradients may be bf16;
+the kernel functions accumulate in fp32 and the arena is fp32, so per-sample gradients, norms, the
+clipped sum and the noise are all fp32 whatever the forward's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference as ref
+from ._backend import resolve_backend
+from .api import linear_per_sample_grads, lora_per_sample_grads
+from .lora import LoRALinear
+
+__all__ = ["PerSampleGradEngine", "PerSampleGrads", "GhostLinear", "SUPPORTED_MODULES"]
+
+SUPPORTED_MODULES = (LoRALinear, nn.Linear, nn.LayerNorm, nn.Embedding)
+
+# Tests set this to True: the arena is then allocated full of NaN, so a slot the engine forgets to
+# write surfaces as a non-finite gradient instead of stale memory.
+POISON_ARENA = False
+
+
+@dataclass
+class _Call:
+    module: nn.Module
+    x: torch.Tensor            # layer input (after dropout for LoRALinear; token ids for Embedding)
+    out: torch.Tensor          # layer output, whose gradient the backward provides
+    u: torch.Tensor | None = None
+    versions: tuple = ()
+
+
+@dataclass
+class GhostLinear:
+    """An nn.Linear with one row per sample whose per-sample gradients are never materialised:
+    G_W,i = g_i^T x_i, G_b,i = g_i. `sqnorms` are the per-parameter squared norms (N,)."""
+    names: tuple[str, ...]     # (weight,) or (weight, bias)
+    x: torch.Tensor            # (N, n), accumulation dtype
+    g: torch.Tensor            # (N, m)
+    sqnorms: tuple[torch.Tensor, ...]
+
+    def clipped_sums(self, factors: torch.Tensor) -> list[torch.Tensor]:
+        """sum_i c_i G_i for weight (and bias): (c ⊙ g)^T x and c^T g."""
+        cg = self.g * factors.to(self.g.dtype).unsqueeze(1)
+        out = [cg.T @ self.x]
+        if len(self.names) == 2:
+            out.append(cg.sum(0))
+        return out
+
+
+@dataclass
+class PerSampleGrads:
+    """Per-sample gradients by parameter name, all views of one (N, P) arena.
+
+    grads: name -> (N, *param.shape); units: (names, (N,) squared norm of those parameters jointly),
+    in the order they were computed; ghost: layers left unmaterialised (only with ghost=True).
+    """
+    grads: dict[str, torch.Tensor]
+    units: list[tuple[tuple[str, ...], torch.Tensor]]
+    num_samples: int
+    arena: torch.Tensor | None = None
+    ghost: list[GhostLinear] = field(default_factory=list)
+
+    def total_sqnorm(self) -> torch.Tensor:
+        """Flat squared norm over all parameters jointly, (N,) (ghost layers included)."""
+        total = None
+        for _, sq in self.units:
+            total = sq if total is None else total + sq
+        for gl in self.ghost:
+            for sq in gl.sqnorms:
+                total = sq if total is None else total + sq
+        if total is None:
+            device = self.arena.device if self.arena is not None else None
+            return torch.zeros(self.num_samples, dtype=torch.float32, device=device)
+        return total
+
+    @functools.cached_property
+    def sqnorms(self) -> dict[str, torch.Tensor]:
+        """Per-parameter squared norms (N,). A unit of one parameter gives its norm as computed; a
+        unit of several (a Linear's weight and bias) is split by taking each view's norm -- an extra
+        pass needed only by per-layer clipping."""
+        out = {}
+        for names, sq in self.units:
+            if len(names) == 1:
+                out[names[0]] = sq
+            else:
+                for k in names:
+                    g = self.grads[k]
+                    out[k] = ref.sqnorm(g, self.num_samples, g.device, sq.dtype)
+        for gl in self.ghost:
+            out.update(zip(gl.names, gl.sqnorms))
+        return out
+
+
+@dataclass
+class PerSampleGradEngine:
+    """Context manager: hooks the model's trainable modules while active.
+
+        with PerSampleGradEngine(model) as eng:
+            losses = loss_fn(model, batch)                   # (N,) per-sample losses
+            psg = eng.backward(losses.sum(), num_samples=N)  # PerSampleGrads
+
+    The set of trainable parameters is read on entry (requires_grad at that moment). The backend is
+    checked when the engine is built (backend="triton" on CPU tensors without TRITON_INTERPRET=1
+    raises here, not inside the backward), and so is that all trainable parameters share one device.
+    """
+    model: nn.Module
+    num_samples_hint: int | None = None
+    backend: str = "auto"
+    _calls: list = field(default_factory=list, init=False, repr=False)
+    _handles: list = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        devices = sorted({str(p.device) for p in self.params.values()})
+        if len(devices) > 1:
+            raise ValueError(f"model parameters are on several devices {devices}; the per-sample-gradient "
+                             "engine needs all trainable parameters on one device (move the model with .to())")
+        self.device = torch.device(devices[0]) if devices else torch.device("cpu")
+        # resolved once (raises ValueError naming `backend`), not per layer call; "auto" keeps float64
+        # models on the torch path, as the kernel functions do (float64 is for reference checks)
+        f64 = any(p.dtype == torch.float64 for p in self.params.values())
+        self._backend = "torch" if self.backend == "auto" and f64 else resolve_backend(self.backend, self.device)
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def __enter__(self) -> "PerSampleGradEngine":
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self._names = {id(p): n for n, p in self.params.items()}
+        covered: set[int] = set()
+        batchnorms = []
+        for name, m in self.model.named_modules():   # one walk: BatchNorm check and hooks
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                batchnorms.append(name)
+            own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if isinstance(m, LoRALinear):
+                covered |= {id(m.lora_A), id(m.lora_B)}   # the base is a child nn.Linear, hooked on its own
+                m._capture = self._capture_lora
+                self._handles.append(_Restore(m))
+            elif isinstance(m, (nn.Linear, nn.LayerNorm, nn.Embedding)):
+                if isinstance(m, nn.LayerNorm) and not m.elementwise_affine:
+                    continue
+                if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq
+                                                    or m.sparse):
+                    continue
+                covered |= {id(p) for p in own}
+                self._handles.append(m.register_forward_hook(self._capture_module))
+        if batchnorms:   # batch statistics mix samples: no per-sample gradient (nor DP) exists
+            self.close()
+            raise ValueError(f"BatchNorm layers {batchnorms} are in training mode: batch statistics mix "
+                             "samples, so per-sample gradients are undefined; put them in eval mode "
+                             "or use GroupNorm/LayerNorm")
+        missing = [n for n, p in self.params.items() if id(p) not in covered]
+        if missing:
+            self.close()
+            raise ValueError(
+                "PerSampleGradEngine cannot compute per-sample gradients for trainable parameters "
+                f"{missing}: supported owners are LoRALinear, nn.Linear, nn.LayerNorm (affine) and "
+                "nn.Embedding (no max_norm/scale_grad_by_freq/sparse); freeze them or use a supported layer")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._calls.clear()
+
+    # ---- forward capture -----------------------------------------------------------------------
+    def _record(self, call: _Call) -> None:
+        if not call.out.requires_grad:   # e.g. nothing upstream trainable and this layer frozen
+            return
+        call.versions = tuple(t._version for t in (call.x, call.out, call.u) if t is not None)
+        self._calls.append(call)
+
+    def _capture_lora(self, module: LoRALinear, x_dropped, u, out) -> None:
+        if module.lora_A.requires_grad or module.lora_B.requires_grad:
+            self._record(_Call(module, x_dropped.detach(), out, u.detach()))
+
+    def _capture_module(self, module: nn.Module, inputs, output) -> None:
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(f"{type(module).__name__} returned {type(output).__name__}; expected a tensor")
+        self._record(_Call(module, inputs[0].detach(), output))
+
+    # ---- backward ------------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, num_samples: int | None = None, *,
+                 retain_graph: bool = False, ghost: bool = False) -> PerSampleGrads:
+        """One backward pass of the (summed) loss; returns per-sample gradients of every trainable
+        parameter (zeros for those the loss does not reach) in one arena. ghost=True leaves eligible
+        one-row-per-sample nn.Linear layers unmaterialised (PerSampleGrads.ghost; see module doc).
+        Clears the recorded calls."""
+        n = self.num_samples_hint if num_samples is None else num_samples
+        if n is None or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_samples must be a positive int; got {n!r}")
+        if loss.dim() != 0:
+            raise ValueError(f"loss must be a scalar (the sum of per-sample losses); got shape {tuple(loss.shape)}")
+        calls, self._calls = self._calls, []
+        for c in calls:
+            now = tuple(t._version for t in (c.x, c.out, c.u) if t is not None)
+            if now != c.versions:
+                raise RuntimeError(f"an activation or output of {type(c.module).__name__} was modified in "
+                                   "place after the forward; per-sample gradients would be wrong "
+                                   "(disable inplace=True in the layers after it)")
+            if c.x.shape[0] % n:
+                raise ValueError(f"num_samples={n} does not divide the leading dimension {c.x.shape[0]} of "
+                                 f"a {type(c.module).__name__} input {tuple(c.x.shape)}: rows must be "
+                                 "sample-major (batch-first), R = N * k. An input broadcast over the batch "
+                                 "(leading dim 1, e.g. BERT's default position_ids) mixes samples: freeze "
+                                 "that layer or pass per-sample inputs")
+        grad_outs: list = []
+        if loss.requires_grad:
+            outs = [c.out for c in calls]
+            # Trainable parameters whose module never ran may still be used functionally (e.g.
+            # nn.MultiheadAttention reads out_proj.weight without calling out_proj): ask autograd for
+            # their gradient in the same pass and refuse if the loss depends on them.
+            called = {id(p) for c in calls for p in c.module.parameters(recurse=False)}
+            uncalled = [(k, p) for k, p in self.params.items() if id(p) not in called]
+            res = torch.autograd.grad(loss, outs + [p for _, p in uncalled], allow_unused=True,
+                                      retain_graph=retain_graph)
+            grad_outs = list(res[:len(outs)])
+            used = [k for (k, _), g in zip(uncalled, res[len(outs):]) if g is not None]
+            del res, outs
+            if used:
+                raise ValueError(f"trainable parameters {used} are used outside their module's forward "
+                                 "(functional use), so hooks cannot see them; freeze them or call the module")
+            if self._calls:   # forwards re-run inside backward: activation checkpointing
+                self._calls.clear()
+                raise RuntimeError("a hooked layer ran during the backward pass (activation checkpointing?): "
+                                   "its per-sample gradients would be lost; disable gradient checkpointing")
+        else:
+            calls = []
+        return self._fill(calls, grad_outs, n, ghost)
+
+    @torch.no_grad()
+    def _fill(self, calls: list, grad_outs: list, n: int, ghost: bool) -> PerSampleGrads:
+        """Per-sample gradients of every call, written into one arena (see module doc)."""
+        times_called: dict[int, int] = {}
+        for c in calls:
+            times_called[id(c.module)] = times_called.get(id(c.module), 0) + 1
+        ghosts: list[GhostLinear] = []
+        ghost_ids: set[int] = set()
+        if ghost:
+            for i, c in enumerate(calls):
+                if grad_outs[i] is not None and self._ghost_eligible(c, n, times_called):
+                    gl = self._ghost(c, grad_outs[i], n)
+                    ghosts.append(gl)
+                    ghost_ids |= {id(p) for p in c.module.parameters(recurse=False)}
+                    grad_outs[i] = calls[i] = None
+        # the arena: one (N, P) buffer, P = total size of the parameters materialised, name order
+        dt = torch.float64 if any(p.dtype == torch.float64 for p in self.params.values()) else torch.float32
+        slots, off = {}, 0
+        for k, p in self.params.items():
+            if id(p) not in ghost_ids:
+                slots[k] = (off, p.numel())
+                off += p.numel()
+        alloc = torch.full if POISON_ARENA else (lambda shape, _v, **kw: torch.empty(shape, **kw))
+        arena = alloc((n, off), float("nan"), dtype=dt, device=self.device)
+        views = {k: arena[:, o:o + m].view(n, *self.params[k].shape) for k, (o, m) in slots.items()}
+        writes: dict[str, int] = {}
+        units: list[tuple[tuple[str, ...], torch.Tensor]] = []
+        for i, c in enumerate(calls):
+            if c is None:
+                continue
+            g, grad_outs[i], calls[i] = grad_outs[i], None, None   # free each pair once used
+            if g is None:
+                continue
+            for params, gs, sq in self._per_sample(c, g, n):
+                names = tuple(self._names[id(p)] for p in params)
+                for k, gk in zip(names, gs):
+                    if writes.get(k):
+                        views[k].add_(gk)
+                    else:
+                        views[k].copy_(gk)
+                    writes[k] = writes.get(k, 0) + 1
+                units.append((names, sq.to(dt)))
+        # a parameter written by several calls: its norm is the norm of the summed gradient
+        redo = {k for k, w in writes.items() if w > 1}
+        final = [(names, sq) for names, sq in units if not redo.intersection(names)]
+        final += [((k,), ref.sqnorm(views[k], n, arena.device, dt)) for k in views if k in redo]
+        for k in views:
+            if k not in writes:   # the loss does not reach it: a zero gradient
+                views[k].zero_()
+        return PerSampleGrads(views, final, n, arena, ghosts)
+
+    def _ghost_eligible(self, c: _Call, n: int, times_called: dict[int, int]) -> bool:
+        m = c.module
+        return (type(m) is nn.Linear and times_called[id(m)] == 1 and c.x.shape[0] == n
+                and c.x.numel() == n * m.in_features
+                and all(p.requires_grad for p in m.parameters(recurse=False)))
+
+    def _ghost(self, c: _Call, g: torch.Tensor, n: int) -> GhostLinear:
+        m = c.module
+        dt = ref.acc_dtype(c.x.dtype)
+        x = c.x.reshape(n, m.in_features).to(dt)
+        gg = g.reshape(n, m.out_features).to(dt)
+        g_sq = gg.pow(2).sum(1)
+        names = (self._names[id(m.weight)],)
+        sqs = (g_sq * x.pow(2).sum(1),)
+        if m.bias is not None:
+            names, sqs = names + (self._names[id(m.bias)],), sqs + (g_sq,)
+        return GhostLinear(names, x, gg, sqs)
+
+    def _per_sample(self, c: _Call, g: torch.Tensor, n: int):
+        """Yield (parameters, their per-sample gradients (N, *shape), their joint squared norm (N,))
+        per unit of one recorded call; the norms come from the kernel functions."""
+        m = c.module
+        if isinstance(m, LoRALinear):
+            a_on, b_on = m.lora_A.requires_grad, m.lora_B.requires_grad
+            which = "both" if (a_on and b_on) else ("A" if a_on else "B")
+            r = lora_per_sample_grads(_rows(c.x), _rows(g), m.lora_A.detach(), m.lora_B.detach(),
+                                      m.scaling, n, u=_rows(c.u), backend=self._backend, which=which)
+            if a_on:
+                yield (m.lora_A,), (r.grad_A,), r.sqnorm_A
+            if b_on:
+                yield (m.lora_B,), (r.grad_B,), r.sqnorm_B
+        elif isinstance(m, nn.Linear):
+            w_on, b_on = m.weight.requires_grad, m.bias is not None and m.bias.requires_grad
+            if w_on:
+                r = linear_per_sample_grads(_rows(c.x), _rows(g), n, bias=b_on, backend=self._backend)
+                yield ((m.weight, m.bias) if b_on else (m.weight,)), (r.grad_weight, r.grad_bias), r.sqnorm
+            elif b_on:   # only the bias trains: G_b,i = sum of g over sample i's rows
+                gb = ref.per_sample_view(g, n).to(ref.acc_dtype(g.dtype)).sum(1)
+                yield (m.bias,), (gb,), ref.sqnorm(gb, n, gb.device, gb.dtype)
+        elif isinstance(m, nn.LayerNorm):
+            dt = ref.acc_dtype(c.x.dtype)
+            shape = tuple(m.normalized_shape)
+            gs = g.to(dt).reshape(n, -1, *shape)
+            params, grads = [], []
+            if m.weight.requires_grad:
+                xhat = F.layer_norm(c.x.to(dt), shape, None, None, m.eps)
+                params.append(m.weight)
+                grads.append((gs * xhat.reshape(n, -1, *shape)).sum(1))
+            if m.bias is not None and m.bias.requires_grad:
+                params.append(m.bias)
+                grads.append(gs.sum(1))
+            if params:
+                yield tuple(params), tuple(grads), sum(ref.sqnorm(t, n, t.device, dt) for t in grads)
+        elif isinstance(m, nn.Embedding):
+            dt = ref.acc_dtype(g.dtype)
+            ids = c.x.reshape(n, -1)                          # (N, L) token ids
+            gs = g.to(dt).reshape(n, -1, m.embedding_dim)     # (N, L, d)
+            if m.padding_idx is not None:                     # PyTorch gives the padding row no gradient
+                gs = gs * (ids != m.padding_idx).unsqueeze(-1).to(dt)
+            flat = (ids + torch.arange(n, device=ids.device).unsqueeze(1) * m.num_embeddings).reshape(-1)
+            out = torch.zeros(n * m.num_embeddings, m.embedding_dim, dtype=dt, device=g.device)
+            out.index_add_(0, flat, gs.reshape(-1, m.embedding_dim))
+            out = out.reshape(n, m.num_embeddings, m.embedding_dim)
+            yield (m.weight,), (out,), ref.sqnorm(out, n, out.device, dt)
+
+
+class _Restore:
+    """Handle that detaches the engine's capture callback from a LoRALinear."""
+
+    def __init__(self, module: LoRALinear):
+        self.module = module
+
+    def remove(self) -> None:
+        self.module._capture = None
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(R, ..., c) -> (R, L, c): the 3-D layout the kernels take (extra dims are positions)."""
+    if t is None:
+        return None
+    if t.dim() == 1:
+        return t.reshape(t.shape[0], 1)
+    return t.reshape(t.shape[0], -1, t.shape[-1]) if t.dim() > 2 else t
