@@ -146,6 +146,9 @@ def test_split_does_not_change_result(device):
     (dict(u=torch.zeros(6, 5, 3)), "u must"),
     (dict(backend="cuda"), "backend"),
     (dict(which="C"), "which"),
+    (dict(A=torch.zeros(2, 7, device="meta")), "A is on meta"),           # two devices: named argument
+    (dict(u=torch.zeros(6, 5, 2, device="meta")), "u is on meta"),
+    (dict(grad_out=torch.zeros(6, 5, 3, device="meta")), "grad_out is on meta"),
 ])
 def test_lora_bad_input_names_field(bad, field):
     args = dict(x=torch.zeros(6, 5, 7), grad_out=torch.zeros(6, 5, 3), A=torch.zeros(2, 7),
@@ -160,6 +163,23 @@ def test_float64_triton_refused(device):
     with pytest.raises(ValueError, match="float64"):
         dk.lora_per_sample_grads(x, x, torch.zeros(2, 16, dtype=torch.float64, device=device),
                                  torch.zeros(16, 2, dtype=torch.float64, device=device), 1.0, backend="triton")
+
+
+def test_triton_without_interpreter_or_gpu_fails_early(monkeypatch):
+    """backend="triton" that cannot run is refused when resolved (engine construction), with one line
+    naming the backend: CPU tensors without the interpreter, or no device at all, or an unknown device."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' on CPU tensors needs TRITON_INTERPRET=1"):
+        dk.resolve_backend("triton", "cpu")
+    with pytest.raises(ValueError, match="backend='triton'"):
+        dk.lora_per_sample_grads(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), torch.zeros(1, 4),
+                                 torch.zeros(5, 1), 1.0, backend="triton")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU or TRITON_INTERPRET=1"):
+            dk.resolve_backend("triton")
+    with pytest.raises(ValueError, match="got device"):
+        dk.resolve_backend("triton", "meta")
+    assert dk.resolve_backend("torch", "cpu") == "torch"
 
 
 def test_backend_resolution():

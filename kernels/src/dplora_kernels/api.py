@@ -40,6 +40,13 @@ def _pick(backend: str, device, dtypes) -> str:
     return resolve_backend(backend, device)
 
 
+def _same_device(x: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor argument on x's device: a clear error naming the argument, not a kernel fault."""
+    for name, t in others.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put all inputs on one device")
+
+
 def _check_rows(x: torch.Tensor, grad_out: torch.Tensor, num_samples: int | None) -> int:
     """Validate the (R, T, c)/(R, c) layout shared by x and grad_out; return N."""
     if x.dim() not in (2, 3):
@@ -49,8 +56,7 @@ def _check_rows(x: torch.Tensor, grad_out: torch.Tensor, num_samples: int | None
                          f"grad_out {tuple(grad_out.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be a floating tensor; got dtype {x.dtype}")
-    if grad_out.device != x.device:
-        raise ValueError(f"grad_out is on {grad_out.device} but x is on {x.device}")
+    _same_device(x, grad_out=grad_out)
     rows = x.shape[0]
     if num_samples is None:
         return rows
@@ -84,6 +90,7 @@ def lora_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, A: torch.Tens
     if u is not None and (u.shape[:-1] != x.shape[:-1] or u.shape[-1] != A.shape[0]):
         raise ValueError(f"u must be x A^T with shape {tuple(x.shape[:-1]) + (A.shape[0],)}; "
                          f"got {tuple(u.shape)}")
+    _same_device(x, A=A, B=B, u=u)
     if which not in ("both", "A", "B"):
         raise ValueError(f"which must be 'both', 'A' or 'B'; got {which!r}")
     if not math.isfinite(float(scale)):
@@ -158,6 +165,8 @@ def _check_per_sample(per_sample: Sequence[torch.Tensor], n: int | None) -> int:
             raise ValueError(f"per_sample[{j}] must have leading dim N={n0}; got shape {tuple(g.shape)}")
         if g.device != per_sample[0].device:
             raise ValueError(f"per_sample[{j}] is on {g.device}, per_sample[0] on {per_sample[0].device}")
+        if not g.is_floating_point():
+            raise ValueError(f"per_sample[{j}] must be a floating tensor; got dtype {g.dtype}")
     return n0
 
 
@@ -178,6 +187,8 @@ def clipped_noised_sum(per_sample: Sequence[torch.Tensor], factors: torch.Tensor
     n = _check_per_sample(per_sample, None)
     if factors.dim() != 1 or factors.shape[0] != n:
         raise ValueError(f"factors must be (N,) with N={n}; got shape {tuple(factors.shape)}")
+    if factors.device != per_sample[0].device:
+        raise ValueError(f"factors is on {factors.device} but per_sample on {per_sample[0].device}")
     std = _check_noise_std(noise_std)
     device = per_sample[0].device
     noise = gaussian_noise([g.shape[1:] for g in per_sample], std, generator, device)
@@ -200,6 +211,8 @@ def clip_and_noise(per_sample: Sequence[torch.Tensor], sqnorm_total: torch.Tenso
     n = _check_per_sample(per_sample, None)
     if sqnorm_total.dim() != 1 or sqnorm_total.shape[0] != n:
         raise ValueError(f"sqnorm_total must be (N,) with N={n}; got shape {tuple(sqnorm_total.shape)}")
+    if sqnorm_total.device != per_sample[0].device:
+        raise ValueError(f"sqnorm_total is on {sqnorm_total.device} but per_sample on {per_sample[0].device}")
     c = _check_clip_norm(clip_norm)
     std = _check_noise_std(noise_std)
     device = per_sample[0].device
