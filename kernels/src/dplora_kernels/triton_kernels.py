@@ -163,6 +163,15 @@ def _clip_sum_noise_kernel(
     tl.store(OUT_ptr + offs, acc, mask=mask)
 
 
+# names used by launch_configs (and the compile test) for the kernels above
+KERNELS = {"outer": _per_sample_outer_kernel, "reduce": _reduce_splits_kernel, "clip": _clip_sum_noise_kernel}
+# pointer arguments of each kernel; those not listed in a config's dtypes are fp32
+POINTER_ARGS = {"outer": ("L_ptr", "R_ptr", "O_ptr", "W_ptr", "SQ_ptr"),
+                "reduce": ("W_ptr", "O_ptr", "SQ_ptr"),
+                "clip": ("G_ptr", "SQ_ptr", "F_ptr", "Z_ptr", "OUT_ptr", "FOUT_ptr")}
+FLOAT_ARGS = ("scale", "clip_norm", "noise_std")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 
