@@ -27,10 +27,17 @@ def device():
 
 
 @pytest.fixture
-def poisoned():
-    """Kernel-written buffers start as NaN (see triton_kernels.POISON_OUTPUTS)."""
-    from dplora_kernels import nn as dnn
+def poisoned(monkeypatch):
+    """Kernel-written buffers start as NaN (see triton_kernels.POISON_OUTPUTS), and so does the engine's
+    per-sample-gradient arena where the engine module has such a switch (POISON_ARENA)."""
+    import importlib
+
     from dplora_kernels import triton_kernels as tk
-    tk.POISON_OUTPUTS, dnn.POISON_ARENA = True, True
-    yield
-    tk.POISON_OUTPUTS, dnn.POISON_ARENA = False, False
+    monkeypatch.setattr(tk, "POISON_OUTPUTS", True)
+    for name in ("nn", "engine"):
+        try:
+            mod = importlib.import_module(f"dplora_kernels.{name}")
+        except ImportError:
+            continue
+        if hasattr(mod, "POISON_ARENA"):
+            monkeypatch.setattr(mod, "POISON_ARENA", True)
