@@ -144,7 +144,7 @@ def test_clip_factors_triton_equal_torch_bitwise(device):
     torch reference: factors are equal bit for bit (a mismatch of one ulp fails), NaN stays NaN."""
     gen = torch.Generator().manual_seed(3)
     sq = torch.cat([torch.tensor([0.0, 1e-30, 1e-12, 1.0, 4.0, 1e30, float("nan")]),
-                    torch.rand(4000, generator=gen) * 50, torch.rand(4000, generator=gen) * 1e-4])
+                    torch.rand(300, generator=gen) * 50, torch.rand(300, generator=gen) * 1e-4])
     sq = sq.to(device)
     per_sample = [torch.zeros(sq.shape[0], 3, device=device)]
     for clip_norm in (0.3, 1.0, 7.1, math.inf):

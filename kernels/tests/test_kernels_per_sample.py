@@ -38,6 +38,7 @@ def _data(N, k, T, n, m, r, dtype, device, seed=0):
 # (N, k rows per sample, T (None = 2-D input), n, m, r, split)
 SHAPES = [
     (3, 1, 1, 16, 16, 1, None),     # T = 1, r = 1
+    (2, 1, 3, 1, 5, 1, None),       # n = 1 (one input feature), r = 1
     (2, 1, 37, 20, 12, 4, None),    # T not a multiple of the block, d not a multiple of 16
     (1, 1, 70, 24, 40, 8, 3),       # N = 1, forced T-split (3 partials reduced in order)
     (2, 3, 5, 33, 17, 16, 2),       # k = 3 rows per sample (Swin windows), split over k*T
@@ -248,7 +249,7 @@ def _triton_cache_keys(kernel, calls):
 
 
 def test_varying_batch_size_does_not_recompile(monkeypatch, device):
-    """Poisson sampling changes N every step: over N = 1..8 (which also changes the T-split: 2 chunks
+    """Poisson sampling changes N every step: over N = 1..5 (which also changes the T-split: 2 chunks
     for N <= 2, 1 beyond, with one interpreter "SM") the per-sample kernel, the split reduction and the clip kernel each keep ONE cache key,
     i.e. compile once. Positive control: a different dtype does give a new key."""
     from dplora_kernels import triton_kernels as tk
@@ -257,7 +258,7 @@ def test_varying_batch_size_does_not_recompile(monkeypatch, device):
     for name, r in rec.items():
         monkeypatch.setattr(tk, name, r)
     splits, first = set(), {}
-    for N in range(1, 9):
+    for N in range(1, 6):
         x, g, A, B = _data(N, 1, 300, 16, 16, 16, torch.float32, device, seed=N)
         res = dk.lora_per_sample_grads(x, g, A, B, 1.0, N, backend="triton")
         dk.clip_and_noise([res.grad_A, res.grad_B], res.sqnorm_A + res.sqnorm_B, 1.0, 0.5,
@@ -271,7 +272,7 @@ def test_varying_batch_size_does_not_recompile(monkeypatch, device):
         # for the per-sample kernel at any N; what matters is that no N adds one)
         keys = _triton_cache_keys(r.kernel, r.calls)
         assert len(r.calls) >= 4 and keys == first[name], \
-            f"{name}: {len(keys)} compilations over N = 1..8, {len(first[name])} at N = 1"
+            f"{name}: {len(keys)} compilations over N = 1..5, {len(first[name])} at N = 1"
     x, g, A, B = _data(3, 1, 300, 16, 16, 16, torch.float16, device)
     dk.lora_per_sample_grads(x, g, A, B, 1.0, 3, backend="triton")
     outer = rec["_per_sample_outer_kernel"]
