@@ -236,6 +236,7 @@ def _triton_cache_keys(kernel, calls):
     """The part of Triton's kernel-cache key that depends on the launch arguments (argument types,
     value/alignment specialisations, constexprs), computed with Triton's own binder for an sm_90 target
     (no driver needed). One distinct key = one compilation."""
+    import triton
     from aot_compile import as_jit
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -243,9 +244,12 @@ def _triton_cache_keys(kernel, calls):
     if not hasattr(tjit, "create_function_from_signature"):
         pytest.skip("this triton has no create_function_from_signature (binder API changed)")
     fn = as_jit(kernel)
-    binder = tjit.create_function_from_signature(fn.signature, fn.params,
-                                                 make_backend(GPUTarget("cuda", 90, 32)))
-    return {str(binder(*args, **kwargs)[1]) for args, kwargs in calls}
+    try:
+        binder = tjit.create_function_from_signature(fn.signature, fn.params,
+                                                     make_backend(GPUTarget("cuda", 90, 32)))
+        return {str(binder(*args, **kwargs)[1]) for args, kwargs in calls}
+    except (TypeError, AttributeError) as e:   # the binder is internal API (written against triton 3.8)
+        pytest.skip(f"triton {triton.__version__}: binder API differs ({e}); gpu_check counts real compiles")
 
 
 def test_varying_batch_size_does_not_recompile(monkeypatch, device):
@@ -297,3 +301,28 @@ def test_small_rank_outer_product_path_matches_dot_path(r, device, poisoned):
     _close(out_dot, wA, 1e-5, "dot path")
     _close(sq_fma, sq(wA), 1e-5, "outer-product sqnorm")
     _close(sq_dot, sq(wA), 1e-5, "dot sqnorm")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_public_out_buffers_are_written(backend, device, poisoned):
+    """out_A / out_B / out_weight / out_bias: the gradients land in the caller's buffers (here strided
+    column blocks of one (N, P) arena, NaN-filled so an unwritten element shows) and are returned."""
+    N, T, n, m, r = 3, 5, 12, 10, 4
+    x, g, A, B = _data(N, 1, T, n, m, r, torch.float32, device)
+    arena = torch.full((N, r * n + m * r + m * n + m), float("nan"), device=device)
+    oA = arena[:, :r * n].view(N, r, n)
+    oB = arena[:, r * n:r * n + m * r].view(N, m, r)
+    oW = arena[:, r * n + m * r:r * n + m * r + m * n].view(N, m, n)
+    ob = arena[:, r * n + m * r + m * n:]
+    res = dk.lora_per_sample_grads(x, g, A, B, 0.5, N, backend=backend, out_A=oA, out_B=oB)
+    assert res.grad_A.data_ptr() == oA.data_ptr() and res.grad_B.data_ptr() == oB.data_ptr()
+    lin = dk.linear_per_sample_grads(x, g, N, backend=backend, out_weight=oW, out_bias=ob)
+    assert lin.grad_weight.data_ptr() == oW.data_ptr() and lin.grad_bias.data_ptr() == ob.data_ptr()
+    wA, wB = lora_loop(x.cpu(), g.cpu(), A.cpu(), B.cpu(), 0.5, N)
+    wW, wb = linear_loop(x.cpu(), g.cpu(), N)
+    for got, want, name in ((oA, wA, "A"), (oB, wB, "B"), (oW, wW, "W"), (ob, wb, "b")):
+        _close(got, want, 1e-5, f"{backend} out_{name}")
+    with pytest.raises(ValueError, match="out_A must be a torch.float32 tensor of shape"):
+        dk.lora_per_sample_grads(x, g, A, B, 0.5, N, backend=backend, out_A=oA[:, :2])
+    with pytest.raises(ValueError, match="out_weight is on meta"):
+        dk.linear_per_sample_grads(x, g, N, backend=backend, out_weight=torch.empty(N, m, n, device="meta"))
