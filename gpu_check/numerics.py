@@ -45,7 +45,7 @@ def data(N, k, T, n, m, r, dt, seed=0):
 
 def ref64(x, g, A, B, s, N):
     L = x.numel() // x.shape[-1] // N if N else 1
-    xs, gs = x.double().reshape(N, L, -1), g.double().reshape(N, L, -1)
+    xs, gs = x.double().reshape(N, L, x.shape[-1]), g.double().reshape(N, L, g.shape[-1])
     GA = torch.einsum("nlr,nld->nrd", s * gs @ B.double(), xs)
     GB = s * torch.einsum("nlm,nlr->nmr", gs, xs @ A.double().T)
     return GA, GB
