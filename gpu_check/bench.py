@@ -14,7 +14,6 @@ Opacus (RoBERTa), peak memory <= 1.05x non-private, each kernel >= 70% of copy b
 """
 
 import copy
-import math
 import os
 import statistics
 import sys

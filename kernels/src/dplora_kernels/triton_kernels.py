@@ -4,16 +4,20 @@ Two kernels do all the work:
 
 * `_per_sample_outer_kernel` computes, for every sample i, P_i = scale * Lᵢᵀ Rᵢ where Lᵢ (L rows × p)
   and Rᵢ (L rows × q) are the sample's rows of two activations, plus the squared Frobenius norm of P_i
-  — in one pass over the activations, fp32 accumulation. The grid is samples × (p-tile, q-tile) ×
-  T-splits. LoRA uses it twice: G_A,i = v_iᵀ x_i (p = r, q = n) and G_B,iᵀ = s · u_iᵀ g_i (p = r,
-  q = m, written transposed through the output strides, so no copy). r is padded to ≥ 16 for tl.dot by
-  masked loads. With a T-split (long sequences, e.g. Swin stage 1 with 3136 tokens per image) each split
-  writes an fp32 partial to a workspace and `_reduce_splits_kernel` sums them in a fixed order — no
-  atomics, so results are bitwise reproducible. Norm partials per output tile are summed in a fixed
-  order too.
+  — in one pass over the activations, fp32 accumulation. The grid is (samples × output tiles, T-splits):
+  tiles share axis 0 with the samples because axes 1/2 stop at 65,535. LoRA uses it twice: G_A,i =
+  v_iᵀ x_i (p = r, q = n) and G_B,iᵀ = s · u_iᵀ g_i (p = r, q = m, written transposed through the output
+  strides, so no copy). p <= 8 (ranks 1..8) takes an outer-product path with no padding; larger p uses
+  tl.dot with p padded to >= 16 by masked loads (`outer_config` states the rule). With a T-split (long
+  sequences, e.g. Swin stage 1 with 3136 tokens per image) each split writes an fp32 partial to a
+  workspace and `_reduce_splits_kernel` sums them in a fixed order — no atomics, so results are bitwise
+  reproducible. Norm partials per output tile are summed in a fixed order too. Everything that changes
+  with the batch size N (split count, workspace stride) is a runtime argument Triton does not specialise
+  on, so Poisson batches of any size reuse one compiled kernel.
 * `_clip_sum_noise_kernel` is one launch over a flat (N, P_total) per-sample-gradient arena holding every
   module's gradients: each program owns a column block, loops over samples in order, turns the
-  per-sample squared norm into c_i = min(1, C / (||g_i|| + 1e-6)) (or reads given factors), accumulates
+  per-sample squared norm into c_i = min(1, C / (||g_i|| + 1e-6)) with correctly rounded sqrt and
+  division (equal to the torch reference bit for bit; or reads given factors), accumulates
   sum_i c_i G_i and adds noise_std * z (z drawn by torch beforehand, so both backends add the same noise).
 
 Per-sample rows are sample-major: sample i owns rows i*k .. i*k+k-1 of x, so with x contiguous the
