@@ -326,3 +326,26 @@ def test_public_out_buffers_are_written(backend, device, poisoned):
         dk.lora_per_sample_grads(x, g, A, B, 0.5, N, backend=backend, out_A=oA[:, :2])
     with pytest.raises(ValueError, match="out_weight is on meta"):
         dk.linear_per_sample_grads(x, g, N, backend=backend, out_weight=torch.empty(N, m, n, device="meta"))
+
+
+@pytest.mark.gpu
+def test_gpu_grid_past_65535_tiles_and_int64_offsets():
+    """One sample of a 16448 x 16448 linear layer has 257 * 257 = 66,049 output tiles of 64 x 64: more than
+    CUDA's 65,535 limit of grid axes 1/2 (the tiles live on axis 0 now)."""
+    N, T, n, m = 1, 2, 16448, 16448
+    x, g, _, _ = _data(N, 1, T, n, m, 1, torch.bfloat16, "cuda")
+    res = dk.linear_per_sample_grads(x, g, N, bias=False, backend="triton")
+    want = torch.einsum("nlm,nld->nmd", g.float().reshape(N, T, m), x.float().reshape(N, T, n))
+    err = ((res.grad_weight - want).abs().max() / want.abs().max()).item()
+    assert err <= 1e-5, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_launches_on_the_tensors_device():
+    x, g, A, B = _data(2, 1, 9, 32, 32, 16, torch.float32, "cuda:1")
+    with torch.cuda.device(0):
+        res = dk.lora_per_sample_grads(x, g, A, B, 1.0, 2, backend="triton")
+    wA, _ = lora_loop(x.cpu(), g.cpu(), A.cpu(), B.cpu(), 1.0, 2)
+    assert res.grad_A.device == x.device
+    _close(res.grad_A, wA, 1e-5, "grad_A on cuda:1")
