@@ -19,7 +19,7 @@ def test_gpu_check_dry_run(tmp_path):
                           timeout=900)
     stages = dict(line.split() for line in (tmp_path / "stages.txt").read_text().splitlines())
     assert stages == {"0_compile": "0", "1_kernel_tests": "0", "2_numerics": "0", "3_bench": "0"}, \
-        proc.stdout[-4000:]
+        proc.stdout[-3000:] + "\nSTDERR:\n" + proc.stderr[-3000:]
     numerics = json.loads((tmp_path / "numerics.json").read_text())
     assert numerics["dry_run"] and not numerics["failures"] and len(numerics["results"]) > 20
     bench = json.loads((tmp_path / "bench.json").read_text())
