@@ -349,3 +349,16 @@ def test_gpu_launches_on_the_tensors_device():
     wA, _ = lora_loop(x.cpu(), g.cpu(), A.cpu(), B.cpu(), 1.0, 2)
     assert res.grad_A.device == x.device
     _close(res.grad_A, wA, 1e-5, "grad_A on cuda:1")
+
+
+def test_choose_split_is_a_power_of_two_within_limits():
+    """T-split counts are powers of two (few workspace shapes over Poisson N), never above what the rows
+    allow (each chunk keeps >= 4 BT-blocks) nor CUDA's 65,535 grid-axis limit, and 1 once the GPU is full."""
+    from dplora_kernels import triton_kernels as tk
+    for N in range(1, 70):
+        for rows in (1, 64, 3136, 1 << 22):
+            s = tk.choose_split(N, rows, n_tiles=12, BT=64, num_sms=132)
+            assert s >= 1 and s & (s - 1) == 0 and s <= 65535
+            assert s <= max(1, -(-rows // 256))
+    assert tk.choose_split(64, 1 << 22, n_tiles=12, BT=64, num_sms=132) == 1
+    assert tk.choose_split(1, 1 << 22, n_tiles=1, BT=64, num_sms=132) == 512
