@@ -66,3 +66,9 @@ test-site: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The GPU checks of issue 12 (one H100/H200, < 10 min, the machine's own python3; see README "GPU check").
+# DRYRUN=1 runs every stage on the CPU under the Triton interpreter at tiny shapes.
+.PHONY: gpu-check
+gpu-check:
+	PY=$${PY:-python3} bash gpu_check/run.sh

@@ -27,10 +27,10 @@ def device():
 
 
 @pytest.fixture
-def poisoned():
-    """Kernel-written buffers start as NaN (see triton_kernels.POISON_OUTPUTS)."""
+def poisoned(monkeypatch):
+    """Kernel-written buffers start as NaN (see triton_kernels.POISON_OUTPUTS), and so does the engine's
+    per-sample-gradient arena (engine.POISON_ARENA): a slot nobody writes surfaces as NaN."""
     from dplora_kernels import engine
     from dplora_kernels import triton_kernels as tk
-    tk.POISON_OUTPUTS, engine.POISON_ARENA = True, True
-    yield
-    tk.POISON_OUTPUTS, engine.POISON_ARENA = False, False
+    monkeypatch.setattr(tk, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(engine, "POISON_ARENA", True)

@@ -137,3 +137,24 @@ def test_clip_kernel_deterministic(device):
     a = dk.clip_and_noise(ps, sq, 0.3, 0.0, backend="triton")
     b = dk.clip_and_noise(ps, sq, 0.3, 0.0, backend="triton")
     assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and torch.equal(a[1], b[1])
+
+
+def test_clip_factors_triton_equal_torch_bitwise(device):
+    """The kernel's c_i = min(1, C / (sqrt(sq) + 1e-6)) uses correctly rounded sqrt and division, like the
+    torch reference: factors are equal bit for bit (a mismatch of one ulp fails), NaN stays NaN."""
+    gen = torch.Generator().manual_seed(3)
+    sq = torch.cat([torch.tensor([0.0, 1e-30, 1e-12, 1.0, 4.0, 1e30, float("nan")]),
+                    torch.rand(300, generator=gen) * 50, torch.rand(300, generator=gen) * 1e-4])
+    sq = sq.to(device)
+    per_sample = [torch.zeros(sq.shape[0], 3, device=device)]
+    for clip_norm in (0.3, 1.0, 7.1, math.inf):
+        want = dk.clip_factors(sq, clip_norm)
+        _, got = dk.clip_and_noise(per_sample, sq, clip_norm, 0.0, backend="triton")
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(got[~nan], want[~nan]), f"clip_norm={clip_norm}: " \
+            f"{int((got[~nan] != want[~nan]).sum())} factors differ from torch"
+    # the old formula (reciprocal * C, what `C / t` does in torch) is detectably different: the test can fail
+    norms = sq.sqrt() + 1e-6
+    assert not torch.equal(torch.clamp(0.3 / norms, max=1.0)[~torch.isnan(norms)],
+                           dk.clip_factors(sq, 0.3)[~torch.isnan(norms)])

@@ -53,8 +53,15 @@ def resolve_backend(backend: str = "auto", device: torch.device | str | None = N
         if not triton_importable():
             raise ValueError("backend='triton' requested but triton does not import; use backend='torch'")
         dev_type = torch.device(device).type if device is not None else None
+        if dev_type not in (None, "cpu", "cuda"):
+            raise ValueError(f"backend='triton' runs on CUDA tensors (or CPU ones under TRITON_INTERPRET=1); "
+                             f"got device {device!r}; use backend='torch'")
         if dev_type == "cpu" and not interpreter_enabled():
             raise ValueError(
                 "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported; "
                 "use backend='torch' on the CPU")
+        if dev_type is None and not (torch.cuda.is_available() or interpreter_enabled()):
+            # checked where the engine is built (no tensor yet), not inside the first backward
+            raise ValueError("backend='triton' needs a CUDA GPU or TRITON_INTERPRET=1 (CPU interpreter); "
+                             "none is available here; use backend='torch' or 'auto'")
     return backend

@@ -40,6 +40,13 @@ def _pick(backend: str, device, dtypes) -> str:
     return resolve_backend(backend, device)
 
 
+def _same_device(x: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor argument on x's device: a clear error naming the argument, not a kernel fault."""
+    for name, t in others.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put all inputs on one device")
+
+
 def _check_rows(x: torch.Tensor, grad_out: torch.Tensor, num_samples: int | None) -> int:
     """Validate the (R, T, c)/(R, c) layout shared by x and grad_out; return N."""
     if x.dim() not in (2, 3):
@@ -49,8 +56,7 @@ def _check_rows(x: torch.Tensor, grad_out: torch.Tensor, num_samples: int | None
                          f"grad_out {tuple(grad_out.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be a floating tensor; got dtype {x.dtype}")
-    if grad_out.device != x.device:
-        raise ValueError(f"grad_out is on {grad_out.device} but x is on {x.device}")
+    _same_device(x, grad_out=grad_out)
     rows = x.shape[0]
     if num_samples is None:
         return rows
@@ -68,13 +74,17 @@ def _check_rows(x: torch.Tensor, grad_out: torch.Tensor, num_samples: int | None
 
 def lora_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                           scale: float, num_samples: int | None = None, *, u: torch.Tensor | None = None,
-                          backend: str = "auto", which: str = "both") -> LoRAPerSampleGrads:
+                          backend: str = "auto", which: str = "both", out_A: torch.Tensor | None = None,
+                          out_B: torch.Tensor | None = None) -> LoRAPerSampleGrads:
     """Per-sample gradients of a LoRA layer h = W0 x + scale * B A x, and their squared norms.
 
     x: LoRA input after dropout, (R, T, n) or (R, n); grad_out: dL/dh, (R, T, m) or (R, m).
     A: (r, n); B: (m, r). R = N * k rows, sample-major. u: optional precomputed x A^T (R, [T,] r).
     which: "both" (default), "A" or "B" — compute only one factor's gradients (alternating LoRA).
     Returns fp32 (fp64 for fp64 inputs) G_A (N, r, n), G_B (N, m, r) and their squared norms (N,).
+    out_A / out_B: optional (N, r, n) / (N, m, r) tensors of that dtype on x's device (e.g. views into the
+    engine's per-sample-gradient arena; any strides): the gradients are written there (the triton kernel
+    stores into them directly, no copy) and returned as grad_A / grad_B.
     """
     n_samples = _check_rows(x, grad_out, num_samples)
     if A.dim() != 2 or A.shape[1] != x.shape[-1]:
@@ -84,40 +94,64 @@ def lora_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, A: torch.Tens
     if u is not None and (u.shape[:-1] != x.shape[:-1] or u.shape[-1] != A.shape[0]):
         raise ValueError(f"u must be x A^T with shape {tuple(x.shape[:-1]) + (A.shape[0],)}; "
                          f"got {tuple(u.shape)}")
+    _same_device(x, A=A, B=B, u=u, out_A=out_A, out_B=out_B)
     if which not in ("both", "A", "B"):
         raise ValueError(f"which must be 'both', 'A' or 'B'; got {which!r}")
     if not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite; got {scale!r}")
+    r, n, m = A.shape[0], A.shape[1], B.shape[0]
+    dt = ref.acc_dtype(x.dtype)
+    _check_out("out_A", out_A, (n_samples, r, n), dt)
+    _check_out("out_B", out_B, (n_samples, m, r), dt)
     be = _pick(backend, x.device, (x.dtype, grad_out.dtype))
     if be == "triton":
         from . import triton_kernels as tk
-        gA, gB, sqA, sqB = tk.lora_per_sample_grads(x, grad_out, A, B, float(scale), n_samples, u, which)
+        gA, gB, sqA, sqB = tk.lora_per_sample_grads(x, grad_out, A, B, float(scale), n_samples, u, which,
+                                                    out_A=out_A, out_B=out_B)
         return LoRAPerSampleGrads(gA, gB, sqA, sqB)
     gA, gB = ref.lora_per_sample_grads(x, grad_out, A, B, float(scale), n_samples, u, which)
-    dt = ref.acc_dtype(x.dtype)
-    return LoRAPerSampleGrads(gA, gB, ref.sqnorm(gA, n_samples, x.device, dt),
-                              ref.sqnorm(gB, n_samples, x.device, dt))
+    sqA, sqB = ref.sqnorm(gA, n_samples, x.device, dt), ref.sqnorm(gB, n_samples, x.device, dt)
+    return LoRAPerSampleGrads(_into(out_A, gA), _into(out_B, gB), sqA, sqB)
+
+
+def _check_out(name: str, out: torch.Tensor | None, shape: tuple, dtype: torch.dtype) -> None:
+    if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype):
+        raise ValueError(f"{name} must be a {dtype} tensor of shape {tuple(shape)}; "
+                         f"got {out.dtype} {tuple(out.shape)}")
+
+
+def _into(out: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+    """The torch path computes into fresh tensors; a caller's output buffer receives a copy."""
+    if out is None or value is None:
+        return value
+    return out.copy_(value)
 
 
 def linear_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, num_samples: int | None = None, *,
-                            bias: bool = True, backend: str = "auto") -> LinearPerSampleGrads:
+                            bias: bool = True, backend: str = "auto", out_weight: torch.Tensor | None = None,
+                            out_bias: torch.Tensor | None = None) -> LinearPerSampleGrads:
     """Per-sample gradients of a linear layer y = x W^T + b (e.g. a classifier head).
 
     x: (R, T, n) or (R, n); grad_out: (R, T, m) or (R, m); R = N * k, sample-major.
     Returns fp32 G_W (N, m, n), G_b (N, m) (None if bias=False) and ||G_W,i||^2 + ||G_b,i||^2 (N,).
+    out_weight (N, m, n) / out_bias (N, m): optional output buffers, as out_A in lora_per_sample_grads.
     """
     n_samples = _check_rows(x, grad_out, num_samples)
+    _same_device(x, out_weight=out_weight, out_bias=out_bias)
+    dt = ref.acc_dtype(x.dtype)
+    n, m = x.shape[-1], grad_out.shape[-1]
+    _check_out("out_weight", out_weight, (n_samples, m, n), dt)
+    _check_out("out_bias", out_bias, (n_samples, m), dt)
     be = _pick(backend, x.device, (x.dtype, grad_out.dtype))
     if be == "triton":
         from . import triton_kernels as tk
-        gW, gb, sq = tk.linear_per_sample_grads(x, grad_out, n_samples, bias)
-        return LinearPerSampleGrads(gW, gb, sq)
+        gW, gb, sq = tk.linear_per_sample_grads(x, grad_out, n_samples, bias, out_weight=out_weight)
+        return LinearPerSampleGrads(gW, _into(out_bias, gb), sq)
     gW, gb = ref.linear_per_sample_grads(x, grad_out, n_samples, bias)
-    dt = ref.acc_dtype(x.dtype)
     sq = ref.sqnorm(gW, n_samples, x.device, dt)
     if gb is not None:
         sq = sq + ref.sqnorm(gb, n_samples, x.device, dt)
-    return LinearPerSampleGrads(gW, gb, sq)
+    return LinearPerSampleGrads(_into(out_weight, gW), _into(out_bias, gb), sq)
 
 
 def _check_clip_norm(clip_norm: float) -> float:
@@ -158,6 +192,8 @@ def _check_per_sample(per_sample: Sequence[torch.Tensor], n: int | None) -> int:
             raise ValueError(f"per_sample[{j}] must have leading dim N={n0}; got shape {tuple(g.shape)}")
         if g.device != per_sample[0].device:
             raise ValueError(f"per_sample[{j}] is on {g.device}, per_sample[0] on {per_sample[0].device}")
+        if not g.is_floating_point():
+            raise ValueError(f"per_sample[{j}] must be a floating tensor; got dtype {g.dtype}")
     return n0
 
 
@@ -178,6 +214,8 @@ def clipped_noised_sum(per_sample: Sequence[torch.Tensor], factors: torch.Tensor
     n = _check_per_sample(per_sample, None)
     if factors.dim() != 1 or factors.shape[0] != n:
         raise ValueError(f"factors must be (N,) with N={n}; got shape {tuple(factors.shape)}")
+    if factors.device != per_sample[0].device:
+        raise ValueError(f"factors is on {factors.device} but per_sample on {per_sample[0].device}")
     std = _check_noise_std(noise_std)
     device = per_sample[0].device
     noise = gaussian_noise([g.shape[1:] for g in per_sample], std, generator, device)
@@ -200,6 +238,8 @@ def clip_and_noise(per_sample: Sequence[torch.Tensor], sqnorm_total: torch.Tenso
     n = _check_per_sample(per_sample, None)
     if sqnorm_total.dim() != 1 or sqnorm_total.shape[0] != n:
         raise ValueError(f"sqnorm_total must be (N,) with N={n}; got shape {tuple(sqnorm_total.shape)}")
+    if sqnorm_total.device != per_sample[0].device:
+        raise ValueError(f"sqnorm_total is on {sqnorm_total.device} but per_sample on {per_sample[0].device}")
     c = _check_clip_norm(clip_norm)
     std = _check_noise_std(noise_std)
     device = per_sample[0].device

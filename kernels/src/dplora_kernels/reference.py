@@ -65,8 +65,15 @@ def sqnorm(per_sample: torch.Tensor | None, num_samples: int, device, dtype=torc
 
 def clip_factors(sqnorm_total: torch.Tensor, clip_norm: float) -> torch.Tensor:
     """Abadi et al. clipping: c_i = min(1, C / (||g_i|| + 1e-6)). NaN norms stay NaN (callers check)."""
-    norms = sqnorm_total.to(acc_dtype(sqnorm_total.dtype)).sqrt()
-    return torch.clamp(clip_norm / (norms + 1e-6), max=1.0)
+    dt = acc_dtype(sqnorm_total.dtype)
+    # Correctly rounded sqrt and division, as in the Triton clip kernel (sqrt_rn, div_rn), so the two
+    # agree bit for bit: computed in float64 and rounded once to float32 (exact for sqrt and division,
+    # 53 >= 2*24 + 2 bits). torch's own fp32 ops are not: the vectorised CPU sqrt is an ulp off for some
+    # inputs, and `c / t` is reciprocal(t) * c.
+    norms = sqnorm_total.to(torch.float64).sqrt().to(dt)
+    den = norms + 1e-6                                   # one rounding in dt, like the kernel's add
+    c = torch.full_like(den, clip_norm)                  # C rounded to dt, like the kernel's fp32 argument
+    return torch.clamp((c.double() / den.double()).to(dt), max=1.0)
 
 
 def clipped_sum(per_sample: list[torch.Tensor], factors: torch.Tensor) -> list[torch.Tensor]:
