@@ -58,11 +58,12 @@ import numpy as np
 import torch
 
 import lalora
-from lalora.config import RunConfig
+from lalora.config import RunConfig, check_against_task
 from lalora.federated.client import ClientData, LocalTraining, local_train
 from lalora.federated.methods import get_method
 from lalora.federated.server import ClientUpdate, aggregate
 from lalora.federated.state import ParamGroups
+from lalora.provenance import run_provenance
 from lalora.results import RunDir, config_hash
 
 __all__ = ["Simulator", "ClientUpdate", "RunResult", "run_experiment", "client_schedule",
@@ -417,6 +418,8 @@ def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resu
     also recomputes a finished run. ``task``/``partitions`` override the registry (tests)."""
     task = task if task is not None else _load_task(cfg)
     cfg = cfg.resolve(getattr(task, "defaults", {}))
+    if partitions is None:
+        check_against_task(cfg, task)   # before the fingerprint, which may pretrain a backbone
     fingerprint = task_fingerprint(task)
     digest = config_hash({**cfg.to_dict(), "task_fingerprint": fingerprint}, lalora.__version__)
     run_dir = RunDir.for_config(runs_dir, cfg.task, cfg.method, digest)
@@ -487,7 +490,8 @@ def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resu
         "delta": cfg.delta, "noise_multiplier": sim.noise_multiplier, "private": sim.private,
         "clip_norm": cfg.clip_norm if sim.private else math.inf,
         "sample_rates": sim.sample_rates, "rounds": cfg.rounds, "filter": bool(cfg.filter),
-        "wall_time_s": elapsed,
+        "wall_time_s": elapsed, "accountant": cfg.accountant,
+        "provenance": run_provenance(task, accountant=cfg.accountant),
     }
     if "test_per_client_accuracy" in last_eval:
         final["per_client_accuracy"] = last_eval["test_per_client_accuracy"]
