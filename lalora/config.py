@@ -238,7 +238,7 @@ def check_against_task(cfg: RunConfig, task) -> None:
     if build is not None:
         with torch.random.fork_rng():   # the check must not move the run's random streams
             model = build()
-        inject_lora(model, task.lora_targets, r=cfg.r, alpha=cfg.alpha, dropout=0.0)
+            inject_lora(model, task.lora_targets, r=cfg.r, alpha=cfg.alpha, dropout=0.0)
         if task.head_name not in dict(model.named_modules()):
             raise ValueError(f"head {task.head_name!r} is not a module of the {task.name} model")
     sizes = [len(p) for p in partition(task.train_labels, cfg.clients, cfg.partition, cfg.beta,
