@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = [
     "lalora.notebooks",          # lalora notebooks
     "lalora.bench",              # lalora bench
     "lalora.audit.cli",          # lalora audit
+    "lalora.verify",             # lalora verify-results
 ]
 
 
