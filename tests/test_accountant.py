@@ -131,6 +131,19 @@ def test_ledger_unknown_client():
         PrivacyLedger().epsilon(7)
 
 
+def test_default_accountant_is_prv_everywhere():
+    import inspect
+
+    from lalora.config import RunConfig
+    from lalora.privacy.config import DPConfig
+
+    assert RunConfig(task="t", method="la-lora").accountant == "prv"
+    for fn in (epsilon_for, noise_multiplier_for, epsilon_for_history, noise_multiplier_for_clients):
+        assert inspect.signature(fn).parameters["accountant"].default == "prv"
+    assert PrivacyLedger().accountant == "prv"
+    assert {f.name: f.default for f in __import__("dataclasses").fields(DPConfig)}["accountant"] == "prv"
+
+
 def test_memoized_rdp_epsilon_equals_opacus_accountant():
     """The ledger's fast path (one-step RDP curve memoized, times steps) must equal Opacus' own
     RDPAccountant on mixed histories, to float rounding."""
@@ -143,7 +156,7 @@ def test_memoized_rdp_epsilon_equals_opacus_accountant():
         acc = RDPAccountant()
         acc.history = list(history)
         expected = acc.get_epsilon(delta=1e-5)
-        assert abs(epsilon_for_history(history, 1e-5) - expected) <= 1e-9 * max(1.0, expected)
+        assert abs(epsilon_for_history(history, 1e-5, "rdp") - expected) <= 1e-9 * max(1.0, expected)
 
 
 def test_sigma_disk_cache_never_serves_a_sigma_that_misses_the_target(tmp_path, monkeypatch):
@@ -155,12 +168,12 @@ def test_sigma_disk_cache_never_serves_a_sigma_that_misses_the_target(tmp_path, 
     monkeypatch.setenv("LALORA_CACHE", str(tmp_path))
     monkeypatch.setattr(acc, "_SIGMA_CACHE", {})
     args = (2.0, 1e-5, 0.05, 100)
-    sigma = acc.noise_multiplier_for(*args)
+    sigma = acc.noise_multiplier_for(*args, "rdp")
     key = (*args, "rdp", 0.01)
     path = acc._sigma_cache_file(key)
     assert json.loads(path.read_text())["sigma"] == sigma      # stored on disk
     path.write_text(json.dumps({"key": list(key), "sigma": sigma / 3}))   # tamper: far too little noise
     monkeypatch.setattr(acc, "_SIGMA_CACHE", {})
-    again = acc.noise_multiplier_for(*args)
+    again = acc.noise_multiplier_for(*args, "rdp")
     assert again == sigma
-    assert acc.epsilon_for(again, 1e-5, 0.05, 100) <= 2.0
+    assert acc.epsilon_for(again, 1e-5, 0.05, 100, "rdp") <= 2.0
