@@ -36,6 +36,8 @@ class FlowerRunResult:
 
 
 def _final_summary(strategy, wall_s: float) -> dict:
+    from lalora.provenance import run_provenance
+
     sim, cfg = strategy.sim, strategy.sim.cfg
     last_eval = next((r for r in reversed(strategy.records) if "test_accuracy" in r), {})
     privacy = sim.privacy_summary()
@@ -47,7 +49,8 @@ def _final_summary(strategy, wall_s: float) -> dict:
         "target_epsilon": cfg.epsilon if sim.private else math.inf, "delta": cfg.delta,
         "noise_multiplier": sim.noise_multiplier, "private": sim.private,
         "clip_norm": cfg.clip_norm if sim.private else math.inf, "sample_rates": sim.sample_rates,
-        "rounds": cfg.rounds, "filter": bool(cfg.filter),
+        "rounds": cfg.rounds, "filter": bool(cfg.filter), "accountant": cfg.accountant,
+        "provenance": run_provenance(sim.task, accountant=cfg.accountant),
         # as in the in-process final.json: the rounds only; total_wall_s adds Ray start-up,
         # worker task builds and node discovery
         "wall_time_s": strategy.records[-1]["elapsed_s"] if strategy.records else 0.0,
