@@ -131,6 +131,12 @@ def test_ledger_unknown_client():
         PrivacyLedger().epsilon(7)
 
 
+def test_prv_refuses_an_epsilon_beyond_its_sound_range_by_name():
+    with pytest.raises(ValueError, match="epsilon=1000.0 is above the PRV accountant"):
+        noise_multiplier_for(1000.0, DELTA, 1.0, 30, "prv")
+    assert noise_multiplier_for(1000.0, DELTA, 1.0, 30, "rdp") > 0
+
+
 def test_default_accountant_is_prv_everywhere():
     import inspect
 
