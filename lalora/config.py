@@ -227,7 +227,8 @@ def check_against_task(cfg: RunConfig, task) -> None:
     (``Task.build_architecture``, milliseconds), while the first ``build_model()`` may pretrain a
     backbone for minutes. Checks the LoRA rank against every target layer and that the targets
     exist (``inject_lora`` on the bare architecture: the same one-line errors as a real run), the
-    head, and the batch size against the clients' data (a partition is cheap: labels only).
+    head, that no client is empty and the batch size against the private data (a partition is
+    cheap: labels only).
     """
     import torch
 
@@ -246,6 +247,8 @@ def check_against_task(cfg: RunConfig, task) -> None:
     empty = [i for i, n in enumerate(sizes) if n == 0]
     if empty:
         raise ValueError(f"clients {empty} have no training examples; change partition/beta/seed")
-    if cfg.batch_size > max(sizes):
-        raise ValueError(f"batch_size must be <= the largest client's data ({max(sizes)} examples "
-                         f"with clients={cfg.clients}, partition={cfg.partition}), got {cfg.batch_size}")
+    # A client smaller than the batch samples at q = 1 (documented); a batch larger than the whole
+    # private split is a mistake every client would make.
+    if cfg.batch_size > sum(sizes):
+        raise ValueError(f"batch_size must be <= the task's private training examples ({sum(sizes)}), "
+                         f"got {cfg.batch_size}")

@@ -320,9 +320,7 @@ def add_provenance_cell(nb, name: str) -> None:
     source = (f"# Added by `lalora notebooks`: record how this result was produced (issue 19).\n"
               f"from lalora.provenance import stamp_result_json\n"
               f"stamp_result_json(f\"{{output_dir}}/{name}.json\")")
-    cell = nbformat.v4.new_code_cell(source, metadata={"tags": [PROVENANCE_TAG]})
-    cell.pop("id", None)
-    nb.cells.append(cell)
+    nb.cells.append(nbformat.v4.new_code_cell(source, metadata={"tags": [PROVENANCE_TAG]}))
 
 
 # A warning as Python prints it: "<path>.py:<line>: <Category>Warning: <message>" and the source

@@ -79,7 +79,8 @@ def test_check_against_task_names_targets_batch_size_and_passes_a_good_config(co
     with pytest.raises(ValueError, match="targets=.*no_such_layer"):
         check_against_task(good, task)
     task = _digits(max_train_samples=40)
-    with pytest.raises(ValueError, match=r"batch_size must be <= the largest client's data"):
-        check_against_task(good.replace(batch_size=39, clients=2, clients_per_round=1,
+    check_against_task(good.replace(batch_size=40, clients=2, clients_per_round=1, partition="iid"), task)
+    with pytest.raises(ValueError, match=r"batch_size must be <= the task's private training examples \(40\)"):
+        check_against_task(good.replace(batch_size=41, clients=2, clients_per_round=1,
                                         partition="iid"), task)
     assert not list(cold_cache.glob("*backbone*"))
