@@ -114,9 +114,9 @@ def test_ledger_composes_heterogeneous_history_and_roundtrips_json():
     ledger.record_steps(3, 20, round=2, noise_multiplier=3.0)
     ledger.set_client("b", sample_rate=0.1, noise_multiplier=0.0)  # noiseless: ε = inf
     ledger.record_steps("b", 1, round=("r", 1))
-    expected = epsilon_for_history([(2.0, Q, 20), (3.0, Q, 20)], DELTA)
+    expected = epsilon_for_history([(2.0, Q, 20), (3.0, Q, 20)], DELTA, "rdp")
     assert ledger.epsilon(3) == pytest.approx(expected)
-    assert epsilon_for(2.0, DELTA, Q, 20) < ledger.epsilon(3) < epsilon_for(2.0, DELTA, Q, 40)
+    assert epsilon_for(2.0, DELTA, Q, 20, "rdp") < ledger.epsilon(3) < epsilon_for(2.0, DELTA, Q, 40, "rdp")
     assert ledger.epsilon("b") == math.inf and ledger.max_epsilon() == math.inf
 
     restored = PrivacyLedger.from_dict(json.loads(json.dumps(ledger.to_dict())))
