@@ -191,6 +191,9 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
     except ValueError as err:  # Opacus: "The privacy budget is too low." (σ would exceed 1e6)
         raise ValueError(f"epsilon={epsilon} is unreachable for delta={delta}, sample_rate={q}, "
                          f"steps={steps} ({accountant}): {err}") from err
+    except RuntimeError as err:  # Opacus' PRV: "Cannot compute epsilon" (e.g. delta near 1)
+        raise ValueError(f"the {accountant} accountant cannot calibrate epsilon={epsilon} for "
+                         f"delta={delta}, sample_rate={q}, steps={steps} ({err}); try accountant='rdp'") from err
     _SIGMA_CACHE[key] = sigma
     _store_cached_sigma(key, sigma)
     return sigma
