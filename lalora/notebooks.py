@@ -14,7 +14,10 @@ job on a CPU; ``paper``: the paper's settings on a GPU with data and weights on 
 4. executes it with papermill (cwd = repository root) into ``results/<profile>/notebooks/``,
    or only injects the parameters with ``--prepare-only`` (how the ``paper`` profile is checked
    on a machine without its data),
-5. keeps going when one notebook fails, and ends with a summary naming every failure.
+5. keeps going when one notebook fails, and ends with a summary naming every failure,
+6. appends a cell that stamps the kernel's provenance (lalora.provenance) into the notebook's
+   ``<output_dir>/<name>.json``, and scrubs the stored outputs (no warnings, no absolute
+   temporary/venv/home paths: :func:`clean_executed_notebook`).
 
 The module also holds the small helpers the result notebooks share (``experiment_base``,
 ``make_config``, ``run_grid``, ``accuracy_table``): a grid of federated runs through
