@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow test-all reproduce notebooks bench flower-demo clean-venv help lab site test-site
+.PHONY: setup test test-slow test-all reproduce notebooks bench flower-demo clean-venv help lab site test-site verify-results
 
 help:
 	@echo "make reproduce | make test | make test-slow | make bench | make notebooks PROFILE=ci | make lab | make site PROFILE=offline | make test-site"
@@ -43,6 +43,14 @@ flower-demo: setup
 	$(BIN)/python -m lalora.flower.demo --workdir runs/flower-demo
 
 notebooks: reproduce
+
+# Re-run VERIFY_CELLS random committed cells of results/$(PROFILE) from an empty cache and compare
+# (bitwise where the provenance matches, else within 5 points, naming the differing fields),
+# after the slow test of the mechanism itself.
+VERIFY_CELLS ?= 3
+verify-results: setup
+	$(BIN)/python -m pytest -m slow -q tests/test_verify_results.py
+	$(BIN)/lalora verify-results --results results/$(PROFILE) --cells $(VERIFY_CELLS)
 
 bench: setup
 	$(BIN)/python benchmarks/dp_step.py --json benchmarks/dp_step_cpu.json

@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = [
     "lalora.bench",              # lalora bench
     "lalora.audit.cli",          # lalora audit
     "lalora.export",             # lalora export-adapter
+    "lalora.verify",             # lalora verify-results
 ]
 
 

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from lalora.privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+
 # Fallbacks for fields that neither the user nor the task set (the paper's vision setting, SPEC §4).
 FALLBACKS: dict[str, Any] = {
     "rounds": 100,
@@ -42,7 +44,6 @@ FALLBACKS: dict[str, Any] = {
 OPTIMIZERS = ("sgd", "adamw")
 PARTITIONS = ("dirichlet-released", "dirichlet-per-class", "iid")
 CLIPPINGS = ("flat", "per_layer")
-ACCOUNTANTS = ("rdp", "prv")
 HEAD_POLICIES = ("train", "freeze")
 OPTIMIZER_STATE_POLICIES = ("reset",)   # optimizer re-created every round (as the released code)
 # "dp": per-sample clipping + accounted Gaussian noise (SPEC §3). "as-released": the authors' released
@@ -71,7 +72,7 @@ class RunConfig:
     delta: float = 1e-5
     clip_norm: float = 1.0
     clipping: str = "flat"
-    accountant: str = "rdp"
+    accountant: str = DEFAULT_ACCOUNTANT   # "prv" (tighter, Opacus' default) or "rdp"
     seed: int = 0
     # federation and local training (None -> task default -> FALLBACKS)
     rounds: int | None = None
@@ -267,3 +268,37 @@ def _check_finite_number(name: str, value: Any) -> None:
 def _choice(value: Any, choices: tuple, name: str) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_against_task(cfg: RunConfig, task) -> None:
+    """Refuse a resolved ``cfg`` that cannot run on ``task``, before any expensive step.
+
+    Why here and not at the first client step: the model's shapes only need the architecture
+    (``Task.build_architecture``, milliseconds), while the first ``build_model()`` may pretrain a
+    backbone for minutes. Checks the LoRA rank against every target layer and that the targets
+    exist (``inject_lora`` on the bare architecture: the same one-line errors as a real run), the
+    head, that no client is empty and the batch size against the private data (a partition is
+    cheap: labels only).
+    """
+    import torch
+
+    from lalora.lora import inject_lora
+    from lalora.tasks import partition
+
+    build = getattr(task, "build_architecture", None)
+    if build is not None:
+        with torch.random.fork_rng():   # the check must not move the run's random streams
+            model = build()
+            inject_lora(model, task.lora_targets, r=cfg.r, alpha=cfg.alpha, dropout=0.0)
+        if task.head_name not in dict(model.named_modules()):
+            raise ValueError(f"head {task.head_name!r} is not a module of the {task.name} model")
+    sizes = [len(p) for p in partition(task.train_labels, cfg.clients, cfg.partition, cfg.beta,
+                                       cfg.seed, cfg.samples_per_client)]
+    empty = [i for i, n in enumerate(sizes) if n == 0]
+    if empty:
+        raise ValueError(f"clients {empty} have no training examples; change partition/beta/seed")
+    # A client smaller than the batch samples at q = 1 (documented); a batch larger than the whole
+    # private split is a mistake every client would make.
+    if cfg.batch_size > sum(sizes):
+        raise ValueError(f"batch_size must be <= the task's private training examples ({sum(sizes)}), "
+                         f"got {cfg.batch_size}")

@@ -16,7 +16,10 @@ downloads; ``LALORA_SMOKE_SIZE=cpu`` shrinks it for a CPU) is a folder
 4. executes it with papermill (cwd = repository root) into ``results/<profile>/notebooks/``,
    or only injects the parameters with ``--prepare-only`` (how the ``paper`` profile is checked
    on a machine without its data),
-5. keeps going when one notebook fails, and ends with a summary naming every failure.
+5. keeps going when one notebook fails, and ends with a summary naming every failure,
+6. appends a cell that stamps the kernel's provenance (lalora.provenance) into the notebook's
+   ``<output_dir>/<name>.json``, and scrubs the stored outputs (no warnings, no absolute
+   temporary/venv/home paths: :func:`clean_executed_notebook`).
 
 The module also holds the small helpers the result notebooks share (``experiment_base``,
 ``make_config``, ``run_grid``, ``accuracy_table``): a grid of federated runs through
@@ -252,6 +255,10 @@ def run_notebooks(profile: str, *, only: Iterable[str] | None = None, root: Path
     # with 1 thread vs 15.0 s with 2), while OpenMP threads that spin against any other busy
     # process slowed runs by 10-20x here (a 13 s run took over 4 minutes).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # tqdm.auto warns in every kernel that ipywidgets is missing (we never draw widget bars); the
+    # warning carried the build machine's venv path into every committed notebook (issue 20).
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        w for w in (os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not found") if w)
     if quiet:
         os.environ["TQDM_DISABLE"] = "1"
         os.environ["LALORA_QUIET"] = "1"
@@ -267,6 +274,7 @@ def run_notebooks(profile: str, *, only: Iterable[str] | None = None, root: Path
         start = time.perf_counter()
         try:
             nb = read_notebook(source)
+            add_provenance_cell(nb, name)
             params, params_path = load_params(params_dir, profile, name)
             if params_path is None and not quiet:
                 echo(f"[{name}] no params/{profile}/{name}.yaml: using the notebook's defaults")
@@ -282,6 +290,12 @@ def run_notebooks(profile: str, *, only: Iterable[str] | None = None, root: Path
             status, error = ("prepared" if prepare_only else "ok"), ""
         except Exception as err:  # noqa: BLE001 -- one failing notebook must not stop the others
             status, error = "failed", _short_error(err)
+        try:
+            if out_path.exists():
+                clean_executed_notebook(out_path, root)
+        except Exception as err:  # noqa: BLE001 -- cleaning must not hide the run's own outcome
+            status, error = "failed", error or f"cleaning outputs: {_short_error(err)}"
+        if status == "failed":
             echo(f"[{name}] FAILED: {error}\n[{name}] see {out_path}")
         seconds = time.perf_counter() - start
         summary.outcomes.append(NotebookOutcome(name, status, round(seconds, 2), str(out_path), error))
@@ -294,6 +308,81 @@ def run_notebooks(profile: str, *, only: Iterable[str] | None = None, root: Path
                        summary.to_dict())
     echo(format_summary(summary))
     return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance and clean outputs
+# --------------------------------------------------------------------------------------------
+PROVENANCE_TAG = "lalora-provenance"
+
+
+def add_provenance_cell(nb, name: str) -> None:
+    """Append a cell that records the kernel's provenance (lalora.provenance: commit, versions,
+    CPU flags, threads, backbones loaded) in the notebook's ``<output_dir>/<name>.json``.
+    It runs in the kernel because that is where the threads were set and the backbones loaded."""
+    import nbformat
+
+    source = (f"# Added by `lalora notebooks`: record how this result was produced (issue 19).\n"
+              f"from lalora.provenance import stamp_result_json\n"
+              f"stamp_result_json(f\"{{output_dir}}/{name}.json\")")
+    nb.cells.append(nbformat.v4.new_code_cell(source, metadata={"tags": [PROVENANCE_TAG]}))
+
+
+# A warning as Python prints it: "<path>.py:<line>: <Category>Warning: <message>" and the source
+# line under it (indented).
+_WARNING_LINE = re.compile(r"^\S*\.py:\d+: \w*Warning: .*\n(?:[ \t]+.*\n?)?", re.M)
+
+
+def scrub_text(text: str, root: Path | str | None = None) -> str:
+    """Stored output without warnings and without this machine's absolute paths: the repository
+    root becomes ``.``, a virtual environment's site-packages ``<site-packages>``, the home folder
+    ``~`` and a temporary folder ``<tmp>``."""
+    text = _WARNING_LINE.sub("", text)
+    if root:
+        text = text.replace(str(Path(root).resolve()) + "/", "./").replace(str(Path(root).resolve()), ".")
+    text = re.sub(r"(?:/[^\s'\"/]+)+/site-packages", "<site-packages>", text)
+    text = re.sub(r"/(?:tmp|var/tmp|var/folders)(?:/[^\s'\":,)]+)+", "<tmp>", text)
+    home = str(Path.home())
+    if home not in ("/", ""):
+        text = text.replace(home + "/", "~/")
+    return text
+
+
+def clean_executed_notebook(path: Path | str, root: Path | str | None = None) -> bool:
+    """Scrub every text output of an executed notebook in place (see :func:`scrub_text`);
+    stream outputs left empty are dropped. Returns True if the file changed."""
+    import nbformat
+
+    path = Path(path)
+    nb = nbformat.read(path, as_version=4)
+    changed = False
+    for cell in nb.cells:
+        kept = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                text = scrub_text(out.get("text", ""), root)
+                changed |= text != out.get("text", "")
+                out["text"] = text
+                if not text:
+                    continue
+            else:
+                for mime, value in (out.get("data") or {}).items():
+                    if mime.startswith("text/") and isinstance(value, str):
+                        new = scrub_text(value, root)
+                        changed |= new != value
+                        out["data"][mime] = new
+                if out.get("output_type") == "error":
+                    tb = [scrub_text(t, root) for t in out.get("traceback", [])]
+                    changed |= tb != out.get("traceback", [])
+                    out["traceback"] = tb
+            kept.append(out)
+        if "outputs" in cell and len(kept) != len(cell["outputs"]):
+            cell["outputs"], changed = kept, True
+    if changed:
+        from lalora.results import atomic_write_bytes
+
+        atomic_write_bytes(path, (nbformat.writes(nb) + "\n").encode())
+    return changed
 
 
 def format_summary(summary: RunSummary) -> str:
@@ -470,6 +559,8 @@ def run_grid(base: dict[str, Any], grid: list[dict[str, Any]], seeds: Sequence[i
                 "target_epsilon": _num(final.get("target_epsilon")),
                 "noise_multiplier": _num(final.get("noise_multiplier")),
                 "private": bool(final.get("private")),
+                "accountant": final.get("accountant", result.config.accountant),
+                "config": result.config.to_dict(),   # what `lalora verify-results` re-runs
                 "cached": bool(result.cached), "wall_time_s": _num(final.get("wall_time_s")),
                 "run_dir": str(result.run_dir),
                 # evidence bookkeeping: the mechanism (as-released is NOT DP), the bar "did not train"

@@ -55,8 +55,9 @@ def test_edge_cases():
     assert epsilon_for(0.0, DELTA, Q, 10) == math.inf
     assert epsilon_for(1.0, DELTA, Q, 0) == 0.0
     assert noise_multiplier_for(1.0, DELTA, Q, 0) == 0.0
+    # RDP named: Opacus' PRV did not return within minutes on this far-out input (see PRV_MAX_EPSILON)
     with pytest.raises(ValueError, match="epsilon=1e-09 is unreachable"):
-        noise_multiplier_for(1e-9, DELTA, 1.0, 10**6)
+        noise_multiplier_for(1e-9, DELTA, 1.0, 10**6, "rdp")
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -113,9 +114,9 @@ def test_ledger_composes_heterogeneous_history_and_roundtrips_json():
     ledger.record_steps(3, 20, round=2, noise_multiplier=3.0)
     ledger.set_client("b", sample_rate=0.1, noise_multiplier=0.0)  # noiseless: ε = inf
     ledger.record_steps("b", 1, round=("r", 1))
-    expected = epsilon_for_history([(2.0, Q, 20), (3.0, Q, 20)], DELTA)
+    expected = epsilon_for_history([(2.0, Q, 20), (3.0, Q, 20)], DELTA, "rdp")
     assert ledger.epsilon(3) == pytest.approx(expected)
-    assert epsilon_for(2.0, DELTA, Q, 20) < ledger.epsilon(3) < epsilon_for(2.0, DELTA, Q, 40)
+    assert epsilon_for(2.0, DELTA, Q, 20, "rdp") < ledger.epsilon(3) < epsilon_for(2.0, DELTA, Q, 40, "rdp")
     assert ledger.epsilon("b") == math.inf and ledger.max_epsilon() == math.inf
 
     restored = PrivacyLedger.from_dict(json.loads(json.dumps(ledger.to_dict())))
@@ -131,6 +132,25 @@ def test_ledger_unknown_client():
         PrivacyLedger().epsilon(7)
 
 
+def test_prv_refuses_an_epsilon_beyond_its_sound_range_by_name():
+    with pytest.raises(ValueError, match="epsilon=1000.0 is above the PRV accountant"):
+        noise_multiplier_for(1000.0, DELTA, 1.0, 30, "prv")
+    assert noise_multiplier_for(1000.0, DELTA, 1.0, 30, "rdp") > 0
+
+
+def test_default_accountant_is_prv_everywhere():
+    import inspect
+
+    from lalora.config import RunConfig
+    from lalora.privacy.config import DPConfig
+
+    assert RunConfig(task="t", method="la-lora").accountant == "prv"
+    for fn in (epsilon_for, noise_multiplier_for, epsilon_for_history, noise_multiplier_for_clients):
+        assert inspect.signature(fn).parameters["accountant"].default == "prv"
+    assert PrivacyLedger().accountant == "prv"
+    assert {f.name: f.default for f in __import__("dataclasses").fields(DPConfig)}["accountant"] == "prv"
+
+
 def test_memoized_rdp_epsilon_equals_opacus_accountant():
     """The ledger's fast path (one-step RDP curve memoized, times steps) must equal Opacus' own
     RDPAccountant on mixed histories, to float rounding."""
@@ -143,7 +163,7 @@ def test_memoized_rdp_epsilon_equals_opacus_accountant():
         acc = RDPAccountant()
         acc.history = list(history)
         expected = acc.get_epsilon(delta=1e-5)
-        assert abs(epsilon_for_history(history, 1e-5) - expected) <= 1e-9 * max(1.0, expected)
+        assert abs(epsilon_for_history(history, 1e-5, "rdp") - expected) <= 1e-9 * max(1.0, expected)
 
 
 def test_sigma_disk_cache_never_serves_a_sigma_that_misses_the_target(tmp_path, monkeypatch):
@@ -155,12 +175,12 @@ def test_sigma_disk_cache_never_serves_a_sigma_that_misses_the_target(tmp_path, 
     monkeypatch.setenv("LALORA_CACHE", str(tmp_path))
     monkeypatch.setattr(acc, "_SIGMA_CACHE", {})
     args = (2.0, 1e-5, 0.05, 100)
-    sigma = acc.noise_multiplier_for(*args)
+    sigma = acc.noise_multiplier_for(*args, "rdp")
     key = (*args, "rdp", 0.01)
     path = acc._sigma_cache_file(key)
     assert json.loads(path.read_text())["sigma"] == sigma      # stored on disk
     path.write_text(json.dumps({"key": list(key), "sigma": sigma / 3}))   # tamper: far too little noise
     monkeypatch.setattr(acc, "_SIGMA_CACHE", {})
-    again = acc.noise_multiplier_for(*args)
+    again = acc.noise_multiplier_for(*args, "rdp")
     assert again == sigma
-    assert acc.epsilon_for(again, 1e-5, 0.05, 100) <= 2.0
+    assert acc.epsilon_for(again, 1e-5, 0.05, 100, "rdp") <= 2.0

@@ -25,7 +25,7 @@ def test_json_output(capsys):
     args = ["accountant", "--epsilon", "2", "--sample-rate", "0.032", "--steps", "100", "--json"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["accountant"] == "rdp" and out["steps"] == 100
+    assert out["accountant"] == "prv" and out["steps"] == 100   # the default accountant
     assert out["noise_multiplier"] == noise_multiplier_for(2.0, 1e-5, 0.032, 100)
     assert out["epsilon"] <= 2.0
 

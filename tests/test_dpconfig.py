@@ -11,7 +11,7 @@ from lalora.privacy.config import DPConfig
 def test_defaults_match_the_contract():
     cfg = DPConfig()
     assert (cfg.epsilon, cfg.delta, cfg.clip_norm, cfg.clipping, cfg.accountant, cfg.mode,
-            cfg.noise_multiplier) == (3.0, 1e-5, 1.0, "flat", "rdp", "dp", None)
+            cfg.noise_multiplier) == (3.0, 1e-5, 1.0, "flat", "prv", "dp", None)
     assert cfg.is_private
 
 

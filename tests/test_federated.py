@@ -304,12 +304,12 @@ def test_fast_rdp_epsilon_equals_the_accountant():
 
     for sigma, q, steps in [(1.3, 0.1, 40), (2.0, 0.05, 7)]:
         assert _epsilon_for(sigma, 1e-5, q, steps, "rdp") == epsilon_for(sigma, 1e-5, q, steps, "rdp")
-        ledger = PrivacyLedger(delta=1e-5)
+        ledger = PrivacyLedger(delta=1e-5, accountant="rdp")
         ledger.set_client(0, sample_rate=q, noise_multiplier=sigma)
         ledger.record_steps(0, steps, round=1)
         assert _epsilon_for(sigma, 1e-5, q, steps, "rdp") == ledger.epsilon(0)
     # σ for several clients: every pair meets ε, and the binding one is within the tolerance
     pairs = ((0.1, 40), (0.2, 20), (0.05, 80))
     sigma = _sigma_for(3.0, 1e-5, pairs, "rdp")
-    eps = [epsilon_for(sigma, 1e-5, q, s) for q, s in pairs]
+    eps = [epsilon_for(sigma, 1e-5, q, s, "rdp") for q, s in pairs]
     assert max(eps) <= 3.0 and max(eps) > 2.95

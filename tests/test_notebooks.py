@@ -76,6 +76,10 @@ def test_runner_keeps_going_and_names_the_failure(tmp_path):
     assert "[02_broken] FAILED" in text and "failed: 02_broken" in text
     # Parameters injected from the YAML plus the runner's; cwd = repository root.
     out = json.loads((root / "out/ci/01_first.json").read_text())
+    # The runner's last cell stamps the kernel's provenance into the notebook's JSON (issue 19).
+    provenance = out.pop("provenance")
+    assert len(provenance["git"]["commit"]) == 40 and provenance["cpu"]["float_flags"] is not None
+    assert provenance["threads"]["torch_intra_op"] >= 1
     assert out == {"x": 41, "profile": "ci", "cwd": str(root), "runs_dir": "cache/runs"}
     # The report notebook ran last and saw the others' results.
     assert json.loads((root / "out/ci/seen.json").read_text()) == ["out/ci/01_first.json", "out/ci/03_third.json"]

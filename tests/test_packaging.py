@@ -51,3 +51,20 @@ def test_readme_opens_with_the_two_commands_and_ci_calls_make_test():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^reproduce:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+# distribution -> the module it provides (where the names differ)
+_MODULE_OF = {"dplora-kernels": "dplora_kernels", "scikit-learn": "sklearn", "scikit-image": "skimage",
+              "pyyaml": "yaml"}
+
+
+def test_every_runtime_dependency_is_imported_by_the_package():
+    """Dependencies are what lalora imports at run time; test- or benchmark-only packages live in
+    the extras (issue 20: prv-accountant was a run-time dependency only tests imported)."""
+    sources = "\n".join(p.read_text() for p in (ROOT / "lalora").rglob("*.py"))
+    for req in _pyproject()["project"]["dependencies"]:
+        dist = re.split(r"[<>=!~\[ ]", req, maxsplit=1)[0].lower()
+        module = _MODULE_OF.get(dist, dist.replace("-", "_"))
+        assert re.search(rf"^\s*(import|from)\s+{module}\b", sources, re.M), f"{dist} is not imported by lalora"
+    dev = " ".join(_pyproject()["project"]["optional-dependencies"]["dev"])
+    assert "prv-accountant" in dev and "peft" in dev

@@ -32,6 +32,7 @@ def _float_or_inf(text: str) -> float:
 
 def register(subparsers) -> None:
     from lalora.federated.methods import METHODS
+    from lalora.privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 
     p = subparsers.add_parser("run", help="run one federated LoRA experiment (resumable, cached)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--clip-norm", type=float, default=1.0)
     p.add_argument("--clipping", choices=["flat", "per_layer"], default="flat")
-    p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    p.add_argument("--accountant", choices=ACCOUNTANTS, default=DEFAULT_ACCOUNTANT)
     p.add_argument("--dp-mode", choices=["dp", "as-released"], default="dp",
                    help="dp: per-sample clipping + accounted noise (default); as-released: the authors' "
                         "released step, NOT differentially private (no ε; epsilon only picks sigma)")
@@ -175,13 +176,17 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "engine", "inprocess") == "flower" and cfg.dp_mode != "dp":
         print("lalora run: error: dp_mode 'as-released' runs only with --engine inprocess", file=sys.stderr)
         return 2
-    if getattr(args, "engine", "inprocess") == "flower":
-        from lalora.flower import run_flower
+    try:   # settings that do not fit the task's model or data fail here, in the first seconds
+        if getattr(args, "engine", "inprocess") == "flower":
+            from lalora.flower import run_flower
 
-        result = run_flower(cfg, runs_dir=args.runs_dir, progress=not args.quiet)
-    else:
-        result = run_experiment(cfg, runs_dir=args.runs_dir, resume=args.resume,
-                                progress=not args.quiet, force=args.force)
+            result = run_flower(cfg, runs_dir=args.runs_dir, progress=not args.quiet)
+        else:
+            result = run_experiment(cfg, runs_dir=args.runs_dir, resume=args.resume,
+                                    progress=not args.quiet, force=args.force)
+    except ValueError as err:
+        print(f"lalora run: error: {err}", file=sys.stderr)
+        return 2
     final = result.final
     if args.json:
         print(json.dumps(final, indent=2, sort_keys=True))

@@ -60,7 +60,7 @@ import torch
 from dplora_kernels.dp import autocast_for
 
 import lalora
-from lalora.config import NOT_DP, RunConfig
+from lalora.config import NOT_DP, RunConfig, check_against_task
 from lalora.federated.client import ClientData, LocalTraining, local_train, to_device
 from lalora.federated.methods import get_method
 from lalora.federated.server import ClientUpdate, aggregate
@@ -68,6 +68,7 @@ from lalora.federated.state import ParamGroups
 from lalora.privacy.accountant import binding_pairs as _binding_pairs
 from lalora.privacy.accountant import cached_epsilon_for as _epsilon_for
 from lalora.privacy.accountant import sigma_for_pairs as _sigma_for
+from lalora.provenance import run_provenance
 from lalora.results import RunDir, config_hash
 
 __all__ = ["Simulator", "ClientUpdate", "RunResult", "run_experiment", "client_schedule",
@@ -427,6 +428,8 @@ def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resu
     also recomputes a finished run. ``task``/``partitions`` override the registry (tests)."""
     task = task if task is not None else _load_task(cfg)
     cfg = cfg.resolve(getattr(task, "defaults", {}))
+    if partitions is None:
+        check_against_task(cfg, task)   # before the fingerprint, which may pretrain a backbone
     fingerprint = task_fingerprint(task)
     digest = config_hash({**cfg.to_dict(), "task_fingerprint": fingerprint}, lalora.__version__)
     not_dp = cfg.dp_mode == "as-released"   # the folder name says it too
@@ -500,7 +503,8 @@ def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resu
         "clip_norm": cfg.clip_norm if sim.private else math.inf,
         "sample_rates": sim.sample_rates, "rounds": cfg.rounds, "filter": bool(cfg.filter),
         "wall_time_s": elapsed, "dp_mode": cfg.dp_mode,
-        "majority_baseline": majority_baseline(task),
+        "majority_baseline": majority_baseline(task), "accountant": cfg.accountant,
+        "provenance": run_provenance(task, accountant=cfg.accountant),
     }
     if not_dp:   # σ was picked as real DP at cfg.epsilon would; nothing here is an ε guarantee
         final.update(private=False, privacy=NOT_DP, target_epsilon=math.nan, clip_norm=math.nan,

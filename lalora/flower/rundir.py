@@ -14,6 +14,8 @@ GLOBAL_STATE_FILE = "global_state.pt"
 
 
 def final_summary(strategy, wall_s: float) -> dict:
+    from lalora.provenance import run_provenance
+
     sim, cfg = strategy.sim, strategy.sim.cfg
     last_eval = next((r for r in reversed(strategy.records) if "test_accuracy" in r), {})
     privacy = sim.privacy_summary()
@@ -25,7 +27,8 @@ def final_summary(strategy, wall_s: float) -> dict:
         "target_epsilon": cfg.epsilon if sim.private else math.inf, "delta": cfg.delta,
         "noise_multiplier": sim.noise_multiplier, "private": sim.private,
         "clip_norm": cfg.clip_norm if sim.private else math.inf, "sample_rates": sim.sample_rates,
-        "rounds": cfg.rounds, "filter": bool(cfg.filter),
+        "rounds": cfg.rounds, "filter": bool(cfg.filter), "accountant": cfg.accountant,
+        "provenance": run_provenance(sim.task, accountant=cfg.accountant),
         # where each client's noise and Poisson batches came from (seeded = simulation only)
         "noise_sources": sorted(set(strategy.noise_sources.values())),
         # as in the in-process final.json: the rounds only; total_wall_s adds Ray start-up,

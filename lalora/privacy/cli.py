@@ -12,7 +12,7 @@ import argparse
 import json
 import math
 
-from .accountant import ACCOUNTANTS, epsilon_for, noise_multiplier_for
+from .accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT, epsilon_for, noise_multiplier_for
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-rate", type=float, required=True,
                    help="Poisson sampling rate q = batch size / examples per client")
     p.add_argument("--steps", type=int, required=True, help="number of DP steps")
-    p.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp")
+    p.add_argument("--accountant", choices=ACCOUNTANTS, default=DEFAULT_ACCOUNTANT)
     p.add_argument("--sigma", type=float, help="also report the epsilon of this noise multiplier")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run)

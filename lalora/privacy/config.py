@@ -19,6 +19,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .accountant import DEFAULT_ACCOUNTANT
+
 CLIPPING_CHOICES = ("flat", "per_layer")
 ACCOUNTANT_CHOICES = ("rdp", "prv")
 MODE_CHOICES = ("dp", "as-released", "off")
@@ -44,7 +46,7 @@ class DPConfig:
     delta: float = 1e-5
     clip_norm: float = 1.0
     clipping: str = "flat"
-    accountant: str = "rdp"
+    accountant: str = DEFAULT_ACCOUNTANT
     mode: str = "dp"
     noise_multiplier: float | None = None
 

@@ -7,8 +7,10 @@ uses no private sample, so it costs no privacy budget.
 
 The result is cached on disk under ``cache_dir()`` (env ``LALORA_CACHE``, default
 ``~/.cache/lalora``) in a file named by a SHA-256 content hash of everything that can change the
-weights: the protocol and training config, the public data's bytes, the architecture config, the
-package's pretraining code version (``PRETRAIN_CODE_VERSION``) and the torch version. Writes are
+weights: the protocol and training config, the public data's bytes, the architecture config and
+:func:`pretrain_environment` (a SHA-256 of the source files that produce the weights, the
+torch/numpy/timm versions, the CPU's float ISA flags and the intra-op thread count). No version
+number is bumped by hand: a stale cache entry (issue 19) cannot be hit after a code change. Writes are
 atomic (temporary file in the same folder, then ``os.replace``), so concurrent runs never read a
 half-written file; two runs racing simply both write the same bytes.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,8 +30,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Bump when the pretraining code changes in a way that changes the weights.
-PRETRAIN_CODE_VERSION = "1"
+# The modules whose code decides the backbone's weights (hashed into the cache key).
+PRETRAIN_SOURCES = ("lalora.tasks.pretrain", "lalora.tasks.vision", "lalora.tasks.data")
+
+
+def pretrain_environment() -> dict:
+    """What besides the config and the data changes the pretrained weights (part of the key).
+
+    Threads and ISA flags are in because float reductions are ordered differently with another
+    thread count or vector width (measured in issue 19: see the README's reproducibility notes)."""
+    from lalora.provenance import cpu_info, library_versions, source_hash
+
+    versions = library_versions()
+    return {"code": source_hash(*PRETRAIN_SOURCES),
+            "torch": versions["torch"], "numpy": versions["numpy"], "timm": versions["timm"],
+            "float_flags": cpu_info()["float_flags"], "threads": torch.get_num_threads()}
 
 
 def cache_dir() -> Path:
@@ -58,11 +74,13 @@ def atomic_torch_save(obj, path: Path) -> None:
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue(), mode=0o644)
 
-def cached(name: str, key: str, build: Callable[[], dict]) -> tuple[dict, bool]:
+def cached(name: str, key: str, build: Callable[[], dict], *, announce: Callable[[Path], None] | None = None
+           ) -> tuple[dict, bool]:
     """Load ``<cache>/<name>-<key[:16]>.pt`` or build, save atomically and return it.
 
     Returns (payload, was_cached). The payload is a dict (e.g. {"state_dict": ..., "meta": ...}).
-    A corrupt/unreadable cache file is rebuilt and overwritten.
+    A corrupt/unreadable cache file is rebuilt and overwritten. ``announce(path)`` is called
+    before a build (the one-line notice of long first-time work).
     """
     path = cache_dir() / f"{name}-{key[:16]}.pt"
     if path.exists():
@@ -72,6 +90,8 @@ def cached(name: str, key: str, build: Callable[[], dict]) -> tuple[dict, bool]:
                 return payload, True
         except Exception:  # noqa: BLE001 -- fall through and rebuild
             pass
+    if announce is not None:
+        announce(path)
     payload = build()
     payload["key"] = key
     atomic_torch_save(payload, path)
@@ -110,6 +130,16 @@ def _augment(x: torch.Tensor, cfg: PretrainConfig, gen: torch.Generator) -> torc
     return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
 
+# Measured: 27 s of process CPU for 60 epochs over the 359 digits public images (2-core Xeon,
+# one thread), i.e. about 1.3 ms per image-epoch; used only for the first-run notice.
+SECONDS_PER_IMAGE_EPOCH = 1.3e-3
+
+
+def pretrain_eta(cfg: PretrainConfig, n_images: int) -> str:
+    seconds = SECONDS_PER_IMAGE_EPOCH * cfg.epochs * n_images
+    return f"about {max(1, round(seconds))} s of CPU, minutes on a busy machine"
+
+
 def pretrain_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PretrainConfig) -> dict:
     """Train every parameter of ``model`` (an image classifier) on (x, y); returns stats.
 
@@ -125,7 +155,12 @@ def pretrain_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg:
     model.train()
     t0 = time.perf_counter()
     last = float("nan")
-    for _ in range(cfg.epochs):
+    from tqdm.auto import tqdm
+
+    from lalora.announce import progress_enabled
+
+    for _ in tqdm(range(cfg.epochs), desc="pretraining", unit="epoch", leave=False,
+                  disable=not progress_enabled(), file=sys.stderr):
         order = torch.randperm(len(x), generator=gen)
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]

@@ -37,6 +37,9 @@ class Task:
     test_labels: np.ndarray | None = None
     public: Dataset | None = None  # the public split the backbone was pretrained on (offline tasks)
     info: dict = field(default_factory=dict)  # sizes, protocol, sources: for notes and reports
+    # The architecture without pretrained weights (milliseconds): lets RunConfig be checked against
+    # the model's shapes before any pretraining (lalora.config.check_against_task).
+    build_architecture: Callable[[], nn.Module] | None = None
 
 
 TASKS: dict[str, Callable[..., Task]] = {}

@@ -45,7 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import TensorDictDataset, stack_collate, stratified_split
-from .pretrain import PRETRAIN_CODE_VERSION, PretrainConfig, cached, content_hash, pretrain_classifier
+from lalora.announce import announce
+from lalora.provenance import record_backbone, state_dict_sha256
+
+from .pretrain import (PretrainConfig, cached, content_hash, pretrain_classifier, pretrain_environment,
+                       pretrain_eta)
 from .registry import Task, register
 
 VISION_TARGETS = ["attn.qkv", "attn.proj"]
@@ -118,8 +122,7 @@ class BackboneSource:
 def pretrained_backbone(src: BackboneSource, pretrain: PretrainConfig) -> tuple[dict, dict]:
     """(backbone state_dict without the head, stats) of a Swin pretrained on ``src``; cached."""
     spec = {"task": src.task, "protocol": "public-holdout-v1", "split": list(src.split),
-            "swin": asdict(src.swin), "pretrain": asdict(pretrain), "code": PRETRAIN_CODE_VERSION,
-            "torch": torch.__version__.split("+")[0]}
+            "swin": asdict(src.swin), "pretrain": asdict(pretrain), **pretrain_environment()}
     x, y = src.public.tensors["pixel_values"], src.public.tensors["labels"]
     key = content_hash(spec, {"x": x, "y": y})
 
@@ -131,10 +134,17 @@ def pretrained_backbone(src: BackboneSource, pretrain: PretrainConfig) -> tuple[
         sd = {k: v for k, v in net.state_dict().items() if not k.startswith("head.")}
         return {"state_dict": sd, "meta": stats}
 
+    def notice(path) -> None:
+        announce(f"pretraining the {src.task} backbone on its {len(y)} public images "
+                 f"({pretrain.epochs} epochs)", why="first use of this backbone, code or machine",
+                 eta=pretrain_eta(pretrain, len(y)), cached_in=str(path))
+
     t0 = time.perf_counter()
-    payload, was_cached = cached(f"{src.task}-backbone", key, build)
+    payload, was_cached = cached(f"{src.task}-backbone", key, build, announce=notice)
+    weights = state_dict_sha256(payload["state_dict"])
+    record_backbone(src.task, weights)
     stats = dict(payload["meta"], cached=was_cached, key=key, source=src.task, public_size=len(y),
-                 load_seconds=time.perf_counter() - t0)
+                 weights_sha256=weights, load_seconds=time.perf_counter() - t0)
     return payload["state_dict"], stats
 
 
@@ -219,6 +229,7 @@ def _offline_vision_task(
         lora_targets=list(VISION_TARGETS), head_name="head.fc", forward=vision_forward,
         collate=stack_collate, defaults=dict(defaults, r=r, alpha=float(alpha)),
         test_labels=labels[test_idx].copy(), public=backbone_source.public, info=info,
+        build_architecture=lambda: build_small_swin(swin, num_classes),
     )
 
 

@@ -1,0 +1,64 @@
+"""Executed notebooks carry no warnings and no machine paths in their outputs (issue 20)."""
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from lalora.notebooks import clean_executed_notebook, scrub_text
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = sorted((ROOT / "results" / "offline" / "notebooks").glob("*.ipynb"))
+# An absolute path of a build machine: temporary folders, home folders, virtual environments.
+MACHINE_PATH = re.compile(r"(/tmp/|/var/folders/|/private/var/|/home/[^/\s]+/|/root/|/Users/[^/\s]+/|(?<!<)site-packages)")
+WARNING = re.compile(r"\w*Warning: ")
+
+TQDM_WARNING = ("/tmp/fresh_r/.venv/lib/python3.11/site-packages/tqdm/auto.py:21: TqdmWarning: IProgress not "
+                "found. Please update jupyter and ipywidgets. See https://ipywidgets.readthedocs.io/en/stable/"
+                "user_install.html\n  from .autonotebook import tqdm as notebook_tqdm\n")
+
+
+def _texts(nb) -> list[str]:
+    out = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "stream":
+                out.append(o.get("text", ""))
+            out.extend(v for k, v in (o.get("data") or {}).items() if k.startswith("text/") and isinstance(v, str))
+            out.extend(o.get("traceback", []))
+    return out
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=[p.stem for p in COMMITTED])
+def test_committed_notebook_outputs_have_no_machine_paths_or_warnings(path):
+    nb = nbformat.read(path, as_version=4)
+    for text in _texts(nb):
+        assert not MACHINE_PATH.search(text), f"{path.name}: machine path in output: {text[:200]!r}"
+        assert not WARNING.search(text), f"{path.name}: warning in output: {text[:200]!r}"
+
+
+def test_scrub_removes_the_tqdm_warning_and_replaces_paths():
+    assert scrub_text(TQDM_WARNING) == ""
+    text = scrub_text("wrote /work/repo/results/a.json and /tmp/pytest-1/x/fig.png\nkeep me\n", "/work/repo")
+    assert text == "wrote ./results/a.json and <tmp>\nkeep me\n"
+    scrubbed = scrub_text("File /opt/venv/lib/python3.11/site-packages/torch/x.py, line 3")
+    assert scrubbed == "File <site-packages>/torch/x.py, line 3" and not MACHINE_PATH.search(scrubbed)
+
+
+def test_clean_executed_notebook_rewrites_outputs_in_place(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text=TQDM_WARNING),
+                    nbformat.v4.new_output("stream", name="stdout", text=f"saved {tmp_path}/fig.png\n"),
+                    nbformat.v4.new_output("execute_result", data={"text/plain": "42"}, execution_count=1)]
+    nb.cells.append(cell)
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    assert clean_executed_notebook(path, root=tmp_path)
+    cleaned = nbformat.read(path, as_version=4)
+    outs = cleaned.cells[0].outputs
+    assert [o["output_type"] for o in outs] == ["stream", "execute_result"]
+    assert outs[0]["text"] == "saved ./fig.png\n" and outs[1]["data"]["text/plain"] == "42"
+    assert not clean_executed_notebook(path, root=tmp_path)   # idempotent
+    json.loads(path.read_text())
