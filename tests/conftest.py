@@ -13,36 +13,12 @@ folder for the whole session (inherited by subprocesses); a test may still point
 user may legitimately write there while the tests run.)
 """
 import os
-import sys
-import tempfile
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-USER_CACHE = Path.home() / ".cache" / "lalora"
-SESSION_CACHE = Path(tempfile.mkdtemp(prefix="lalora-test-cache-"))
-os.environ["LALORA_CACHE"] = str(SESSION_CACHE / "lalora")
-for _var, _sub in (("HF_HOME", "huggingface"), ("TORCH_HOME", "torch")):
-    os.environ[_var] = str(SESSION_CACHE / _sub)
-
-
-WATCHED = [str(USER_CACHE)]   # tests of the guard append a folder of their own
-TOUCHED: list[tuple[str, str]] = []
-_EVENTS = {"open", "os.mkdir", "os.rename", "os.replace", "os.remove", "os.rmdir", "shutil.rmtree"}
-
-
-def _audit(event, args):
-    if event in _EVENTS and args:
-        path = args[0]
-        if isinstance(path, (str, os.PathLike)):
-            path = os.path.abspath(os.fspath(path))
-            if any(path == w or path.startswith(w + os.sep) for w in WATCHED):
-                TOUCHED.append((event, path))
-
-
-sys.addaudithook(_audit)
+from _cache_guard import TOUCHED, USER_CACHE  # noqa: E402  (sets the cache env vars, installs the hook)
 
 import torch  # noqa: E402
 

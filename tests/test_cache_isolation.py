@@ -3,8 +3,8 @@ folder and fails the session if the real one changed)."""
 import os
 from pathlib import Path
 
-import conftest
-from conftest import SESSION_CACHE, USER_CACHE
+import _cache_guard as guard
+from _cache_guard import SESSION_CACHE, USER_CACHE
 
 
 def test_every_lalora_cache_path_is_inside_the_session_temp_folder():
@@ -19,15 +19,15 @@ def test_every_lalora_cache_path_is_inside_the_session_temp_folder():
 
 def test_the_guard_records_a_write_under_a_watched_folder(tmp_path):
     watched = str(tmp_path / "cache")
-    conftest.WATCHED.append(watched)
+    guard.WATCHED.append(watched)
     try:
         (tmp_path / "cache").mkdir()
         (tmp_path / "cache" / "x.json").write_text("{}")
         (tmp_path / "elsewhere.json").write_text("{}")
     finally:
-        conftest.WATCHED.remove(watched)
-        hits = [t for t in conftest.TOUCHED if t[1].startswith(watched)]
-        conftest.TOUCHED[:] = [t for t in conftest.TOUCHED if not t[1].startswith(watched)]
+        guard.WATCHED.remove(watched)
+        hits = [t for t in guard.TOUCHED if t[1].startswith(watched)]
+        guard.TOUCHED[:] = [t for t in guard.TOUCHED if not t[1].startswith(watched)]
     assert ("os.mkdir", watched) in hits
     assert any(e == "open" and p.endswith("x.json") for e, p in hits)
     assert not any(p.endswith("elsewhere.json") for _, p in hits)

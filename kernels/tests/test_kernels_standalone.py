@@ -38,7 +38,9 @@ def _script() -> str:
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # no TRITON_INTERPRET, and no PYTHONPATH: a developer's PYTHONPATH pointing at the repo would let
+    # the subprocess (and `pip list`) see lalora's sources and metadata
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "")
     return env
 
@@ -77,5 +79,6 @@ def test_fresh_venv_pip_install_kernels_only(tmp_path):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "STANDALONE-OK" in out.stdout
-    listed = subprocess.run([py, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
-    assert not any(line.split("==")[0].lower() in FORBIDDEN for line in listed.splitlines())
+    listed = subprocess.run([py, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
+                            env=_env(), cwd=tmp_path).stdout
+    assert not [ln for ln in listed.splitlines() if ln.split("==")[0].lower() in FORBIDDEN], listed
