@@ -29,7 +29,7 @@ How a run works
   each client's spent ε is kept in a ``PrivacyLedger`` (idempotent per (client, round): a resumed
   round is never counted twice).
 - Randomness: the model build is seeded with ``cfg.seed``; each client owns two torch generators
-  (Poisson sampling, DP noise) seeded from (seed, client); LoRA dropout uses the global torch RNG.
+  (Poisson sampling, DP noise) seeded from (seed, client), and a third for its LoRA dropout masks.
   Every RNG state (torch, numpy, python, per-client generators) is checkpointed after every round,
   with the global state, fedsa's client-local state, the ledger and the round index; optimizer state
   is reset every round, so there is none to keep.
@@ -70,7 +70,7 @@ __all__ = ["Simulator", "ClientUpdate", "RunResult", "run_experiment", "client_s
            "resolve_config"]
 
 KILL_ENV = "LALORA_KILL_AFTER_ROUND"
-_TAG_SCHEDULE, _TAG_SAMPLING, _TAG_NOISE, _TAG_TORCH = 1, 2, 3, 4
+_TAG_SCHEDULE, _TAG_SAMPLING, _TAG_NOISE, _TAG_TORCH, _TAG_DROPOUT = 1, 2, 3, 4, 5
 
 
 def _derived_seed(*parts: int) -> int:
@@ -224,7 +224,11 @@ class Simulator:
                                     for c in range(cfg.clients)]
         self.noise_generators = [torch.Generator(self.device).manual_seed(_derived_seed(cfg.seed, _TAG_NOISE, c))
                                  for c in range(cfg.clients)]
-        torch.manual_seed(_derived_seed(cfg.seed, _TAG_TORCH))   # LoRA dropout during training
+        # LoRA dropout: each client's masks come from its own generator (grouped.client_groups), so
+        # they never depend on other clients' batches and client batching draws the same masks
+        self.dropout_generators = [torch.Generator(self.device).manual_seed(_derived_seed(cfg.seed, _TAG_DROPOUT, c))
+                                   for c in range(cfg.clients)]
+        torch.manual_seed(_derived_seed(cfg.seed, _TAG_TORCH))
         local_groups = self.method.local_only & {"A", "B", "head"}
         self.client_local: dict[int, dict[str, torch.Tensor]] = {}
         self._local_groups = frozenset(local_groups)
@@ -259,17 +263,35 @@ class Simulator:
     def client_update(self, cid: int, t: int, global_state: dict[str, torch.Tensor], *,
                       step_hook=None) -> ClientUpdate:
         """Client ``cid`` trains round ``t`` from ``global_state``; the ledger records its K steps."""
+        from dplora_kernels.grouped import client_groups
+
         self._load_client(cid, global_state)
-        stats = local_train(self.model, self.groups, self.method, self.client_data[cid], t, self.local,
-                            forward=self.task.forward,
-                            sampling_generator=self.sampling_generators[cid],
-                            noise_generator=self.noise_generators[cid], step_hook=step_hook)
+        with client_groups(self.model, dropout_generators=[self.dropout_generators[cid]]):
+            stats = local_train(self.model, self.groups, self.method, self.client_data[cid], t, self.local,
+                                forward=self.task.forward,
+                                sampling_generator=self.sampling_generators[cid],
+                                noise_generator=self.noise_generators[cid], step_hook=step_hook)
         if self._local_groups:
             self.client_local[cid] = self.groups.get_state(self._local_groups)
         self.ledger.record_steps(cid, self.cfg.local_steps, round=t)
         return ClientUpdate(state=self.groups.get_state(self.aggregated_groups(t)),
                             num_samples=len(self.client_data[cid]), num_steps=self.cfg.local_steps,
                             client_id=cid, metrics=stats)
+
+    @property
+    def client_batching(self) -> bool:
+        """Batched rounds (federated/batched.py) when the config asks and they are equivalent: the
+        optimizer is re-created every round (no per-client state to carry)."""
+        return bool(self.cfg.client_batching) and self.cfg.optimizer_state == "reset"
+
+    def clients_update(self, clients: list[int], t: int, global_state: dict[str, torch.Tensor]) -> list[ClientUpdate]:
+        """The round's updates: all clients in lock-step through one backbone (client batching), or
+        one ``client_update`` after another (the reference)."""
+        if self.client_batching and len(clients) > 1:
+            from lalora.federated.batched import batched_client_updates
+
+            return batched_client_updates(self, clients, t, global_state)
+        return [self.client_update(cid, t, global_state) for cid in clients]
 
     def server_aggregate(self, updates: list[ClientUpdate], t: int,
                          global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -328,6 +350,7 @@ class Simulator:
                 "python": list(random.getstate()),
                 "sampling": [g.get_state() for g in self.sampling_generators],
                 "noise": [g.get_state() for g in self.noise_generators],
+                "dropout": [g.get_state() for g in self.dropout_generators],
             },
         }
 
@@ -350,6 +373,8 @@ class Simulator:
         for g, s in zip(self.sampling_generators, rng["sampling"]):
             g.set_state(s)
         for g, s in zip(self.noise_generators, rng["noise"]):
+            g.set_state(s)
+        for g, s in zip(self.dropout_generators, rng.get("dropout", [])):
             g.set_state(s)
         return int(payload["round"]), dict(payload["global_state"])
 
@@ -454,10 +479,12 @@ def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resu
     for t in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
         clients = sim.sampled_clients(t)
-        updates = []
-        for cid in tqdm(clients, desc=f"round {t} clients", leave=False, disable=not show,
-                        dynamic_ncols=True, file=sys.stderr):
-            updates.append(sim.client_update(cid, t, global_state))
+        if sim.client_batching:
+            updates = sim.clients_update(clients, t, global_state)
+        else:
+            updates = [sim.client_update(cid, t, global_state)
+                       for cid in tqdm(clients, desc=f"round {t} clients", leave=False, disable=not show,
+                                       dynamic_ncols=True, file=sys.stderr)]
         global_state = sim.server_aggregate(updates, t, global_state)
         privacy = sim.privacy_summary()
         record = {
