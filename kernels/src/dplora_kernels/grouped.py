@@ -44,6 +44,13 @@ class ClientGroup:
     B: torch.Tensor | None = None          # (M, m, r)
     dropout_generators: Sequence[torch.Generator] | None = None
 
+    def __post_init__(self) -> None:
+        # (N,) long: the client of each sample (sizes[j] copies of j, in order), for the kernels
+        self.client_index = None
+        if self.A is not None:
+            self.client_index = torch.repeat_interleave(
+                torch.arange(len(self.sizes), device=self.A.device), torch.tensor(self.sizes, device=self.A.device))
+
     def split(self, t: torch.Tensor) -> list[torch.Tensor]:
         return segment_rows(t, self.sizes)
 
@@ -60,8 +67,9 @@ class ClientGroup:
             if xj.shape[0] == 0:      # a client with an empty batch draws nothing (as when it runs alone)
                 out.append(xj)
                 continue
-            keep = torch.empty_like(xj).bernoulli_(1.0 - p, generator=g)
-            out.append(xj * keep / (1.0 - p))
+            # keep with probability 1 - p: one vectorised uniform draw (cheaper than bernoulli_ on CPU)
+            keep = torch.rand(xj.shape, generator=g, device=xj.device, dtype=xj.dtype) >= p
+            out.append(xj * keep * (1.0 / (1.0 - p)))
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def lora(self, x_dropped: torch.Tensor, A: torch.Tensor, B: torch.Tensor):
@@ -162,23 +170,11 @@ def _grouped_linear_hook(sizes, weight, bias):
 
 
 def grouped_lora_per_sample_grads(x, grad_out, group: ClientGroup, scale: float, u, backend: str, which: str):
-    """lora_per_sample_grads with each sample's own client's factors: one call per client segment
-    (3-D (R, L, c) layouts as the engine passes them), results concatenated in sample order."""
-    from .api import LoRAPerSampleGrads, lora_per_sample_grads
+    """api.lora_per_sample_grads with each sample's own client's factors (client_index per sample)."""
+    from .api import lora_per_sample_grads
 
-    xs, gs, us = group.split(x), group.split(grad_out), group.split(u)
-    parts = []
-    for j, (xj, gj, uj) in enumerate(zip(xs, gs, us)):
-        nj = group.sizes[j]
-        if nj == 0:
-            continue
-        parts.append(lora_per_sample_grads(xj, gj, group.A[j].detach(), group.B[j].detach(), scale, nj,
-                                           u=uj, backend=backend, which=which))
-
-    def cat(i):
-        vals = [p[i] for p in parts]
-        return None if vals[0] is None else torch.cat(vals)
-    return LoRAPerSampleGrads(cat(0), cat(1), cat(2), cat(3))
+    return lora_per_sample_grads(x, grad_out, group.A.detach(), group.B.detach(), scale, sum(group.sizes),
+                                 u=u, backend=backend, which=which, client_index=group.client_index)
 
 
 def slice_samples(psg, start: int, stop: int):
