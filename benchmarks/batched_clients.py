@@ -8,6 +8,8 @@ measurement is a fresh subprocess (so peak RSS is its own) that builds the simul
 warm-up round, then `--rounds` rounds; it reports process CPU time per round (time.process_time,
 setup and warm-up excluded) and the growth of peak RSS (ru_maxrss) during those rounds. Modes are
 interleaved (seq, batched, batched, seq, ...) and the medians reported. 1 torch thread.
+Also reported: the upper bound batching can reach here, a plain non-private forward+backward of the
+same backbone on 4 batches of 16 vs one batch of 64 (`--bound-only` runs just that).
 """
 from __future__ import annotations
 
@@ -44,6 +46,38 @@ print("RESULT " + json.dumps({"cpu_s_per_round": cpu, "peak_rss_growth_kb": rss1
 """
 
 
+BOUND = r"""
+import json, statistics, time, torch
+torch.set_num_threads(1)
+from lalora.tasks import get_task
+task = get_task("digits-swin", max_train_samples=480)
+model = task.build_model(); model.train()
+x = task.train.batch(list(range(64)))
+def fb(b):
+    task.forward(model, b).sum().backward()
+def four():
+    for j in range(4):
+        fb({k: v[16 * j:16 * j + 16] for k, v in x.items()})
+def one():
+    fb(x)
+ts = {"4x16": [], "1x64": []}
+four(); one()
+for i in range(10):
+    for name, f in ((("4x16", four), ("1x64", one)) if i % 2 == 0 else (("1x64", one), ("4x16", four))):
+        t = time.process_time(); f(); ts[name].append(time.process_time() - t)
+print("RESULT " + json.dumps({k: statistics.median(v) for k, v in ts.items()}))
+"""
+
+
+def bound() -> dict:
+    """Upper bound of batching on this CPU: a plain (non-private) forward+backward of the same
+    backbone, 4 batches of 16 vs one of 64, interleaved, medians of process CPU time."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", BOUND], env=env, capture_output=True, text=True, check=True).stdout
+    r = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    return {**r, "ratio_4x16_over_1x64": r["4x16"] / r["1x64"]}
+
+
 def measure(method: str, batching: bool, rounds: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", LALORA_PROGRESS="0")
     out = subprocess.run([sys.executable, "-c", CHILD, method, "1" if batching else "0", str(rounds)],
@@ -56,7 +90,11 @@ def main() -> None:
     ap.add_argument("--method", default="dp-lora")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--bound-only", action="store_true")
     args = ap.parse_args()
+    if args.bound_only:
+        print(json.dumps(bound(), indent=1))
+        return
     res = {"sequential": [], "batched": []}
     for i in range(args.reps):
         order = (False, True) if i % 2 == 0 else (True, False)
@@ -70,6 +108,7 @@ def main() -> None:
         "throughput_ratio_batched_over_sequential": med["sequential"]["cpu_s_per_round"] / med["batched"]["cpu_s_per_round"],
         "peak_rss_ratio_batched_over_sequential": med["batched"]["peak_rss_kb"] / med["sequential"]["peak_rss_kb"],
     }
+    summary["plain_forward_backward_bound"] = bound()
     print(json.dumps(summary, indent=1))
 
 
