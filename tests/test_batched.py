@@ -219,3 +219,15 @@ def test_batched_equals_sequential_digits_swin(method):
         assert _rel_err(a[k], b[k]) <= REL_TOL, (k, _rel_err(a[k], b[k]))
     assert seq.ledger.to_dict() == bat.ledger.to_dict()
     assert seq.evaluate(a)["accuracy"] == bat.evaluate(b)["accuracy"]
+
+
+def test_batching_falls_back_where_it_would_not_be_equivalent():
+    from lalora.federated.batched import batching_blocker
+
+    model = _Tiny()
+    assert batching_blocker(model, ParamGroups.from_model(model)) is None
+    model.drop = nn.Dropout(0.1)   # backbone dropout: global RNG over the concatenated batch
+    assert "dropout outside the LoRA layers" in batching_blocker(model, ParamGroups.from_model(model))
+    model = _Tiny()
+    model.norm = nn.LayerNorm(5)   # a trainable non-Linear "head" parameter has no grouped form
+    assert "not nn.Linear parameters" in batching_blocker(model, ParamGroups.from_model(model))

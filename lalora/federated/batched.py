@@ -35,7 +35,26 @@ from lalora.federated.methods import MethodSchedule
 from lalora.federated.server import ClientUpdate
 from lalora.federated.state import GROUPS, ParamGroups
 
-__all__ = ["stack_client_states", "local_train_batched", "batched_client_updates"]
+__all__ = ["batching_blocker", "stack_client_states", "local_train_batched", "batched_client_updates"]
+
+
+def batching_blocker(model: nn.Module, groups: ParamGroups) -> str | None:
+    """Why client batching would NOT reproduce sequential mode for this model (None: it does):
+    a trainable non-LoRA parameter outside an nn.Linear (only LoRA layers and Linear heads have a
+    grouped form), or randomness other than LoRA dropout in training mode (e.g. a BERT backbone's
+    dropout draws from the global RNG over the concatenated batch: same distribution, other masks)."""
+    from dplora_kernels.lora import LoRALinear
+
+    linear_params = {id(p) for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    odd = [k for k, p in groups.params["head"].items() if id(p) not in linear_params]
+    if odd:
+        return f"head parameters {odd[:3]} are not nn.Linear parameters"
+    lora_dropouts = {id(m.dropout) for m in model.modules() if isinstance(m, LoRALinear)}
+    stochastic = [name for name, m in model.named_modules()
+                  if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and id(m) not in lora_dropouts]
+    if stochastic:
+        return f"dropout outside the LoRA layers ({stochastic[:3]}) draws from the global RNG"
+    return None
 
 
 def stack_client_states(states: Sequence[dict[str, torch.Tensor]], groups: ParamGroups) -> ParamGroups:

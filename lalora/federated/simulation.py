@@ -278,11 +278,16 @@ class Simulator:
                             num_samples=len(self.client_data[cid]), num_steps=self.cfg.local_steps,
                             client_id=cid, metrics=stats)
 
-    @property
+    @functools.cached_property
     def client_batching(self) -> bool:
-        """Batched rounds (federated/batched.py) when the config asks and they are equivalent: the
-        optimizer is re-created every round (no per-client state to carry)."""
-        return bool(self.cfg.client_batching) and self.cfg.optimizer_state == "reset"
+        """Batched rounds (federated/batched.py) when the config asks and they are equivalent to
+        sequential ones: the optimizer is re-created every round (no per-client state to carry) and
+        the model has no grouped-incompatible head nor randomness beyond LoRA dropout
+        (batched.batching_blocker); otherwise clients run one after another."""
+        from lalora.federated.batched import batching_blocker
+
+        return (bool(self.cfg.client_batching) and self.cfg.optimizer_state == "reset"
+                and batching_blocker(self.model, self.groups) is None)
 
     def clients_update(self, clients: list[int], t: int, global_state: dict[str, torch.Tensor]) -> list[ClientUpdate]:
         """The round's updates: all clients in lock-step through one backbone (client batching), or
