@@ -1,6 +1,7 @@
 """Crash + resume: a run SIGKILLed right after its round-2 checkpoint, then resumed, ends with the
 same metrics and final summary as an uninterrupted run, bit for bit on the CPU, and the privacy
-ledger counts every client's steps exactly once. A corrupted checkpoint is refused."""
+ledger counts every client's steps exactly once -- with client batching (the default) and with
+sequential clients. A corrupted checkpoint is refused."""
 from __future__ import annotations
 
 import json

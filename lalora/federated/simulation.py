@@ -6,6 +6,8 @@ Stable API (used by the Flower adapter and the notebooks; keep it)::
     state = sim.initial_global_state()         # dict[name, Tensor]: LoRA A, B and head
     for t in range(1, sim.cfg.rounds + 1):
         updates = [sim.client_update(cid, t, state) for cid in sim.sampled_clients(t)]
+        # or, all of the round's clients in lock-step (cfg.client_batching; federated/batched.py):
+        # updates = sim.clients_update(sim.sampled_clients(t), t, state)
         state = sim.server_aggregate(updates, t, state)
         metrics = sim.evaluate(state)          # {"accuracy", "loss"[, "per_client_accuracy"]}
     sim.ledger.epsilons()                      # per-client ε spent so far
