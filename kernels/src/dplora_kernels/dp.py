@@ -5,8 +5,8 @@
 g_i are the per-sample gradients of exactly the parameters trainable now (requires_grad), from one
 backward pass (PerSampleGradEngine), in one fp32 arena. Clipping:
   * "flat" (default): c_i = min(1, C / (||g_i|| + 1e-6)), ||g_i|| over all trainable tensors jointly.
-    Clip, sum and noise of the whole arena are ONE grouped call (api.clip_and_noise: one launch with
-    Triton); one-row-per-sample heads (ghost norms, see engine.py) are summed as (c ⊙ g)^T x.
+    Clip, sum and noise of the whole (N, P) arena are ONE call (api.clip_and_noise on the arena: one
+    matvec on the torch path, one launch with Triton); one-row-per-sample heads (ghost norms, see engine.py) are summed as (c ⊙ g)^T x.
   * "per_layer": each of the K trainable tensors is clipped on its own to C_k = C / sqrt(K), so the
     per-sample contribution still has total norm <= C and the same noise N(0, sigma^2 C^2) gives the
     same guarantee as flat clipping.
@@ -262,13 +262,17 @@ def grouped_dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], to
 
 
 def _flat(psg: PerSampleGrads, names, ghost, total, clip_norm, std, generator, backend):
-    """Flat clipping: the arena's views in one grouped clip+sum+noise call, ghost heads after it."""
+    """Flat clipping: the whole arena in one clip+sum+noise call, ghost heads after it."""
     arena_names = [k for k in names if k not in ghost]
     out: dict[str, torch.Tensor] = {}
     if arena_names:
-        sums, factors = clip_and_noise([psg.grads[k] for k in arena_names], total, clip_norm, std,
-                                       generator, backend=backend)
-        out.update(zip(arena_names, sums))
+        # the arena itself is the one (N, P) input: one matvec / one kernel launch for every parameter,
+        # and the same flat noise draw as a list of its views (same total size, same order)
+        sizes = [psg.grads[k][0].numel() for k in arena_names]
+        assert psg.arena is not None and sum(sizes) == psg.arena.shape[1]
+        (flat,), factors = clip_and_noise([psg.arena], total, clip_norm, std, generator, backend=backend)
+        for k, part in zip(arena_names, flat.split(sizes)):
+            out[k] = part.view(psg.grads[k].shape[1:])
     else:
         factors = _clip_factors(total, clip_norm)
     if ghost:

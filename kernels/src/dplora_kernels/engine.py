@@ -178,16 +178,13 @@ class PerSampleGradEngine:
 
     # ---- setup ---------------------------------------------------------------------------------
     def __enter__(self) -> "PerSampleGradEngine":
-        batchnorms = [n for n, m in self.model.named_modules()
-                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-        if batchnorms:   # batch statistics mix samples: no per-sample gradient (nor DP) exists
-            raise ValueError(f"BatchNorm layers {batchnorms} are in training mode: batch statistics mix "
-                             "samples, so per-sample gradients are undefined; put them in eval mode "
-                             "or use GroupNorm/LayerNorm")
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self._names = {id(p): n for n, p in self.params.items()}
         covered: set[int] = set()
-        for name, m in self.model.named_modules():
+        batchnorms = []
+        for name, m in self.model.named_modules():   # one walk: BatchNorm check and hooks
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                batchnorms.append(name)
             own = [p for p in m.parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
@@ -203,6 +200,11 @@ class PerSampleGradEngine:
                     continue
                 covered |= {id(p) for p in own}
                 self._handles.append(m.register_forward_hook(self._capture_module))
+        if batchnorms:   # batch statistics mix samples: no per-sample gradient (nor DP) exists
+            self.close()
+            raise ValueError(f"BatchNorm layers {batchnorms} are in training mode: batch statistics mix "
+                             "samples, so per-sample gradients are undefined; put them in eval mode "
+                             "or use GroupNorm/LayerNorm")
         missing = [n for n, p in self.params.items() if id(p) not in covered]
         if missing:
             self.close()
