@@ -175,6 +175,16 @@ def test_batched_equals_sequential(method):
         assert torch.equal(gs.get_state(), gb.get_state())
 
 
+@pytest.mark.parametrize("kw", [{"clipping": "per_layer"}, {"optimizer": "adamw", "lr": 0.01},
+                                {"optimizer": "sgd", "momentum": 0.9}], ids=["per-layer", "adamw", "momentum"])
+def test_batched_equals_sequential_other_settings(kw):
+    """Per-layer clipping; one optimizer over the client stacks == per-client AdamW / SGD momentum."""
+    (seq, a), (bat, b) = _run("la-lora", False, **kw), _run("la-lora", True, **kw)
+    for k in a:
+        assert _rel_err(a[k], b[k]) <= REL_TOL, (k, _rel_err(a[k], b[k]))
+    assert seq.ledger.to_dict() == bat.ledger.to_dict()
+
+
 def test_batched_is_bitwise_repeatable():
     _, a = _run("la-lora", True)
     _, b = _run("la-lora", True)
