@@ -21,10 +21,10 @@ Message protocol (``lalora.flower.encoding.KEYS``):
 - ``evaluate`` (FedSA-LoRA only: its model is global A + the client's local B and head): the
   client's test accuracy and loss.
 
-LoRA dropout draws from torch's global RNG; here that RNG is seeded per (seed, client, round)
-inside a ``fork_rng``, so a Flower run does not depend on which worker serves which client. The
-in-process engine draws dropout from one global stream instead, so the two engines agree
-bit-for-bit only when LoRA dropout is 0 (see docs/FLOWER.md).
+LoRA dropout draws from the client's own dropout generator (as in the in-process engine), whose
+state travels in ``Context.state`` with the sampling and noise generators, so a Flower run does not
+depend on which worker serves which client. Any other use of torch's global RNG is seeded per
+(seed, client, round) inside a ``fork_rng``.
 
 For a deployment (``flower-supernode ... --node-config "partition-id=3 num-partitions=8"``) the
 app object is ``lalora.flower.client_app:app``.
@@ -78,7 +78,8 @@ class LaLoraClient:
             sim = Simulator(RunConfig.from_dict(json.loads(config_json)), task=self.task,
                             partitions=self.partitions)
             initial = ([g.get_state() for g in sim.sampling_generators],
-                       [g.get_state() for g in sim.noise_generators])
+                       [g.get_state() for g in sim.noise_generators],
+                       [g.get_state() for g in sim.dropout_generators])
             self._cache.clear()   # one run per process at a time: free the previous model
             hit = self._cache[config_json] = (sim, initial)
         return hit
@@ -90,6 +91,7 @@ class LaLoraClient:
         rng = record_to_state(context.state[KEYS.RNG]) if KEYS.RNG in context.state else None
         sim.sampling_generators[cid].set_state(rng["sampling"] if rng else initial[0][cid])
         sim.noise_generators[cid].set_state(rng["noise"] if rng else initial[1][cid])
+        sim.dropout_generators[cid].set_state(rng["dropout"] if rng and "dropout" in rng else initial[2][cid])
         sim.client_local = ({cid: record_to_state(context.state[KEYS.LOCAL])}
                             if KEYS.LOCAL in context.state else {})
         if KEYS.LEDGER in context.state:
@@ -103,7 +105,8 @@ class LaLoraClient:
         from flwr.app import ConfigRecord
 
         context.state[KEYS.RNG] = state_to_record({"sampling": sim.sampling_generators[cid].get_state(),
-                                                   "noise": sim.noise_generators[cid].get_state()})
+                                                   "noise": sim.noise_generators[cid].get_state(),
+                                                   "dropout": sim.dropout_generators[cid].get_state()})
         if cid in sim.client_local:
             context.state[KEYS.LOCAL] = state_to_record(sim.client_local[cid])
         context.state[KEYS.LEDGER] = ConfigRecord({"json": json.dumps(sim.ledger.to_dict())})
