@@ -43,13 +43,7 @@ class ClientGroup:
     A: torch.Tensor | None = None          # (M, r, n) stacked factors, None: the layer's own
     B: torch.Tensor | None = None          # (M, m, r)
     dropout_generators: Sequence[torch.Generator] | None = None
-
-    def __post_init__(self) -> None:
-        # (N,) long: the client of each sample (sizes[j] copies of j, in order), for the kernels
-        self.client_index = None
-        if self.A is not None:
-            self.client_index = torch.repeat_interleave(
-                torch.arange(len(self.sizes), device=self.A.device), torch.tensor(self.sizes, device=self.A.device))
+    client_index: torch.Tensor | None = None   # (N,) long: sample i's client (for the kernels)
 
     def split(self, t: torch.Tensor) -> list[torch.Tensor]:
         return segment_rows(t, self.sizes)
@@ -132,6 +126,10 @@ def client_groups(model: nn.Module, sizes: Sequence[int] | None = None,
             raise _stack_shape_error(k, s, params[k], m)
     touched, handles = [], []
     used: set[str] = set()
+    client_index = None
+    if stacks:   # built once per forward, shared by every layer (one host-to-device copy on a GPU)
+        dev = next(iter(stacks.values())).device
+        client_index = torch.repeat_interleave(torch.arange(m, device=dev), torch.tensor(list(sizes), device=dev))
     try:
         for name, mod in model.named_modules():
             pre = f"{name}." if name else ""
@@ -141,7 +139,8 @@ def client_groups(model: nn.Module, sizes: Sequence[int] | None = None,
                     raise ValueError(f"LoRA layer {name!r} has no client stack for its factors; every LoRA "
                                      "layer must be stacked (clients' LoRA targets must match)")
                 used |= {pre + "lora_A", pre + "lora_B"}
-                mod._group = ClientGroup(tuple(sizes) if sizes is not None else None, a, b, dropout_generators)
+                mod._group = ClientGroup(tuple(sizes) if sizes is not None else None, a, b, dropout_generators,
+                                         client_index)
                 touched.append(mod)
             elif isinstance(mod, nn.Linear) and pre + "weight" in stacks:
                 w, bias = stacks[pre + "weight"], stacks.get(pre + "bias")
