@@ -106,6 +106,9 @@ class RunConfig:
     # resolve() replaces "auto" by the device it picks, so the hash names the device type used
     device: str = "auto"
     precision: str = "fp32"
+    # all sampled clients of a round through one backbone in lock-step (federated/batched.py);
+    # False: one client after another (the reference; Flower serves clients one at a time)
+    client_batching: bool = True
 
     # ------------------------------------------------------------------ construction / resolution
     def __post_init__(self) -> None:
@@ -174,6 +177,8 @@ class RunConfig:
                              f"(got method {self.method!r}, epsilon {self.epsilon})")
         _check_device_name(self.device)
         _choice(self.precision, PRECISIONS, "precision")
+        if not isinstance(self.client_batching, bool):
+            raise ValueError(f"client_batching must be true or false; got {self.client_batching!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if not (self.lr_B_ratio > 0):

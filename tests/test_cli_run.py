@@ -67,3 +67,20 @@ def test_bad_value_names_the_field(tmp_path, capsys):
     assert main(["run", "--task", "tiny", "--method", "la-lora", "--clients", "2",
                  "--clients-per-round", "3", "--runs-dir", str(tmp_path), "--quiet"]) == 2
     assert "clients_per_round" in capsys.readouterr().err
+
+
+def test_client_batching_flag_reaches_the_config_and_matches(tmp_path, capsys):
+    """--client-batching (default) and --no-client-batching: separate run folders (the flag is part of
+    the config), same accuracy and ε on the tiny task."""
+    import json
+
+    base = ["run", "--task", "tiny", "--method", "dp-lora", "--epsilon", "3", "--rounds", "2",
+            "--runs-dir", str(tmp_path), "--quiet"]
+    assert main(base) == 0 and main(base + ["--no-client-batching"]) == 0
+    finals = {}
+    for d in (tmp_path / "tiny" / "dp-lora").iterdir():
+        cfg = json.loads((d / "config.json").read_text())
+        finals[cfg["client_batching"]] = json.loads((d / "final.json").read_text())
+    assert set(finals) == {True, False}
+    assert finals[True]["accuracy"] == finals[False]["accuracy"]
+    assert finals[True]["per_client_epsilon"] == finals[False]["per_client_epsilon"]

@@ -226,3 +226,13 @@ def test_deployment_run_config_maps_to_runconfig():
         config_from_run_config({"task": "t", "method": "la-lora", "bogus": 1})
     with pytest.raises(ValueError, match="method"):
         config_from_run_config({"task": "t"})
+
+
+def test_flower_path_equals_inprocess_engine_with_lora_dropout():
+    """LoRA dropout on and q < 1: each client's dropout generator travels in Context.state like its
+    sampling and noise generators, so Flower still computes exactly what the in-process engine does."""
+    cfg = tiny_config("la-lora", rounds=3, batch_size=8)
+    _, state, ev = reference_run(cfg, tiny_task(num_train=320))
+    res = run_flower(cfg, runs_dir=None, backend="inprocess", task=tiny_task(num_train=320), progress=False)
+    assert_same_state(res.global_state, state)
+    assert res.final["accuracy"] == pytest.approx(ev["accuracy"], abs=1e-12)

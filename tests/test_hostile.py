@@ -207,6 +207,15 @@ def test_no_run_reports_an_epsilon_it_did_not_honour(tmp_path_factory, method, e
                       "ebs": kw["expected_batch_size"]})
         return real(model, loss_fn, batch, **kw)
 
+    import dplora_kernels.dp as kernels_dp
+
+    real_grouped = kernels_dp.grouped_dp_gradient
+
+    def grouped_spy(model, loss_fn, batch, **kw):   # client batching: one DP step per client per call
+        for g, e in zip(kw["generators"], kw["expected_batch_sizes"]):
+            calls.append({"gen": id(g), "sigma": kw["noise_multiplier"], "C": kw["clip_norm"], "ebs": e})
+        return real_grouped(model, loss_fn, batch, **kw)
+
     sims = []
     real_init = Simulator.__init__
 
@@ -217,6 +226,7 @@ def test_no_run_reports_an_epsilon_it_did_not_honour(tmp_path_factory, method, e
     mp = pytest.MonkeyPatch()
     try:
         mp.setattr(dp_step, "dp_gradient", spy)
+        mp.setattr(kernels_dp, "grouped_dp_gradient", grouped_spy)
         mp.setattr(Simulator, "__init__", capture_init)
         res = _run(tmp_path_factory.mktemp("run"), task, cfg)
     finally:

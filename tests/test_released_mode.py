@@ -62,7 +62,9 @@ def test_client_uses_released_step_with_fixed_batches(monkeypatch):
     real_sim = Simulator(tiny_config("dp-lora", batch_size=5, rounds=1), task=tiny_task())
     assert sim.noise_multiplier == real_sim.noise_multiplier > 0   # σ: what real DP at ε would use
     state = sim.initial_global_state()
-    ups = [sim.client_update(c, 1, state) for c in sim.sampled_clients(1)]
+    # the round path (client batching is on by default) must run the released step, not batched DP
+    assert sim.cfg.client_batching and not sim.client_batching
+    ups = sim.clients_update(sim.sampled_clients(1), 1, state)
     assert calls["dp"] == 0 and len(calls["released"]) == len(ups) * sim.cfg.local_steps
     assert all(b == 5 for b, _, _ in calls["released"])                # fixed size, not Poisson
     assert all(0 < c <= 0.4 for _, c, _ in calls["released"])          # data-dependent clip, capped

@@ -1,6 +1,7 @@
 """Crash + resume: a run SIGKILLed right after its round-2 checkpoint, then resumed, ends with the
 same metrics and final summary as an uninterrupted run, bit for bit on the CPU, and the privacy
-ledger counts every client's steps exactly once. A corrupted checkpoint is refused."""
+ledger counts every client's steps exactly once -- with client batching (the default) and with
+sequential clients. A corrupted checkpoint is refused."""
 from __future__ import annotations
 
 import json
@@ -26,19 +27,20 @@ torch.set_num_threads(1)
 sys.path.insert(0, {str(TESTS_DIR)!r})
 from test_federated import tiny_task, tiny_config
 from lalora.federated.simulation import run_experiment
-cfg = tiny_config("la-lora", rounds=5, batch_size=8, epsilon=1.0, eval_every=1)
+cfg = tiny_config("la-lora", rounds=5, batch_size=8, epsilon=1.0, eval_every=1,
+                  client_batching=sys.argv[2] == "1")
 res = run_experiment(cfg, runs_dir=sys.argv[1], task=tiny_task(num_train=320), progress=False)
 print("RESULT " + json.dumps({{"final": res.final, "metrics": res.metrics, "run_dir": res.run_dir,
                               "cached": res.cached}}))
 """
 
 
-def _start(script: Path, runs_dir: Path, kill_after: int | None = None) -> subprocess.Popen:
+def _start(script: Path, runs_dir: Path, kill_after: int | None = None, batching: bool = True) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", LALORA_PROGRESS="0")
     env.pop(KILL_ENV, None)
     if kill_after is not None:
         env[KILL_ENV] = str(kill_after)
-    return subprocess.Popen([sys.executable, str(script), str(runs_dir)], env=env,
+    return subprocess.Popen([sys.executable, str(script), str(runs_dir), "1" if batching else "0"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -53,12 +55,13 @@ def _strip_times(records):
     return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
 
 
-def test_sigkill_after_round_2_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("batching", [True, False], ids=["client-batching", "sequential"])
+def test_sigkill_after_round_2_then_resume_is_bit_identical(tmp_path, batching):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     # the uninterrupted reference and the run that kills itself, side by side
-    ref_proc = _start(script, tmp_path / "ref")
-    killed = _start(script, tmp_path / "crash", kill_after=2)
+    ref_proc = _start(script, tmp_path / "ref", batching=batching)
+    killed = _start(script, tmp_path / "crash", kill_after=2, batching=batching)
     killed.communicate(timeout=600)
     assert killed.returncode == -signal.SIGKILL
     run_dirs = list((tmp_path / "crash").glob("tiny/la-lora/*"))
@@ -69,7 +72,7 @@ def test_sigkill_after_round_2_then_resume_is_bit_identical(tmp_path):
     assert ckpt["round"] == 2
     steps_at_2 = {c["client"]: c["steps"] for c in ckpt["ledger"]["clients"]}
 
-    resumed = _result(_start(script, tmp_path / "crash"))
+    resumed = _result(_start(script, tmp_path / "crash", batching=batching))
     ref = _result(ref_proc)
     assert not resumed["cached"]
     # bit for bit: JSON floats carry full precision (repr round-trips)

@@ -71,6 +71,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="fp32",
                    help="fp32, or bf16 (autocast forward; fp32 LoRA weights and per-sample gradients)")
+    p.add_argument("--client-batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="train a round's clients in lock-step through one backbone (default on; "
+                        "--no-client-batching: one client after another, the reference)")
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=JSON",
                    help="extra task factory keyword, e.g. max_train_samples=500 (repeatable)")
     p.add_argument("--data-root", help="paper tasks: the folder holding the data set (docs/PAPER_DATA.md)")
@@ -166,7 +169,7 @@ def main(args: argparse.Namespace) -> int:
             eval_every=args.eval_every, filter=args.filter, lr_B_ratio=args.lr_B_ratio,
             alternation_period=args.alternation_period, weighted_aggregation=args.weighted_aggregation,
             head=args.head, task_overrides=task_overrides, dp_mode=args.dp_mode,
-            device=args.device, precision=args.precision)
+            device=args.device, precision=args.precision, client_batching=args.client_batching)
         from lalora.config import resolve_device
 
         resolve_device(cfg.device, cfg.precision)   # a missing GPU is a one-line error, not a traceback

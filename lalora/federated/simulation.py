@@ -6,6 +6,8 @@ Stable API (used by the Flower adapter and the notebooks; keep it)::
     state = sim.initial_global_state()         # dict[name, Tensor]: LoRA A, B and head
     for t in range(1, sim.cfg.rounds + 1):
         updates = [sim.client_update(cid, t, state) for cid in sim.sampled_clients(t)]
+        # or, all of the round's clients in lock-step (cfg.client_batching; federated/batched.py):
+        # updates = sim.clients_update(sim.sampled_clients(t), t, state)
         state = sim.server_aggregate(updates, t, state)
         metrics = sim.evaluate(state)          # {"accuracy", "loss"[, "per_client_accuracy"]}
     sim.ledger.epsilons()                      # per-client ε spent so far
@@ -28,10 +30,10 @@ How a run works
   client meets the target ε (the binding client is the one with the most steps, or largest q), and
   each client's spent ε is kept in a ``PrivacyLedger`` (idempotent per (client, round): a resumed
   round is never counted twice).
-- Randomness: the model build is seeded with ``cfg.seed``; each client owns two torch generators:
+- Randomness: the model build is seeded with ``cfg.seed``; each client owns three torch generators:
   Poisson sampling seeded from (seed, client), DP noise from (seed, hash of the resolved config,
-  client); LoRA dropout uses the global torch RNG. (Seeded noise is for simulation: deployed Flower
-  nodes draw from OS entropy, lalora.flower.node.)
+  client), and its LoRA dropout masks from (seed, client). (Seeded streams are for simulation:
+  deployed Flower nodes draw from OS entropy, lalora.flower.node.)
   Every RNG state (torch, numpy, python, per-client generators) is checkpointed after every round,
   with the global state, fedsa's client-local state, the ledger and the round index; optimizer state
   is reset every round, so there is none to keep.
@@ -47,6 +49,7 @@ checkpoint of round N (used to test crash + resume).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -75,7 +78,7 @@ __all__ = ["Simulator", "ClientUpdate", "RunResult", "run_experiment", "client_s
            "resolve_config"]
 
 KILL_ENV = "LALORA_KILL_AFTER_ROUND"
-_TAG_SCHEDULE, _TAG_SAMPLING, _TAG_NOISE, _TAG_TORCH = 1, 2, 3, 4
+_TAG_SCHEDULE, _TAG_SAMPLING, _TAG_NOISE, _TAG_TORCH, _TAG_DROPOUT = 1, 2, 3, 4, 5
 
 
 def _derived_seed(*parts: int) -> int:
@@ -174,11 +177,18 @@ class Simulator:
         # Noise streams also depend on the whole resolved config: two runs that differ only in ε (or
         # any setting) must not draw the same N(0, 1) vectors, or their releases subtract to the
         # clipped sum. Sampling, partition, LoRA init and schedule stay (seed, client): paired runs.
-        noise_key = int(config_hash(cfg.to_dict(), "noise-stream", length=15), 16)
+        # (client_batching is left out: it changes how a run is computed, not what it releases --
+        # both modes release the same updates to float rounding, so they must draw the same noise)
+        noise_cfg = {k: v for k, v in cfg.to_dict().items() if k != "client_batching"}
+        noise_key = int(config_hash(noise_cfg, "noise-stream", length=15), 16)
         self.noise_generators = [torch.Generator(self.device).manual_seed(_derived_seed(cfg.seed, _TAG_NOISE,
                                                                                         noise_key, c))
                                  for c in range(cfg.clients)]
-        torch.manual_seed(_derived_seed(cfg.seed, _TAG_TORCH))   # LoRA dropout during training
+        # LoRA dropout: each client's masks come from its own generator (grouped.client_groups), so
+        # they never depend on other clients' batches and client batching draws the same masks
+        self.dropout_generators = [torch.Generator(self.device).manual_seed(_derived_seed(cfg.seed, _TAG_DROPOUT, c))
+                                   for c in range(cfg.clients)]
+        torch.manual_seed(_derived_seed(cfg.seed, _TAG_TORCH))
         local_groups = self.method.local_only & {"A", "B", "head"}
         self.client_local: dict[int, dict[str, torch.Tensor]] = {}
         self._local_groups = frozenset(local_groups)
@@ -235,17 +245,42 @@ class Simulator:
     def client_update(self, cid: int, t: int, global_state: dict[str, torch.Tensor], *,
                       step_hook=None) -> ClientUpdate:
         """Client ``cid`` trains round ``t`` from ``global_state``; the ledger records its K steps."""
+        from dplora_kernels.grouped import client_groups
+
         self._load_client(cid, global_state)
-        stats = local_train(self.model, self.groups, self.method, self.client_data[cid], t, self.local,
-                            forward=self.task.forward,
-                            sampling_generator=self.sampling_generators[cid],
-                            noise_generator=self.noise_generators[cid], step_hook=step_hook)
+        with client_groups(self.model, dropout_generators=[self.dropout_generators[cid]]):
+            stats = local_train(self.model, self.groups, self.method, self.client_data[cid], t, self.local,
+                                forward=self.task.forward,
+                                sampling_generator=self.sampling_generators[cid],
+                                noise_generator=self.noise_generators[cid], step_hook=step_hook)
         if self._local_groups:
             self.client_local[cid] = self.groups.get_state(self._local_groups)
         self.ledger.record_steps(cid, self.cfg.local_steps, round=t)
         return ClientUpdate(state=self.groups.get_state(self.aggregated_groups(t)),
                             num_samples=len(self.client_data[cid]), num_steps=self.cfg.local_steps,
                             client_id=cid, metrics=stats)
+
+    @functools.cached_property
+    def client_batching(self) -> bool:
+        """Batched rounds (federated/batched.py) when the config asks and they are equivalent to
+        sequential ones: real DP or no DP (the as-released step is sequential only), the optimizer is
+        re-created every round (no per-client state to carry) and the model has no grouped-incompatible
+        head nor randomness beyond LoRA dropout (batched.batching_blocker); otherwise clients run one
+        after another."""
+        from lalora.federated.batched import batching_blocker
+
+        return (bool(self.cfg.client_batching) and self.cfg.optimizer_state == "reset"
+                and self.cfg.dp_mode == "dp"
+                and batching_blocker(self.model, self.groups) is None)
+
+    def clients_update(self, clients: list[int], t: int, global_state: dict[str, torch.Tensor]) -> list[ClientUpdate]:
+        """The round's updates: all clients in lock-step through one backbone (client batching), or
+        one ``client_update`` after another (the reference)."""
+        if self.client_batching and len(clients) > 1:
+            from lalora.federated.batched import batched_client_updates
+
+            return batched_client_updates(self, clients, t, global_state)
+        return [self.client_update(cid, t, global_state) for cid in clients]
 
     def server_aggregate(self, updates: list[ClientUpdate], t: int,
                          global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -310,6 +345,7 @@ class Simulator:
                 "python": list(random.getstate()),
                 "sampling": [g.get_state() for g in self.sampling_generators],
                 "noise": [g.get_state() for g in self.noise_generators],
+                "dropout": [g.get_state() for g in self.dropout_generators],
             },
         }
 
@@ -332,6 +368,8 @@ class Simulator:
         for g, s in zip(self.sampling_generators, rng["sampling"]):
             g.set_state(s)
         for g, s in zip(self.noise_generators, rng["noise"]):
+            g.set_state(s)
+        for g, s in zip(self.dropout_generators, rng.get("dropout", [])):
             g.set_state(s)
         return int(payload["round"]), dict(payload["global_state"])
 
@@ -463,10 +501,12 @@ def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resu
     for t in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
         clients = sim.sampled_clients(t)
-        updates = []
-        for cid in tqdm(clients, desc=f"round {t} clients", leave=False, disable=not show,
-                        dynamic_ncols=True, file=sys.stderr):
-            updates.append(sim.client_update(cid, t, global_state))
+        if sim.client_batching:
+            updates = sim.clients_update(clients, t, global_state)
+        else:
+            updates = [sim.client_update(cid, t, global_state)
+                       for cid in tqdm(clients, desc=f"round {t} clients", leave=False, disable=not show,
+                                       dynamic_ncols=True, file=sys.stderr)]
         global_state = sim.server_aggregate(updates, t, global_state)
         privacy = sim.privacy_summary()
         record = {

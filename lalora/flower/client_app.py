@@ -30,10 +30,11 @@ Message protocol (``lalora.flower.encoding.KEYS``):
 - ``evaluate`` (FedSA-LoRA only: its model is global A + the client's local B and head): the
   client's test accuracy and loss.
 
-LoRA dropout draws from torch's global RNG; in simulation that RNG is seeded per (seed, client,
-round) inside a ``fork_rng``, so a Flower run does not depend on which worker serves which client.
-The in-process engine draws dropout from one global stream instead, so the two engines agree
-bit-for-bit only when LoRA dropout is 0 (see docs/FLOWER.md).
+LoRA dropout draws from the client's own dropout generator (as in the in-process engine), whose
+state the node persists with the sampling and noise generators (seeded mode; OS entropy in
+deployment), so a Flower run does not
+depend on which worker serves which client. Any other use of torch's global RNG is seeded per
+(seed, client, round) inside a ``fork_rng``.
 
 For a deployment the app object is ``lalora.flower.client_app:app``; the node config is
 ``"partition-id=3 num-partitions=8 state-dir=/var/lib/lalora epsilon=3 delta=1e-5"`` (docs/FLOWER.md).
@@ -89,7 +90,8 @@ class LaLoraClient:
             sim = Simulator(RunConfig.from_dict(json.loads(config_json)), task=self.task,
                             partitions=self.partitions)
             initial = ([g.get_state() for g in sim.sampling_generators],
-                       [g.get_state() for g in sim.noise_generators])
+                       [g.get_state() for g in sim.noise_generators],
+                       [g.get_state() for g in sim.dropout_generators])
             self._cache.clear()   # one run per process at a time: free the previous model
             hit = self._cache[config_json] = (sim, initial)
         return hit

@@ -252,9 +252,11 @@ class NodeGuard:
             rng = run.get("rng")
             sim.sampling_generators[cid].set_state(rng["sampling"] if rng else initial[0][cid])
             sim.noise_generators[cid].set_state(rng["noise"] if rng else initial[1][cid])
+            sim.dropout_generators[cid].set_state(rng["dropout"] if rng and "dropout" in rng else initial[2][cid])
         else:   # fresh OS entropy every round; nothing to restore
             sim.sampling_generators[cid].manual_seed(secrets.randbits(64))
             sim.noise_generators[cid].manual_seed(secrets.randbits(64))
+            sim.dropout_generators[cid].manual_seed(secrets.randbits(64))
         sim.client_local = {cid: dict(run["local"])} if run.get("local") else {}
         sim.ledger = PrivacyLedger(delta=sim.cfg.delta, accountant=sim.cfg.accountant)
         sim.ledger.set_client(cid, sample_rate=sim.sample_rates[cid], noise_multiplier=sim.noise_multiplier)
@@ -270,7 +272,8 @@ class NodeGuard:
         run = state.runs.setdefault(key, {})
         if self.policy.noise == "seeded":
             run["rng"] = {"sampling": sim.sampling_generators[cid].get_state(),
-                          "noise": sim.noise_generators[cid].get_state()}
+                          "noise": sim.noise_generators[cid].get_state(),
+                          "dropout": sim.dropout_generators[cid].get_state()}
         if cid in sim.client_local:
             run["local"] = {k: v.clone() for k, v in sim.client_local[cid].items()}
         self.store.save(state)

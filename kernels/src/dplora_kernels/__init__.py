@@ -8,6 +8,8 @@ One engine, one LoRA layer (README.md, docs/CONTRACTS.md):
   PerSampleGradEngine          hooks -> per-sample gradients of every trainable parameter, one backward
   per_sample_gradients(...)    that engine as one call -> PerSampleGrads
   dp_gradient(...)             clip (flat / per-layer) + sum + Gaussian noise -> p.grad
+  grouped_dp_gradient(...)     the same for M clients in one forward/backward (client stacks, grouped.py)
+  client_groups(...)           context: each sample uses its own client's LoRA factors and head
 Kernel functions: lora_per_sample_grads, linear_per_sample_grads, clip_factors, clipped_noised_sum,
 clip_and_noise, available_backends, resolve_backend.
 """
@@ -15,8 +17,9 @@ clip_and_noise, available_backends, resolve_backend.
 from ._backend import available_backends, resolve_backend
 from .api import (LinearPerSampleGrads, LoRAPerSampleGrads, clip_and_noise, clip_factors,
                   clipped_noised_sum, gaussian_noise, linear_per_sample_grads, lora_per_sample_grads)
-from .dp import DPStepResult, batch_size_of, dp_gradient, per_sample_gradients
+from .dp import DPStepResult, batch_size_of, dp_gradient, grouped_dp_gradient, per_sample_gradients
 from .engine import PerSampleGradEngine, PerSampleGrads
+from .grouped import client_groups
 from .lora import LoRALinear
 
 __all__ = [
@@ -24,6 +27,6 @@ __all__ = [
     "clip_factors", "clipped_noised_sum", "clip_and_noise", "gaussian_noise",
     "LoRAPerSampleGrads", "LinearPerSampleGrads",
     "LoRALinear", "PerSampleGradEngine", "PerSampleGrads", "per_sample_gradients", "dp_gradient",
-    "DPStepResult", "batch_size_of",
+    "DPStepResult", "batch_size_of", "grouped_dp_gradient", "client_groups",
 ]
 __version__ = "0.2.0"

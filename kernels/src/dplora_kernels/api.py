@@ -75,18 +75,26 @@ def _check_rows(x: torch.Tensor, grad_out: torch.Tensor, num_samples: int | None
 def lora_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                           scale: float, num_samples: int | None = None, *, u: torch.Tensor | None = None,
                           backend: str = "auto", which: str = "both", out_A: torch.Tensor | None = None,
-                          out_B: torch.Tensor | None = None) -> LoRAPerSampleGrads:
+                          out_B: torch.Tensor | None = None,
+                          client_index: torch.Tensor | None = None) -> LoRAPerSampleGrads:
     """Per-sample gradients of a LoRA layer h = W0 x + scale * B A x, and their squared norms.
 
     x: LoRA input after dropout, (R, T, n) or (R, n); grad_out: dL/dh, (R, T, m) or (R, m).
     A: (r, n); B: (m, r). R = N * k rows, sample-major. u: optional precomputed x A^T (R, [T,] r).
     which: "both" (default), "A" or "B" — compute only one factor's gradients (alternating LoRA).
+    client_index: (N,) long -- client-grouped mode (grouped.py): A (M, r, n) and B (M, m, r) are
+    client stacks and sample i uses A[client_index[i]], B[client_index[i]].
     Returns fp32 (fp64 for fp64 inputs) G_A (N, r, n), G_B (N, m, r) and their squared norms (N,).
     out_A / out_B: optional (N, r, n) / (N, m, r) tensors of that dtype on x's device (e.g. views into the
     engine's per-sample-gradient arena; any strides): the gradients are written there (the triton kernel
     stores into them directly, no copy) and returned as grad_A / grad_B.
     """
     n_samples = _check_rows(x, grad_out, num_samples)
+    if client_index is not None:
+        if out_A is not None or out_B is not None:
+            raise ValueError("out_A/out_B are not supported with client_index (grouped mode)")
+        return _grouped_lora_per_sample_grads(x, grad_out, A, B, scale, n_samples, u, backend, which,
+                                              client_index)
     if A.dim() != 2 or A.shape[1] != x.shape[-1]:
         raise ValueError(f"A must be (r, n) with n = x.shape[-1] = {x.shape[-1]}; got {tuple(A.shape)}")
     if B.dim() != 2 or B.shape[1] != A.shape[0] or B.shape[0] != grad_out.shape[-1]:
@@ -125,6 +133,40 @@ def _into(out: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor 
     if out is None or value is None:
         return value
     return out.copy_(value)
+
+
+def _grouped_lora_per_sample_grads(x, grad_out, A, B, scale, n, u, backend, which, client_index):
+    if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0]:
+        raise ValueError(f"with client_index, A must be (M, r, n) and B (M, m, r); got {tuple(A.shape)}, "
+                         f"{tuple(B.shape)}")
+    if client_index.dtype != torch.long or client_index.shape != (n,):
+        raise ValueError(f"client_index must be a ({n},) long tensor; got {client_index.dtype} "
+                         f"{tuple(client_index.shape)}")
+    be = _pick(backend, x.device, (x.dtype, grad_out.dtype))
+    if be == "triton":   # the Triton kernel takes one (A, B): one launch per client's samples
+        k = x.shape[0] // n if n else 0
+        xs, gs = x.reshape(n, k, *x.shape[1:]), grad_out.reshape(n, k, *grad_out.shape[1:])
+        us = None if u is None else u.reshape(n, k, *u.shape[1:])
+        dt = ref.acc_dtype(x.dtype)
+        r, nn_, m = A.shape[1], A.shape[2], B.shape[1]
+        gA = torch.zeros(n, r, nn_, dtype=dt, device=x.device) if which != "B" else None
+        gB = torch.zeros(n, m, r, dtype=dt, device=x.device) if which != "A" else None
+        sqA, sqB = torch.zeros(n, dtype=dt, device=x.device), torch.zeros(n, dtype=dt, device=x.device)
+        for c in torch.unique(client_index).tolist():
+            sel = (client_index == c).nonzero().squeeze(1)
+            flat = lambda t: t.index_select(0, sel).reshape(-1, *t.shape[2:])
+            res = lora_per_sample_grads(flat(xs), flat(gs), A[c], B[c], scale, int(sel.numel()),
+                                        u=None if us is None else flat(us), backend=be, which=which)
+            if gA is not None:
+                gA.index_copy_(0, sel, res.grad_A)
+            if gB is not None:
+                gB.index_copy_(0, sel, res.grad_B)
+            sqA.index_copy_(0, sel, res.sqnorm_A.to(dt))
+            sqB.index_copy_(0, sel, res.sqnorm_B.to(dt))
+        return LoRAPerSampleGrads(gA, gB, sqA, sqB)
+    gA, gB = ref.grouped_lora_per_sample_grads(x, grad_out, A, B, float(scale), n, u, which, client_index)
+    dt = ref.acc_dtype(x.dtype)
+    return LoRAPerSampleGrads(gA, gB, ref.sqnorm(gA, n, x.device, dt), ref.sqnorm(gB, n, x.device, dt))
 
 
 def linear_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, num_samples: int | None = None, *,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from .api import clip_and_noise, clipped_noised_sum
 from .api import clip_factors as _clip_factors
 from .engine import PerSampleGradEngine, PerSampleGrads
 
-__all__ = ["dp_gradient", "DPStepResult", "per_sample_gradients", "PerSampleGrads", "batch_size_of",
+__all__ = ["dp_gradient", "grouped_dp_gradient", "DPStepResult", "per_sample_gradients", "PerSampleGrads", "batch_size_of",
            "PRECISIONS", "autocast_for"]
 
 PRECISIONS = ("fp32", "bf16")
@@ -170,20 +170,38 @@ def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tens
     device = engine.device
 
     if n == 0:   # Poisson drew nobody: noise only, the model is not called
-        summed = _noise_only(shapes, device, std, generator, backend)
-        return _write(params, names, summed, expected_batch_size, torch.zeros(0, device=device),
-                      torch.ones(0, device=device), 0)
+        summed, total, factors = _privatize(None, names, shapes, device, float(clip_norm), std, generator,
+                                            clipping, backend)
+        return _write(params, names, summed, expected_batch_size, total, factors, 0)
 
     psg = _run(engine, model, loss_fn, batch, n, precision, ghost=True)
-    total = psg.total_sqnorm()
-    if not bool(torch.isfinite(total).all()):   # the step's one host synchronisation
+    _check_finite(psg)
+    summed, total, factors = _privatize(psg, names, shapes, device, float(clip_norm), std, generator,
+                                        clipping, backend)
+    return _write(params, names, summed, expected_batch_size, total.sqrt(), factors, n)
+
+
+def _check_finite(psg: PerSampleGrads) -> None:
+    if not bool(torch.isfinite(psg.total_sqnorm()).all()):   # the step's one host synchronisation
         raise FloatingPointError(f"NaN/Inf in the per-sample gradient of parameter {_non_finite(psg)!r}; "
                                  "p.grad left untouched")
+
+
+def _privatize(psg: PerSampleGrads | None, names, shapes, device, clip_norm, std, generator, clipping,
+               backend):
+    """Clipped sum + noise of one client's per-sample gradients (psg None or empty: noise only, ONE
+    draw over all `names`). Returns (sums in `names` order, (N,) squared norms, clip factors). The
+    single place that fixes the order and shapes of the noise draws, shared by dp_gradient and
+    grouped_dp_gradient so a client's noise is the same whether it runs alone or grouped."""
+    if psg is None or psg.num_samples == 0:
+        summed = _noise_only(shapes, device, std, generator, backend)
+        return summed, torch.zeros(0, device=device), torch.ones(0, device=device)
+    total = psg.total_sqnorm()
     ghost = {k: (gl, j) for gl in psg.ghost for j, k in enumerate(gl.names)}
     if clipping == "flat":
-        summed, factors = _flat(psg, names, ghost, total, float(clip_norm), std, generator, backend)
+        summed, factors = _flat(psg, names, ghost, total, clip_norm, std, generator, backend)
     else:
-        c_k = float(clip_norm) / math.sqrt(len(names))
+        c_k = clip_norm / math.sqrt(len(names))
         sq = psg.sqnorms
         cols = [_clip_factors(sq[k], c_k) for k in names]
         factors = torch.stack(cols, dim=1)
@@ -197,7 +215,60 @@ def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tens
             else:
                 s = clipped_noised_sum([psg.grads[k]], f, 0.0, None, backend=backend)[0]
             summed.append(s + z)
-    return _write(params, names, summed, expected_batch_size, total.sqrt(), factors, n)
+    return summed, total, factors
+
+
+def grouped_dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, *,
+                        sizes: Sequence[int], stacks: dict[str, torch.Tensor], clip_norm: float,
+                        noise_multiplier: float, expected_batch_sizes: Sequence[float],
+                        generators: Sequence[torch.Generator | None],
+                        dropout_generators: Sequence[torch.Generator] | None = None,
+                        clipping: str = "flat", backend: str = "auto", precision: str = "fp32") -> list[int]:
+    """dp_gradient for M clients at once (grouped.py): `batch` is the concatenation of the clients'
+    batches (client j's sizes[j] samples contiguous), `stacks` name -> (M, *shape) client stacks of
+    every LoRA factor and head parameter. One forward and one backward over the whole batch; then,
+    for each client j, ITS rows only: flat clipping per sample, clipped sum, noise from
+    generators[j] (same draws as dp_gradient on that client alone), / expected_batch_sizes[j].
+    Writes stacks[k].grad (M, *shape) for every stack with requires_grad; the model's own
+    parameters must carry the same requires_grad flags (they name the arena's slots). A client with
+    no samples gets noise only. Returns the sizes."""
+    from .grouped import client_groups, slice_samples
+
+    m = len(sizes)
+    if len(expected_batch_sizes) != m or len(generators) != m:
+        raise ValueError(f"expected_batch_sizes and generators need one entry per client ({m})")
+    for e in expected_batch_sizes:
+        _check_args(clip_norm, noise_multiplier, e, clipping, precision)
+    std = float(noise_multiplier) * float(clip_norm) if noise_multiplier > 0 else 0.0
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    trainable = {k: s for k, s in stacks.items() if s.requires_grad}
+    if set(params) != set(trainable):
+        raise ValueError("the model's trainable parameters and the trainable client stacks differ: "
+                         f"{sorted(set(params) ^ set(trainable))[:5]}")
+    if not params:
+        return list(sizes)
+    names = list(params)
+    shapes = [params[k].shape for k in names]
+    engine = PerSampleGradEngine(model, backend=backend)
+    device = engine.device
+    n = int(sum(sizes))
+    psg = None
+    if n > 0:
+        with client_groups(model, sizes, stacks, dropout_generators):
+            psg = _run(engine, model, loss_fn, batch, n, precision, ghost=True)
+        _check_finite(psg)   # one host synchronisation for all clients
+    per_client = []
+    start = 0
+    for j, nj in enumerate(sizes):
+        part = None if psg is None or nj == 0 else slice_samples(psg, start, start + nj)
+        start += nj
+        summed, _, _ = _privatize(part, names, shapes, device, float(clip_norm), std, generators[j],
+                                  clipping, backend)
+        per_client.append([g / float(expected_batch_sizes[j]) for g in summed])
+    for i, k in enumerate(names):
+        s = trainable[k]
+        s.grad = torch.stack([pc[i] for pc in per_client]).to(dtype=s.dtype, device=s.device)
+    return list(sizes)
 
 
 def _flat(psg: PerSampleGrads, names, ghost, total, clip_norm, std, generator, backend):

@@ -62,6 +62,7 @@ from torch import nn
 from . import reference as ref
 from ._backend import resolve_backend
 from .api import linear_per_sample_grads, lora_per_sample_grads
+from .grouped import grouped_lora_per_sample_grads
 from .lora import LoRALinear
 
 __all__ = ["PerSampleGradEngine", "PerSampleGrads", "GhostLinear", "SUPPORTED_MODULES"]
@@ -80,6 +81,7 @@ class _Call:
     out: torch.Tensor          # layer output, whose gradient the backward provides
     u: torch.Tensor | None = None
     versions: tuple = ()
+    group: object = None       # grouped.ClientGroup of a client-grouped LoRA call (stacked factors)
 
 
 @dataclass
@@ -230,7 +232,8 @@ class PerSampleGradEngine:
 
     def _capture_lora(self, module: LoRALinear, x_dropped, u, out) -> None:
         if module.lora_A.requires_grad or module.lora_B.requires_grad:
-            self._record(_Call(module, x_dropped.detach(), out, u.detach()))
+            group = module._group if module._group is not None and module._group.A is not None else None
+            self._record(_Call(module, x_dropped.detach(), out, u.detach(), group=group))
 
     def _capture_module(self, module: nn.Module, inputs, output) -> None:
         if not isinstance(output, torch.Tensor):
@@ -362,8 +365,12 @@ class PerSampleGradEngine:
         if isinstance(m, LoRALinear):
             a_on, b_on = m.lora_A.requires_grad, m.lora_B.requires_grad
             which = "both" if (a_on and b_on) else ("A" if a_on else "B")
-            r = lora_per_sample_grads(_rows(c.x), _rows(g), m.lora_A.detach(), m.lora_B.detach(),
-                                      m.scaling, n, u=_rows(c.u), backend=self._backend, which=which)
+            if c.group is not None:   # each sample with its own client's factors (grouped.py)
+                r = grouped_lora_per_sample_grads(_rows(c.x), _rows(g), c.group, m.scaling, _rows(c.u),
+                                                  self._backend, which)
+            else:
+                r = lora_per_sample_grads(_rows(c.x), _rows(g), m.lora_A.detach(), m.lora_B.detach(),
+                                          m.scaling, n, u=_rows(c.u), backend=self._backend, which=which)
             if a_on:
                 yield (m.lora_A,), (r.grad_A,), r.sqnorm_A
             if b_on:

@@ -48,6 +48,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
         self.reset_lora_parameters(generator)
         self._capture = None
+        self._group = None   # a grouped.ClientGroup while client_groups(...) is active
 
     @property
     def in_features(self) -> int:
@@ -65,9 +66,15 @@ class LoRALinear(nn.Module):
             self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_dropped = self.dropout(x)
-        u = F.linear(x_dropped, self.lora_A)                      # (..., r)
-        out = self.base(x) + self.scaling * F.linear(u, self.lora_B)
+        group = getattr(self, "_group", None)
+        if group is None:
+            x_dropped = self.dropout(x)
+            u = F.linear(x_dropped, self.lora_A)                  # (..., r)
+            delta = F.linear(u, self.lora_B)
+        else:   # client-grouped mode (grouped.client_groups): each sample's own client's factors
+            x_dropped = group.dropout(x, self.dropout.p, self.training)
+            u, delta = group.lora(x_dropped, self.lora_A, self.lora_B)
+        out = self.base(x) + self.scaling * delta
         if self._capture is not None:
             self._capture(self, x_dropped, u, out)
         return out

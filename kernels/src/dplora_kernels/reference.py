@@ -45,6 +45,25 @@ def lora_per_sample_grads(x, grad_out, A, B, scale, num_samples, u=None, which="
     return grad_A, grad_B
 
 
+def grouped_lora_per_sample_grads(x, grad_out, A, B, scale, num_samples, u, which, client_index):
+    """lora_per_sample_grads with client stacks A (M, r, n), B (M, m, r): sample i uses its client's
+    factors (gathered per sample: (N, m, r), small next to the activations), one bmm for all."""
+    dt = acc_dtype(x.dtype)
+    xs = per_sample_view(x, num_samples).to(dt)
+    gs = per_sample_view(grad_out, num_samples).to(dt)
+    grad_A = grad_B = None
+    if which in ("both", "A"):
+        v = torch.bmm(gs, B.to(dt).index_select(0, client_index)).mul_(scale)   # (N, L, r)
+        grad_A = torch.bmm(v.transpose(1, 2), xs)                                 # (N, r, n)
+    if which in ("both", "B"):
+        if u is not None:
+            us = per_sample_view(u, num_samples).to(dt)
+        else:
+            us = torch.bmm(xs, A.to(dt).index_select(0, client_index).transpose(1, 2))
+        grad_B = torch.bmm(gs.transpose(1, 2), us).mul_(scale)                   # (N, m, r)
+    return grad_A, grad_B
+
+
 def linear_per_sample_grads(x, grad_out, num_samples, bias=True):
     """Per-sample G_W,i = g_i^T x_i (m, n) and G_b,i = sum_t g_i,t (m,)."""
     dt = acc_dtype(x.dtype)
