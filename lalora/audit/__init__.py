@@ -11,12 +11,20 @@
 
 An audit's lower bound above the accountant's ε means the implementation leaks more than it claims.
 """
-from .canary import (CanaryAuditResult, audit_dp_step, audit_swin_step, mechanism_epsilons,
-                     sensitivity_probe, sensitivity_probe_swin)
-from .one_run import OneRunResult, audit_one_run
-from .planted import PLANTED_BUGS, plant
-from .run_audit import RunAuditResult, audit_federated_run
+import importlib
 
-__all__ = ["CanaryAuditResult", "audit_dp_step", "audit_swin_step", "mechanism_epsilons",
-           "sensitivity_probe", "sensitivity_probe_swin", "OneRunResult", "audit_one_run",
-           "PLANTED_BUGS", "plant", "RunAuditResult", "audit_federated_run"]
+# Names resolve lazily (PEP 562): `lalora audit`'s parser is built by every `lalora` command, and
+# importing canary/stats eagerly (scipy.stats) cost every command about a second.
+_EXPORTS = {
+    "CanaryAuditResult": "canary", "audit_dp_step": "canary", "audit_swin_step": "canary",
+    "mechanism_epsilons": "canary", "sensitivity_probe": "canary", "sensitivity_probe_swin": "canary",
+    "OneRunResult": "one_run", "audit_one_run": "one_run", "PLANTED_BUGS": "planted", "plant": "planted",
+    "RunAuditResult": "run_audit", "audit_federated_run": "run_audit",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -128,6 +128,11 @@ class Simulator:
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)   # resolved: "cpu", "cuda" or "cuda:N"
         self.model = self.task.build_model().to(self.device)
+        from lalora.tasks.data import use_device
+
+        for split in ("train", "test"):   # per-item image datasets: decoding threads + pinned memory on CUDA
+            if getattr(self.task, split, None) is not None:
+                use_device(getattr(self.task, split), self.device)
         self.groups = ParamGroups.from_model(self.model)
         self.train_head = cfg.head == "train" and bool(self.groups.params["head"])
         self.groups.set_trainable(frozenset(), head=False)
