@@ -9,7 +9,7 @@ The result is cached on disk under ``cache_dir()`` (env ``LALORA_CACHE``, defaul
 ``~/.cache/lalora``) in a file named by a SHA-256 content hash of everything that can change the
 weights: the protocol and training config, the public data's bytes, the architecture config and
 :func:`pretrain_environment` (a SHA-256 of the source files that produce the weights, the
-torch/numpy/timm versions, the CPU's float ISA flags and the intra-op thread count). No version
+torch/numpy/timm versions, the CPU's float ISA flags and the pretraining thread count). No version
 number is bumped by hand: a stale cache entry (issue 19) cannot be hit after a code change. Writes are
 atomic (temporary file in the same folder, then ``os.replace``), so concurrent runs never read a
 half-written file; two runs racing simply both write the same bytes.
@@ -32,19 +32,26 @@ from torch import nn
 
 # The modules whose code decides the backbone's weights (hashed into the cache key).
 PRETRAIN_SOURCES = ("lalora.tasks.pretrain", "lalora.tasks.vision", "lalora.tasks.data")
+# Pretraining always runs on this many intra-op threads, whatever the caller set: float reductions
+# are ordered differently with another thread count (issue 19 measured four different backbones
+# from 1/2 threads and ISA variants), so a fixed count makes the weights a function of the config,
+# the data, the code and the ISA only -- a notebook kernel, a test process and a Flower node on the
+# same machine then build the same backbone.
+PRETRAIN_THREADS = 1
 
 
 def pretrain_environment() -> dict:
     """What besides the config and the data changes the pretrained weights (part of the key).
 
-    Threads and ISA flags are in because float reductions are ordered differently with another
-    thread count or vector width (measured in issue 19: see the README's reproducibility notes)."""
+    ISA flags (and the fixed PRETRAIN_THREADS) are in because float reductions are ordered
+    differently with another vector width or thread count (measured in issue 19: see the README's
+    reproducibility notes)."""
     from lalora.provenance import cpu_info, library_versions, source_hash
 
     versions = library_versions()
     return {"code": source_hash(*PRETRAIN_SOURCES),
             "torch": versions["torch"], "numpy": versions["numpy"], "timm": versions["timm"],
-            "float_flags": cpu_info()["float_flags"], "threads": torch.get_num_threads()}
+            "float_flags": cpu_info()["float_flags"], "threads": PRETRAIN_THREADS}
 
 
 def cache_dir() -> Path:
@@ -147,6 +154,15 @@ def pretrain_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg:
     augmentation; model init is the caller's (seed it before building the model).
     """
     cfg.validate()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(PRETRAIN_THREADS)   # see PRETRAIN_THREADS
+    try:
+        return _pretrain(model, x, y, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PretrainConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, -(-len(x) // cfg.batch_size))
