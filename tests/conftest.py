@@ -20,9 +20,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from _cache_guard import TOUCHED, USER_CACHE  # noqa: E402  (sets the cache env vars, installs the hook)
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("LALORA_TEST_THREADS", "1")))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for this test even when LALORA_TEST_THREADS asks for more (bitwise
+    comparisons between runs), restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -30,12 +30,7 @@ from dplora_kernels.hf import (DPTrainer, PoissonBatchSampler, calibrate_noise_m
 README = Path(__file__).resolve().parents[1] / "kernels" / "README.md"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 class Net(nn.Module):

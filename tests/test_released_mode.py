@@ -19,12 +19,7 @@ from lalora.config import NOT_DP, RunConfig  # noqa: E402
 from lalora.federated.simulation import Simulator, run_experiment  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def test_config_field_validated():
