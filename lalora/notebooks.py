@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-PROFILES = ("ci", "offline", "paper", "paper-smoke")
+PROFILES = ("ci", "offline", "offline-full", "paper", "paper-smoke")
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.py$")
 KERNEL_NAME = "python3"
 # Parameters every notebook declares; the runner always injects them.
@@ -443,7 +443,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("notebooks", help="execute the notebooks of one profile with papermill",
                               description=__doc__.splitlines()[0])
     p.add_argument("--profile", choices=PROFILES, default="offline",
-                   help="parameter profile: ci (seconds), offline (CPU main job), paper (GPU, data on disk), "
+                   help="parameter profile: ci (seconds), offline (CPU main job, make reproduce), offline-full (the evidence: "
+                        "the DP-bites regime, 5 paired seeds, ~2 h on 2 cores, results committed), paper (GPU, data on disk), "
                         "paper-smoke (paper models on generated inputs, 1-2 rounds)")
     p.add_argument("--only", action="append", metavar="NAME",
                    help="run only this notebook (01_main_vision, 01 or main_vision); repeatable")

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping
 from lalora.plotting import method_label, sort_methods
 
 CLAIMED_RANKING = ["la-lora", "rolora", "ffa-lora", "dp-lora"]
-PROFILE_ORDER = ["paper", "offline", "ci"]
+PROFILE_ORDER = ["paper", "offline-full", "offline", "ci"]
 RESULT_FILE = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.json$")
 # Notebooks with a specific side-by-side section: notebook -> (reported.yaml key, title).
 SIDE_BY_SIDE = {
