@@ -64,6 +64,10 @@ class NotebookOutcome:
 class RunSummary:
     profile: str
     outcomes: list[NotebookOutcome] = field(default_factory=list)
+    # how the results were produced: the command line and the code version (lalora.provenance.git_info),
+    # so that committed results name what made them (issue 15)
+    command: str = ""
+    code: dict = field(default_factory=dict)
 
     @property
     def failed(self) -> list[NotebookOutcome]:
@@ -72,6 +76,8 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         return {
             "profile": self.profile,
+            "command": self.command,
+            "code": self.code,
             "total_seconds": round(sum(o.seconds for o in self.outcomes), 2),
             "notebooks": [asdict(o) for o in self.outcomes],
         }
@@ -265,7 +271,11 @@ def run_notebooks(profile: str, *, only: Iterable[str] | None = None, root: Path
 
     sources = select(discover(notebooks_dir), only)
     kernel = KERNEL_NAME if prepare_only else ensure_kernel()
-    summary = RunSummary(profile=profile)
+    from lalora.provenance import git_info
+
+    summary = RunSummary(profile=profile, code=git_info(root),
+                         command=" ".join(["lalora notebooks", f"--profile {profile}",
+                                           *(f"--only {p.stem}" for p in sources if only)]))
     injected_common = {"profile": profile, "output_dir": str(output_dir), "runs_dir": str(runs_dir)}
 
     for source in sources:

@@ -189,8 +189,10 @@ def check_ranking(cells: Mapping[str, Cell], claimed: list[str] = CLAIMED_RANKIN
 # alone: "holds" when it lies above 0, "reversed" when below, "unresolved" when it contains 0. With
 # fewer than MIN_SEEDS paired seeds there is no verdict ("insufficient seeds"); a task whose model
 # did not beat its majority-class baseline non-privately gets "did not train" (ranking methods on a
-# model that learned nothing says nothing about the methods).
-MIN_SEEDS = 3
+# model that learned nothing says nothing about the methods). Why 5 and not 3: with 3 seeds the t
+# quantile is 4.30 (vs 2.78 at 5), so a 3-seed interval is ~1.5x wider for the same spread, and the
+# offline evidence (issue 15) asks for >= 5 paired seeds behind every verdict.
+MIN_SEEDS = 5
 CONFIDENCE = 0.95
 # Per-run fields of a run record; every other field (task, epsilon, beta, dp_mode, ...) names the setting.
 RUN_FIELDS = {"method", "seed", "accuracy", "epsilon_spent", "target_epsilon", "noise_multiplier", "private",
@@ -348,7 +350,7 @@ def verdict_overview(results: dict, reported: dict) -> tuple[str, dict]:
            f"\"same runs as ...\" and counted once.", ""]
     counts: dict[str, int] = {}
     first_use: dict[tuple, str] = {}   # (profile, claim, run id) -> where that claim first used the run
-    rows_md = []
+    rows_md, unjudged = [], []
     for profile, per_nb in results.items():
         profile_runs = [r for data in per_nb.values() if isinstance(data.get("runs"), list)
                         for r in data["runs"] if isinstance(r, Mapping)]
@@ -375,14 +377,92 @@ def verdict_overview(results: dict, reported: dict) -> tuple[str, dict]:
                     counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
                     for r in row["runs"]:
                         first_use.setdefault((*claim, r), f"{where} ({setting})")
-                rows_md.append([where, setting, row["claim"], row["n"], fmt_diff(row), shown])
-    if not rows_md:
+                line = [where, setting, row["claim"], row["n"], fmt_diff(row), shown]
+                (unjudged if row["verdict"] == "insufficient seeds" else rows_md).append(line)
+    if not rows_md and not unjudged:
         out.append("No notebook result with per-seed runs yet.")
         return "\n".join(out), counts
     out.append("Distinct run sets: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".")
     out.append("")
-    out.append(md_table(["where", "setting", "claim", "seeds", "difference [95% CI]", "verdict"], rows_md))
+    header = ["where", "setting", "claim", "seeds", "difference [95% CI]", "verdict"]
+    out.append(md_table(header, rows_md) if rows_md else f"No claim has {MIN_SEEDS} paired seeds yet.")
+    if unjudged:
+        # Listed apart so that the table above holds verdicts only; these are descriptive.
+        out += ["", f"### Not judged: fewer than {MIN_SEEDS} paired seeds", "",
+                f"{len(unjudged)} claim rows whose runs have fewer than {MIN_SEEDS} paired seeds: the mean "
+                "difference is shown for reference, no verdict is drawn from it.", "",
+                md_table(header, unjudged)]
     return "\n".join(out), counts
+
+
+REFERENCE_METHOD = "fedavg-lora"   # the non-private upper bound the notebooks run at ε = ∞
+
+
+def dp_cost_rows(results: dict, notebooks: Iterable[str] = ("01_main_vision", "02_main_language")) -> list[dict]:
+    """What DP costs in each profile's main regime: non-private FedAvg-LoRA − DP-LoRA (real DP), paired
+    by seed, per (profile, notebook, task, ε), with the majority-class baseline beside the non-private
+    accuracy (a task whose non-private model barely beats it cannot show a DP cost)."""
+    rows = []
+    for profile, per_nb in results.items():
+        for notebook in notebooks:
+            runs = [r for r in (per_nb.get(notebook) or {}).get("runs") or [] if isinstance(r, Mapping)
+                    and r.get("accuracy") is not None and r.get("dp_mode", "dp") == "dp"]
+            for task in sorted({r.get("task") for r in runs}, key=str):
+                ref = {r["seed"]: float(r["accuracy"]) for r in runs
+                       if r["task"] == task and r["method"] == REFERENCE_METHOD}
+                if not ref:
+                    continue
+                base = [float(r["majority_baseline"]) for r in runs
+                        if r["task"] == task and r.get("majority_baseline") is not None]
+                for eps in sorted({as_epsilon(r["epsilon"]) for r in runs if r["task"] == task} - {math.inf}):
+                    dp = {r["seed"]: float(r["accuracy"]) for r in runs if r["task"] == task
+                          and r["method"] == "dp-lora" and as_epsilon(r["epsilon"]) == eps}
+                    diff = paired_difference(ref, dp)
+                    if diff.n == 0:
+                        continue
+                    ref_mean = sum(ref[s] for s in diff.seeds) / diff.n
+                    rows.append({"profile": profile, "notebook": notebook, "task": task, "epsilon": eps,
+                                 "n": diff.n, "nonprivate": ref_mean, "dp": ref_mean - diff.mean,
+                                 "mean": diff.mean, "ci_low": diff.ci_low, "ci_high": diff.ci_high,
+                                 "majority": base[0] if base else math.nan})
+    return rows
+
+
+def dp_cost_section(results: dict) -> str:
+    rows = dp_cost_rows(results)
+    out = ["## What DP costs in each regime", "",
+           "Non-private FedAvg-LoRA (ε = ∞) minus DP-LoRA (real DP) on the same seeds (points; mean and 95% "
+           "Student-t interval of the paired differences). The paper's regime costs 20–30 points; a regime "
+           "where DP costs nothing cannot show what LA-LoRA is for (reducing the noise's damage). The "
+           "majority-class baseline is beside the non-private accuracy.", ""]
+    if not rows:
+        return "\n".join(out + ["No profile has both non-private and DP-LoRA runs yet."])
+    out.append(md_table(
+        ["profile / notebook", "task", "ε", "seeds", "non-private", "DP-LoRA", "DP cost [95% CI]",
+         "majority baseline", "non-private / baseline"],
+        [[f"`{r['profile']}` / {r['notebook']}", r["task"], fmt_eps(r["epsilon"]), r["n"], f"{r['nonprivate']:.2f}",
+          f"{r['dp']:.2f}", fmt_diff(r), f"{r['majority']:.1f}" if math.isfinite(r["majority"]) else "–",
+          f"{r['nonprivate'] / r['majority']:.2f}×" if math.isfinite(r["majority"]) and r["majority"] > 0 else "–"]
+         for r in rows]))
+    return "\n".join(out)
+
+
+SCOPE = (
+    "**What the offline profiles can and cannot say.** `offline-full` is the evidence: real offline data "
+    "(scikit-learn digits with a small Swin pretrained on a public split; MiniLM-L6 on chatterbot topics), "
+    "the paper's protocol (8 clients, 4 per round, Dirichlet β = 0.1, batch 16, LoRA r = α = 16 on qkv + proj "
+    "for vision) in a regime where DP costs as much as in the paper (ε = 1, σ in the paper's 4–6 range; "
+    "measured below), and ≥ 5 paired seeds behind every verdict (the same seed gives every method the same "
+    "partition, client schedule, LoRA init and data order). It can say whether the paper's ordering and "
+    "gaps between methods appear under real DP at small scale, to within the intervals shown; it cannot "
+    "say anything about the paper's absolute accuracies, its models (Swin-T/B, RoBERTa-base) or data sets "
+    "(CIFAR-100, Tiny-ImageNet, GLUE), about effects smaller than an interval's half-width, or about "
+    "settings it did not run. Its results are committed with the code version and command that produced "
+    "them (`results/offline-full/notebooks/runner_summary.json`), and a test re-runs a random cell bit for "
+    "bit. `offline` (`make reproduce`, ≤ 45 min) is a quicker check of the whole pipeline at ε = 3, where "
+    "DP costs little, with ≤ 3 seeds per cell: it draws no verdict. `ci` numbers mean nothing; only "
+    "`paper` runs (a GPU, the paper's data and weights) can test the paper's own numbers."
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -701,15 +781,15 @@ def build_report(results_root: str | os.PathLike = "results", reported_path: str
         f"This file is generated by `lalora/report.py` (notebook `10_report`) from "
         f"`{results_root}/<profile>/*.json`; do not edit it by hand.",
         "",
-        f"Profiles found: {profiles_line}. `ci` runs are seconds-long smoke runs (their numbers "
-        "mean nothing); `offline` runs use real offline data (scikit-learn digits, scikit-image LFW "
-        "faces, MiniLM on chatterbot topics) with small models on a CPU, so they test the paper's "
-        "*ordering and gaps*, not its absolute accuracies; only `paper` runs use the paper's models "
-        "and data."
+        f"Profiles found: {profiles_line}."
         + (" Each verdict links to the notebook section and figure behind it; the notebook links open "
            "the rendered site (`lalora site --profile <profile>`, `make site`)." if links is not _no_links else ""),
         "",
+        SCOPE,
+        "",
         verdict_text,
+        "",
+        dp_cost_section(results),
         "",
         ranking_text,
         "",

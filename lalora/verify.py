@@ -42,6 +42,8 @@ class Cell:
     config: dict
     accuracy: float
     provenance: dict
+    # further numbers of the record compared bitwise with the re-run (when both have them)
+    extra: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -56,6 +58,7 @@ class Outcome:
     mode: str            # "bitwise" | "tolerance"
     ok: bool
     differing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)   # EXTRA_FIELDS that differ (bitwise mode)
 
     def describe(self) -> str:
         delta = self.fresh_accuracy - self.cell.accuracy
@@ -63,9 +66,15 @@ class Outcome:
         text = (f"{verdict} {self.cell.label}: accuracy {self.fresh_accuracy:.4f} fresh vs "
                 f"{self.cell.accuracy:.4f} committed (delta {delta:+.4f} pp, ")
         if self.mode == "bitwise":
-            return text + "provenance matches: bitwise equality required)"
+            extra = f"; differs: {', '.join(self.mismatched)}" if self.mismatched else ""
+            return text + f"provenance matches: bitwise equality required{extra})"
         return (text + f"tolerance {TOLERANCE_PP} pp because the provenance differs: "
                 + "; ".join(self.differing) + ")")
+
+
+# Besides the accuracy, the numbers a record keeps that a re-run must reproduce bit for bit: the
+# ε the binding client spent (the ledger) and σ (the accountant's calibration).
+EXTRA_FIELDS = ("epsilon_spent", "noise_multiplier")
 
 
 def committed_cells(results_dir: str | os.PathLike) -> list[Cell]:
@@ -79,7 +88,8 @@ def committed_cells(results_dir: str | os.PathLike) -> list[Cell]:
         found: list[dict] = []
         _collect(data, found)
         for i, rec in enumerate(found):
-            cells.append(Cell(str(path), i, rec["config"], float(rec["accuracy"]), prov))
+            extra = {k: rec[k] for k in EXTRA_FIELDS if isinstance(rec.get(k), (int, float))}
+            cells.append(Cell(str(path), i, rec["config"], float(rec["accuracy"]), prov, extra))
     return cells
 
 
@@ -116,7 +126,9 @@ def compare(cell: Cell, fresh: dict, tolerance_pp: float = TOLERANCE_PP) -> Outc
     differing = differing_fields(cell.provenance, fresh["provenance"])
     acc = float(fresh["accuracy"])
     if not differing:
-        return Outcome(cell, acc, "bitwise", acc == cell.accuracy)
+        mismatched = [f"{k} {fresh[k]!r} fresh vs {v!r} committed" for k, v in cell.extra.items()
+                      if k in fresh and fresh[k] != v]
+        return Outcome(cell, acc, "bitwise", acc == cell.accuracy and not mismatched, mismatched=mismatched)
     return Outcome(cell, acc, "tolerance", abs(acc - cell.accuracy) <= tolerance_pp, differing)
 
 
@@ -179,6 +191,7 @@ def _rerun_main(argv: list[str]) -> int:
     cfg = RunConfig.from_dict(json.loads(a._rerun))
     final = run_experiment(cfg, runs_dir=a._runs, progress=False).final
     atomic_write_json(a._out, {"accuracy": 100.0 * float(final["accuracy"]),
+                               **{k: final[k] for k in EXTRA_FIELDS if isinstance(final.get(k), (int, float))},
                                "provenance": final["provenance"]})
     return 0
 

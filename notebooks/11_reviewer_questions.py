@@ -104,6 +104,21 @@ plotting.savefig(fig, output_dir, "11_reviewer_questions_local_steps")
 k_table
 
 # %% [markdown]
+# Paired by seed (the same seed gives both methods the same partition, schedule, LoRA init and data
+# order): LA-LoRA − DP-LoRA at each K, mean and 95% Student-t interval, verdict from the interval
+# alone (`lalora.report.claim_verdicts`; no verdict below 5 seeds).
+
+# %%
+from lalora.main_results import verdict_figure
+from lalora.report import claim_verdicts
+
+k_claims = claim_verdicts(k_recs)
+if k_claims:
+    fig = verdict_figure(k_claims, f"LA-LoRA vs DP-LoRA per K ({profile}; paired 95% t-CIs)")
+    plotting.savefig(fig, output_dir, "11_reviewer_questions_local_steps_claims")
+pd.DataFrame(k_claims, columns=["local_steps", "claim", "n", "mean", "ci_low", "ci_high", "verdict"])
+
+# %% [markdown]
 # ## 2. Alternation period: every 1, 2, 5 local steps vs once per round (RoLoRA)
 
 # %%
@@ -169,6 +184,10 @@ result = {
     "local_steps": rows(k_table),
     "alternation": rows(p_table),
     "references": rows(c_table),
+    # per-seed records of the K sweep (curves left out) and their paired claims: the report's
+    # verdict table reads "runs" like the main notebooks'
+    "runs": [{k: v for k, v in r.items() if k != "curve"} for r in k_recs],
+    "claims": k_claims,
     "wall_s": time.perf_counter() - started,
 }
 result["summary"] = {**{f"acc % {r['method']} K={r['local_steps']}": r["accuracy"] for r in result["local_steps"]},

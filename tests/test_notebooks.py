@@ -84,7 +84,11 @@ def test_runner_keeps_going_and_names_the_failure(tmp_path):
     # The report notebook ran last and saw the others' results.
     assert json.loads((root / "out/ci/seen.json").read_text()) == ["out/ci/01_first.json", "out/ci/03_third.json"]
     assert (root / "out/ci/notebooks/02_broken.ipynb").exists()
-    assert json.loads((root / "out/ci/notebooks/runner_summary.json").read_text())["profile"] == "ci"
+    produced = json.loads((root / "out/ci/notebooks/runner_summary.json").read_text())
+    assert produced["profile"] == "ci"
+    # what made the results: the command and the code version (committed results name them)
+    assert produced["command"].startswith("lalora notebooks --profile ci")
+    assert set(produced["code"]) == {"commit", "dirty"}
 
 
 def test_cli_exit_code(tmp_path, monkeypatch):

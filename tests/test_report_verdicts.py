@@ -1,5 +1,5 @@
 """Verdicts from paired seeds (lalora.report): mean and 95% Student-t CI of per-seed differences,
-holds / reversed / unresolved from the CI alone, "insufficient seeds" below 3, "did not train" when the
+holds / reversed / unresolved from the CI alone, "insufficient seeds" below 5, "did not train" when the
 non-private model did not beat its majority baseline, and a run set counted once across notebooks."""
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_paired_difference_matches_a_float64_t_interval():
     ([80, 82, 81, 83, 79], [70, 71, 69, 72, 70], None, "holds"),
     ([60, 61, 59, 62, 60], [70, 71, 69, 72, 70], True, "reversed"),
     ([71, 69, 75, 66, 70], [70, 71, 69, 72, 70], True, "unresolved"),
-    ([99, 99], [1, 1], True, "insufficient seeds"),                  # huge gap, but n = 2 < 3
+    ([99, 98, 99, 97], [1, 2, 1, 3], True, "insufficient seeds"),    # huge gap, but n = 4 < 5
     ([80, 82, 81, 83, 79], [70, 71, 69, 72, 70], False, "did not train"),
 ])
 def test_verdicts_on_synthetic_numbers(better, worse, trained, expected):
@@ -50,15 +50,15 @@ def test_verdicts_on_synthetic_numbers(better, worse, trained, expected):
 
 
 def test_claim_verdicts_from_run_records_and_did_not_train():
-    runs = (_runs("t", "la-lora", [80, 82, 81]) + _runs("t", "dp-lora", [70, 71, 69])
-            + _runs("t", "fedavg-lora", [90, 91, 92], eps="inf", base=20.0)
-            + _runs("u", "la-lora", [30, 31, 32]) + _runs("u", "dp-lora", [10, 11, 12])
-            + _runs("u", "fedavg-lora", [14, 15, 16], eps="inf", base=15.4))
+    runs = (_runs("t", "la-lora", [80, 82, 81, 80, 82]) + _runs("t", "dp-lora", [70, 71, 69, 70, 70])
+            + _runs("t", "fedavg-lora", [90, 91, 92, 90, 91], eps="inf", base=20.0)
+            + _runs("u", "la-lora", [30, 31, 32, 30, 31]) + _runs("u", "dp-lora", [10, 11, 12, 10, 11])
+            + _runs("u", "fedavg-lora", [14, 15, 16, 14, 15], eps="inf", base=15.4))
     assert report.trained_tasks(runs) == {"t": True, "u": False}
     rows = {r["task"]: r for r in report.claim_verdicts(runs)}
     assert set(rows) == {"t", "u"}                                  # ε = ∞ is the reference, not ranked
     assert rows["t"]["claim"] == "LA-LoRA > DP-LoRA" and rows["t"]["verdict"] == "holds"
-    assert rows["t"]["n"] == 3 and rows["t"]["mean"] == pytest.approx(11.0)
+    assert rows["t"]["n"] == 5 and rows["t"]["mean"] == pytest.approx(11.0)
     assert rows["u"]["verdict"] == "did not train"                  # 15 % vs a 15.4 % majority baseline
     # all four methods: adjacent pairs of the claimed order plus the headline first-vs-last
     assert report.claim_pairs(["dp-lora", "rolora", "la-lora", "ffa-lora"]) == [
@@ -66,9 +66,10 @@ def test_claim_verdicts_from_run_records_and_did_not_train():
 
 
 def test_settings_split_by_mechanism():
-    runs = (_runs("t", "la-lora", [80, 82, 81], dp_mode="as-released")
-            + _runs("t", "dp-lora", [70, 71, 69], dp_mode="as-released")
-            + _runs("t", "la-lora", [70, 70, 70], dp_mode="dp") + _runs("t", "dp-lora", [71, 72, 70], dp_mode="dp"))
+    runs = (_runs("t", "la-lora", [80, 82, 81, 80, 81], dp_mode="as-released")
+            + _runs("t", "dp-lora", [70, 71, 69, 70, 71], dp_mode="as-released")
+            + _runs("t", "la-lora", [70, 70, 70, 70, 70], dp_mode="dp")
+            + _runs("t", "dp-lora", [71, 72, 70, 69, 70], dp_mode="dp"))
     rows = {r["dp_mode"]: r for r in report.claim_verdicts(runs)}
     assert rows["as-released"]["verdict"] == "holds" and rows["dp"]["verdict"] == "unresolved"
 
@@ -85,8 +86,14 @@ def test_report_counts_a_run_set_once(tmp_path):
     text = report.build_report(tmp_path / "results", REPORTED, None)
     section = text.split("## Verdicts")[1].split("\n## ")[0]
     assert "95% Student-t interval" in section
+    judged, unjudged = section.split("### Not judged: fewer than 5 paired seeds")
     lines = [ln for ln in section.splitlines() if ln.startswith("| `offline`")]
     assert len(lines) == 4
+    # the verdict table holds verdicts only; the sweep's 1-seed cells (ε = 1, and ε = 3 re-reading
+    # the main table's seed 0) are listed apart, without one
+    assert not any("04_privacy_utility" in ln for ln in judged.splitlines())
+    assert [ln for ln in unjudged.splitlines() if ln.startswith("| `offline`")] == \
+        [ln for ln in lines if "04_privacy_utility" in ln]
     main_line, = [ln for ln in lines if ln.startswith("| `offline` / 01_main_vision")]
     assert "| 5 |" in main_line and "| holds |" in main_line
     het, = [ln for ln in lines if ln.startswith("| `offline` / 05_heterogeneity")]
@@ -117,3 +124,24 @@ def test_ci_bars_figure(tmp_path):
     want = sorted(tuple(np.round([r["ci_low"], r["ci_high"]], 6)) for r in rows)
     assert spans == want
     plt.close(fig)
+
+
+def test_dp_cost_is_nonprivate_minus_dp_lora_paired_by_seed(tmp_path):
+    runs = (_runs("digits-swin", "dp-lora", [30, 35, 40, 32, 38], eps=1.0, base=10.0)
+            + _runs("digits-swin", "la-lora", [60, 61, 62, 63, 64], eps=1.0, base=10.0)
+            + _runs("digits-swin", "dp-lora", [70, 71, 72, 73, 74], eps=1.0, base=10.0, dp_mode="as-released")
+            + _runs("digits-swin", "fedavg-lora", [80, 81, 79, 80, 82], eps="inf", base=10.0))
+    (row,) = report.dp_cost_rows({"offline-full": {"01_main_vision": {"runs": runs}}})
+    diffs = np.array([50, 46, 39, 48, 44], dtype=np.float64)        # real-DP runs only, seed by seed
+    half = stats.t.ppf(0.975, 4) * diffs.std(ddof=1) / math.sqrt(5)
+    assert row["n"] == 5 and row["epsilon"] == 1.0 and row["majority"] == 10.0
+    assert row["mean"] == pytest.approx(diffs.mean()) and row["ci_low"] == pytest.approx(diffs.mean() - half)
+    assert row["nonprivate"] == pytest.approx(80.4) and row["dp"] == pytest.approx(35.0)
+    root = tmp_path / "results" / "offline-full"
+    root.mkdir(parents=True)
+    (root / "01_main_vision.json").write_text(json.dumps({"runs": runs, "table": []}))
+    text = report.build_report(tmp_path / "results", REPORTED, None)
+    section = text.split("## What DP costs in each regime")[1].split("\n## ")[0]
+    assert "| `offline-full` / 01_main_vision | digits-swin | 1 | 5 | 80.40 | 35.00 | +45.40 [" in section
+    assert "8.04×" in section                                         # non-private / majority baseline
+    assert "What the offline profiles can and cannot say" in text.split("## Verdicts")[0]
