@@ -75,7 +75,7 @@ def bars_figure(table: Sequence[dict], tasks: Sequence[str], title: str):
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(FIGSIZE[0] * len(tasks) * 0.8 + 1.6, FIGSIZE[1]),
                              squeeze=False, sharey=False)
-    rows = [{**r, "accuracy_ci95": _finite_or_zero(t_halfwidth(r.get("accuracies") or []))} for r in table]
+    rows = with_ci95(table)
     for ax, task in zip(axes[0], tasks):
         grouped_bars(ax, [r for r in rows if r["task"] == task], group_key="epsilon", err="accuracy_ci95")
         ax.set_title(task)
@@ -93,6 +93,34 @@ def _finite_or_zero(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
+def with_ci95(table: Sequence[dict]) -> list[dict]:
+    """Accuracy-table rows with ``accuracy_ci95``: the half-width of the 95% Student-t interval of the
+    mean over seeds (0 with one seed), for error bars and bands that mean what their label says."""
+    return [{**r, "accuracy_ci95": _finite_or_zero(t_halfwidth(r.get("accuracies") or []))} for r in table]
+
+
+def paired_gaps(records: Sequence[dict], key: str, reference: str = "dp-lora") -> list[dict]:
+    """Per value of ``key`` (e.g. epsilon, beta) and method: the paired-by-seed difference to
+    ``reference`` (mean in ``accuracy_mean``, 95% t half-width in ``accuracy_ci95``, with ``n``,
+    ``ci_low``, ``ci_high``), in the row shape ``lalora.plotting.lines_vs`` draws."""
+    from lalora.report import paired_difference
+
+    def per_seed(method, value):
+        return {r["seed"]: r["accuracy"] for r in records if r["method"] == method and str(r[key]) == str(value)}
+
+    rows = []
+    for value in dict.fromkeys(r[key] for r in records):
+        ref = per_seed(reference, value)
+        for method in dict.fromkeys(r["method"] for r in records if r["method"] != reference):
+            d = paired_difference(per_seed(method, value), ref)
+            if d.n == 0:
+                continue
+            half = d.ci_high - d.mean
+            rows.append({"method": method, key: value, "accuracy_mean": d.mean,
+                         "accuracy_ci95": _finite_or_zero(half), "n": d.n, "ci_low": d.ci_low, "ci_high": d.ci_high})
+    return rows
+
+
 def verdict_figure(verdicts: Sequence[dict], title: str):
     """The paired differences of ``claim_verdicts`` rows with their 95% CIs, one row per claim."""
     import matplotlib.pyplot as plt
@@ -102,8 +130,11 @@ def verdict_figure(verdicts: Sequence[dict], title: str):
     from lalora.report import as_epsilon, fmt_eps
 
     mode = {"as-released": " as-released (NOT DP)", "dp": " real DP"}
-    rows = [{**v, "label": f"{v['task']} ε={fmt_eps(as_epsilon(v['epsilon']))}{mode.get(v.get('dp_mode'), '')}: "
-                           f"{v['claim']}"} for v in verdicts]
+    def where(v):   # the sweep's own key, when the claims come from a sweep (β, K, period)
+        return "".join(f" {k}={v[k]}" for k in ("beta", "local_steps", "alternation_period") if k in v)
+
+    rows = [{**v, "label": f"{v['task']} ε={fmt_eps(as_epsilon(v['epsilon']))}{where(v)}"
+                           f"{mode.get(v.get('dp_mode'), '')}: {v['claim']}"} for v in verdicts]
     fig, ax = plt.subplots(figsize=(FIGSIZE[0] + 2, 0.45 * len(rows) + 1.4))
     ci_bars(ax, rows, label_key="label")
     ax.set_title(title)

@@ -51,6 +51,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from lalora.main_results import paired_gaps, with_ci95
 from lalora.notebooks import accuracy_table, experiment_base, run_grid
 from lalora.plotting import FIGSIZE_WIDE, legend_outside, lines_vs, method_label, savefig, use_style
 from lalora.results import atomic_write_json
@@ -88,7 +89,7 @@ df.pivot_table(index="method", columns="ε", values=["noise_multiplier", "epsilo
 finite = sorted(float(e) for e in epsilons if e != "inf")
 inf_at = finite[-1] * 2.5 if finite else 1.0
 fig, (ax, ax_gap) = plt.subplots(1, 2, figsize=FIGSIZE_WIDE, gridspec_kw={"width_ratios": [3, 2]})
-lines_vs(ax, table, x_key="epsilon", inf_at=inf_at)
+lines_vs(ax, with_ci95(table), x_key="epsilon", inf_at=inf_at, err="accuracy_ci95")
 ax.set_xscale("log")
 ticks = finite + ([inf_at] if "inf" in epsilons else [])
 ax.set_xticks(ticks, [f"{t:g}" for t in finite] + (["∞"] if "inf" in epsilons else []))
@@ -96,25 +97,22 @@ ax.minorticks_off()
 if "inf" in epsilons and finite:
     ax.axvline(math.sqrt(finite[-1] * inf_at), color="0.6", ls=":", lw=1)
 ax.set_xlabel("privacy budget ε (δ = 1e-5; log scale)")
-ax.set_ylabel("test accuracy (%)")
+ax.set_ylabel("test accuracy (%), 95% CI band")
 ax.set_title(f"{task}: accuracy vs ε")
 ax.margins(y=0.15)
 ax.legend(loc="best")
 
-# Right panel: each method's gain over DP-LoRA at each ε.
+# Right panel: each method's gain over DP-LoRA at each ε, paired by seed, with its 95% t-interval.
 gaps = []
 if "dp-lora" in methods:
-    dp = {r["epsilon"]: r["accuracy_mean"] for r in table if r["method"] == "dp-lora"}
-    for r in table:
-        if r["method"] != "dp-lora" and r["epsilon"] in dp:
-            gaps.append({**r, "accuracy_mean": r["accuracy_mean"] - dp[r["epsilon"]], "accuracy_std": 0.0})
-    lines_vs(ax_gap, gaps, x_key="epsilon", inf_at=inf_at)
+    gaps = paired_gaps(records, "epsilon")
+    lines_vs(ax_gap, gaps, x_key="epsilon", inf_at=inf_at, err="accuracy_ci95")
     ax_gap.axhline(0, color="0.3", lw=1)
     ax_gap.set_xscale("log")
     ax_gap.set_xticks(ticks, [f"{t:g}" for t in finite] + (["∞"] if "inf" in epsilons else []))
     ax_gap.minorticks_off()
     ax_gap.set_xlabel("privacy budget ε (log scale)")
-    ax_gap.set_ylabel("accuracy − DP-LoRA's (points)")
+    ax_gap.set_ylabel("accuracy − DP-LoRA's (points, paired, 95% CI)")
     ax_gap.set_title("gain over DP-LoRA")
     if gaps:
         ax_gap.legend(loc="best")

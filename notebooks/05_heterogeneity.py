@@ -58,8 +58,9 @@ import pandas as pd
 import seaborn as sns
 
 from lalora.config import RunConfig
+from lalora.main_results import paired_gaps, with_ci95
 from lalora.notebooks import accuracy_table, experiment_base, run_grid
-from lalora.plotting import FIGSIZE, lines_vs, method_label, savefig, use_style
+from lalora.plotting import FIGSIZE, FIGSIZE_WIDE, lines_vs, method_label, savefig, use_style
 from lalora.results import atomic_write_json
 from lalora.tasks import get_task, label_histograms, partition
 
@@ -119,15 +120,23 @@ df["cell"] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(df.accuracy_mean, df.accurac
 df.pivot_table(index="method", columns="beta", values="cell", aggfunc="first", sort=False)
 
 # %%
-fig, ax = plt.subplots(figsize=FIGSIZE)
-lines_vs(ax, table, x_key="beta")
-ax.set_xscale("log")
-ax.set_xticks(sorted(betas), [f"{b:g}" for b in sorted(betas)])
-ax.minorticks_off()
-ax.set_xlabel("Dirichlet β (log scale; small = more skewed)")
-ax.set_ylabel("test accuracy (%)")
+fig, (ax, ax_gap) = plt.subplots(1, 2, figsize=FIGSIZE_WIDE)
+lines_vs(ax, with_ci95(table), x_key="beta", err="accuracy_ci95")
+ax.set_ylabel("test accuracy (%), 95% CI band")
 ax.set_title(f"{task}: accuracy vs heterogeneity, ε = {epsilon:g}")
-ax.legend(loc="lower right")
+ax.legend(loc="best")
+# Right: LA-LoRA − DP-LoRA per β, paired by seed, with its 95% t-interval
+gaps = paired_gaps(records, "beta")
+lines_vs(ax_gap, gaps, x_key="beta", err="accuracy_ci95")
+ax_gap.axhline(0, color="0.3", lw=1)
+ax_gap.set_ylabel("accuracy − DP-LoRA's (points, paired, 95% CI)")
+ax_gap.set_title("gain over DP-LoRA")
+for a in (ax, ax_gap):
+    a.set_xscale("log")
+    a.set_xticks(sorted(betas), [f"{b:g}" for b in sorted(betas)])
+    a.minorticks_off()
+    a.set_xlabel("Dirichlet β (log scale; small = more skewed)")
+fig.tight_layout()
 savefig(fig, output_dir, "05_heterogeneity_beta")
 
 # %%

@@ -25,13 +25,8 @@ from lalora.tasks.registry import Task
 IN, HIDDEN, CLASSES, R = 10, 12, 3, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is ~10x faster than oversubscribed threads on a busy box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: one intra-op thread (tests/conftest.py) is ~10x faster than oversubscribed threads on a busy box.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_task(num_train: int = 96, num_test: int = 48, dropout: float = 0.05) -> Task:

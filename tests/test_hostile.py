@@ -29,12 +29,8 @@ FLOAT_FIELDS = ["epsilon", "delta", "clip_norm", "lr", "alpha", "beta", "weight_
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: one intra-op thread (tests/conftest.py) is ~10x faster than oversubscribed threads on a busy box.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- config values

@@ -145,3 +145,18 @@ def test_dp_cost_is_nonprivate_minus_dp_lora_paired_by_seed(tmp_path):
     assert "| `offline-full` / 01_main_vision | digits-swin | 1 | 5 | 80.40 | 35.00 | +45.40 [" in section
     assert "8.04×" in section                                         # non-private / majority baseline
     assert "What the offline profiles can and cannot say" in text.split("## Verdicts")[0]
+
+
+def test_paired_gaps_per_sweep_value_match_the_paired_interval():
+    from lalora.main_results import paired_gaps, with_ci95
+
+    recs = (_runs("t", "dp-lora", [30, 35, 40, 32, 38], eps=1.0) + _runs("t", "la-lora", [60, 61, 62, 63, 64], eps=1.0)
+            + _runs("t", "dp-lora", [70, 71], eps="inf") + _runs("t", "la-lora", [72, 70], eps="inf"))
+    gaps = {g["epsilon"]: g for g in paired_gaps(recs, "epsilon")}
+    diffs = np.array([30, 26, 22, 31, 26], dtype=np.float64)
+    half = stats.t.ppf(0.975, 4) * diffs.std(ddof=1) / math.sqrt(5)
+    assert gaps[1.0]["method"] == "la-lora" and gaps[1.0]["n"] == 5
+    assert gaps[1.0]["accuracy_mean"] == pytest.approx(diffs.mean()) and gaps[1.0]["accuracy_ci95"] == pytest.approx(half)
+    assert gaps["inf"]["accuracy_mean"] == pytest.approx(0.5) and gaps["inf"]["n"] == 2
+    (row,) = with_ci95([{"accuracies": [1.0, 2.0, 3.0]}])
+    assert row["accuracy_ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
