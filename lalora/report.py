@@ -287,6 +287,23 @@ def trained_tasks(runs: Iterable[Mapping[str, Any]]) -> dict[str, bool]:
     return {t: sum(a) / len(a) > base[t] for t, a in acc.items()}
 
 
+# Both arms of a claim at or below the majority-class baseline: neither private model learned anything,
+# so a difference between them (e.g. the same one test example on every seed, a zero-width interval)
+# says nothing about the methods.
+NEITHER_TRAINED = "neither trained (both ≤ majority baseline)"
+
+
+def _both_at_chance(runs: list[Mapping[str, Any]]) -> bool:
+    by_method: dict[str, list[float]] = {}
+    base = None
+    for r in runs:
+        if r.get("majority_baseline") is None:
+            return False
+        base = float(r["majority_baseline"])
+        by_method.setdefault(r["method"], []).append(float(r["accuracy"]))
+    return base is not None and all(sum(v) / len(v) <= base for v in by_method.values())
+
+
 def claim_verdicts(runs: Iterable[Mapping[str, Any]], claimed: list[str] = CLAIMED_RANKING, *,
                    trained: Mapping[str, bool] | None = None, min_seeds: int = MIN_SEEDS,
                    confidence: float = CONFIDENCE, pairs: list[tuple[str, str]] | None = None) -> list[dict]:
@@ -318,11 +335,15 @@ def claim_verdicts(runs: Iterable[Mapping[str, Any]], claimed: list[str] = CLAIM
             a = {s: float(r["accuracy"]) for s, r in per_method[better].items()}
             b = {s: float(r["accuracy"]) for s, r in per_method[worse].items()}
             diff = paired_difference(a, b, confidence)
+            judged = verdict(diff, trained=trained.get(where.get("task")), min_seeds=min_seeds)
+            if judged in ("holds", "reversed", "unresolved") and _both_at_chance(
+                    [per_method[m][s] for m in (better, worse) for s in diff.seeds]):
+                judged = NEITHER_TRAINED
             rows.append({
                 **where, "claim": f"{method_label(better)} > {method_label(worse)}", "better": better,
                 "worse": worse, "n": diff.n, "mean": diff.mean, "ci_low": diff.ci_low, "ci_high": diff.ci_high,
                 "seeds": diff.seeds, "confidence": confidence,
-                "verdict": verdict(diff, trained=trained.get(where.get("task")), min_seeds=min_seeds),
+                "verdict": judged,
                 "runs": sorted(_run_id(per_method[m][s]) for m in (better, worse) for s in diff.seeds),
             })
     return rows
@@ -346,7 +367,8 @@ def verdict_overview(results: dict, reported: dict) -> tuple[str, dict]:
            f"95% Student-t interval (mean ± t·sd/√n). Verdict from the interval alone: **holds** (above 0), "
            f"**reversed** (below 0), **unresolved** (contains 0); no verdict from fewer than {MIN_SEEDS} "
            f"seeds (**insufficient seeds**); **did not train** when the task's non-private model did not "
-           f"beat its majority-class baseline. A run set already counted elsewhere is marked "
+           f"beat its majority-class baseline, **{NEITHER_TRAINED}** when both private arms' mean accuracies do "
+           f"not beat it either. A run set already counted elsewhere is marked "
            f"\"same runs as ...\" and counted once.", ""]
     counts: dict[str, int] = {}
     first_use: dict[tuple, str] = {}   # (profile, claim, run id) -> where that claim first used the run
