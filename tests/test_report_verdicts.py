@@ -165,8 +165,8 @@ def test_paired_gaps_per_sweep_value_match_the_paired_interval():
 def test_two_private_arms_at_chance_get_no_verdict_even_with_a_zero_width_interval():
     # the language runs of offline-full: non-private 43% trains, both DP arms sit below the 15.4% majority
     # baseline and differ by the same one test example on every seed (a zero-width "reversed" interval)
-    runs = (_runs("topics", "la-lora", [10.8, 10.8, 8.5, 15.0, 6.5], base=15.4)
-            + _runs("topics", "dp-lora", [11.5, 11.5, 9.2, 15.8, 7.3], base=15.4)
+    la = [10.0, 10.0, 8.0, 14.0, 6.0]
+    runs = (_runs("topics", "la-lora", la, base=15.4) + _runs("topics", "dp-lora", [a + 0.75 for a in la], base=15.4)
             + _runs("topics", "fedavg-lora", [43, 40, 50, 38, 45], eps="inf", base=15.4))
     (row,) = report.claim_verdicts(runs)
     assert row["ci_low"] == pytest.approx(row["ci_high"]) and row["ci_high"] < 0
