@@ -316,18 +316,25 @@ class PerSampleGradEngine:
         views = {k: arena[:, o:o + m].view(n, *self.params[k].shape) for k, (o, m) in slots.items()}
         writes: dict[str, int] = {}
         units: list[tuple[tuple[str, ...], torch.Tensor]] = []
+
+        def target(p):
+            # a parameter's first write goes straight into its arena view (the kernel functions' out=
+            # buffers: no copy); a later call of the same module returns fresh tensors, added below
+            k = self._names[id(p)]
+            return None if writes.get(k) else views[k]
+
         for i, c in enumerate(calls):
             if c is None:
                 continue
             g, grad_outs[i], calls[i] = grad_outs[i], None, None   # free each pair once used
             if g is None:
                 continue
-            for params, gs, sq in self._per_sample(c, g, n):
+            for params, gs, sq in self._per_sample(c, g, n, target):
                 names = tuple(self._names[id(p)] for p in params)
                 for k, gk in zip(names, gs):
                     if writes.get(k):
                         views[k].add_(gk)
-                    else:
+                    elif gk is not views[k]:
                         views[k].copy_(gk)
                     writes[k] = writes.get(k, 0) + 1
                 units.append((names, sq.to(dt)))
@@ -358,19 +365,23 @@ class PerSampleGradEngine:
             names, sqs = names + (self._names[id(m.bias)],), sqs + (g_sq,)
         return GhostLinear(names, x, gg, sqs)
 
-    def _per_sample(self, c: _Call, g: torch.Tensor, n: int):
+    def _per_sample(self, c: _Call, g: torch.Tensor, n: int, target=lambda p: None):
         """Yield (parameters, their per-sample gradients (N, *shape), their joint squared norm (N,))
-        per unit of one recorded call; the norms come from the kernel functions."""
+        per unit of one recorded call; the norms come from the kernel functions. target(p): the
+        buffer p's per-sample gradient is to be written into (its arena view), or None."""
         m = c.module
         if isinstance(m, LoRALinear):
             a_on, b_on = m.lora_A.requires_grad, m.lora_B.requires_grad
             which = "both" if (a_on and b_on) else ("A" if a_on else "B")
+            out_A = target(m.lora_A) if a_on else None
+            out_B = target(m.lora_B) if b_on else None
             if c.group is not None:   # each sample with its own client's factors (grouped.py)
                 r = grouped_lora_per_sample_grads(_rows(c.x), _rows(g), c.group, m.scaling, _rows(c.u),
-                                                  self._backend, which)
+                                                  self._backend, which, out_A=out_A, out_B=out_B)
             else:
                 r = lora_per_sample_grads(_rows(c.x), _rows(g), m.lora_A.detach(), m.lora_B.detach(),
-                                          m.scaling, n, u=_rows(c.u), backend=self._backend, which=which)
+                                          m.scaling, n, u=_rows(c.u), backend=self._backend, which=which,
+                                          out_A=out_A, out_B=out_B)
             if a_on:
                 yield (m.lora_A,), (r.grad_A,), r.sqnorm_A
             if b_on:
@@ -378,7 +389,9 @@ class PerSampleGradEngine:
         elif isinstance(m, nn.Linear):
             w_on, b_on = m.weight.requires_grad, m.bias is not None and m.bias.requires_grad
             if w_on:
-                r = linear_per_sample_grads(_rows(c.x), _rows(g), n, bias=b_on, backend=self._backend)
+                r = linear_per_sample_grads(_rows(c.x), _rows(g), n, bias=b_on, backend=self._backend,
+                                            out_weight=target(m.weight),
+                                            out_bias=target(m.bias) if b_on else None)
                 yield ((m.weight, m.bias) if b_on else (m.weight,)), (r.grad_weight, r.grad_bias), r.sqnorm
             elif b_on:   # only the bias trains: G_b,i = sum of g over sample i's rows
                 gb = ref.per_sample_view(g, n).to(ref.acc_dtype(g.dtype)).sum(1)
