@@ -159,14 +159,14 @@ def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tens
         verify_clipping_unit(model, loss_fn, batch,
                              lambda m, f, b: per_sample_gradients(m, f, b, backend=backend, precision=precision),
                              num_samples=num_samples)
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    engine = PerSampleGradEngine(model, backend=backend)   # validates devices and backend up front
+    params = dict(engine.params)   # the trainable parameters, by name (the engine's one walk)
     n = batch_size_of(batch) if num_samples is None else int(num_samples)
     std = float(noise_multiplier) * float(clip_norm) if noise_multiplier > 0 else 0.0
     if not params:
         return DPStepResult({}, torch.zeros(n), torch.ones(n), n)
     names = list(params)
     shapes = [params[k].shape for k in names]
-    engine = PerSampleGradEngine(model, backend=backend)   # validates devices and backend up front
     device = engine.device
 
     if n == 0:   # Poisson drew nobody: noise only, the model is not called
