@@ -394,3 +394,31 @@ def test_ghost_head_gets_full_noise():
                    noise_multiplier=1.5, expected_batch_size=4, generator=torch.Generator().manual_seed(0))
     draws = torch.cat([head.weight.grad.flatten(), head.bias.grad.flatten()])   # 2080 draws
     assert abs(draws.std().item() / (1.5 * 2.0 / 4) - 1) < 0.05
+
+
+def test_engine_walk_lists_parameters_in_named_parameters_order():
+    """The engine's one module walk (engine._trainable) lists the trainable parameters exactly as
+    named_parameters() does -- same names, same order (it fixes the arena layout and the noise
+    order) -- with a weight shared by two modules, a module registered twice, a None parameter and
+    frozen ones."""
+    from dplora_kernels.engine import _trainable
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Linear(3, 3, bias=False)
+            self.b.weight = self.a.weight
+            self.again = self.a
+            self.frozen = nn.Linear(3, 2).requires_grad_(False)
+            self.lora = dk.LoRALinear(nn.Linear(3, 4), r=2, alpha=2.0, dropout=0.0)
+            self.register_parameter("nothing", None)
+            self.last = nn.Parameter(torch.zeros(2))
+
+    m = Shared()
+    want = [(n, id(p)) for n, p in m.named_parameters() if p.requires_grad]
+    assert [(n, id(p)) for n, p in _trainable(m)[0].items()] == want
+    assert len(want) == 5   # a.weight, a.bias, lora.lora_A, lora.lora_B, last
+    m.last.requires_grad_(False)   # (no supported owner: the engine would refuse it)
+    with dk.PerSampleGradEngine(m) as eng:
+        assert [(n, id(p)) for n, p in eng.params.items()] == [w for w in want if w[0] != "last"]

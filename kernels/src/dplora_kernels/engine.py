@@ -165,7 +165,7 @@ class PerSampleGradEngine:
     _handles: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.params = _trainable(self.model)[0]
         devices = sorted({str(p.device) for p in self.params.values()})
         if len(devices) > 1:
             raise ValueError(f"model parameters are on several devices {devices}; the per-sample-gradient "
@@ -178,25 +178,10 @@ class PerSampleGradEngine:
 
     # ---- setup ---------------------------------------------------------------------------------
     def __enter__(self) -> "PerSampleGradEngine":
-        params: dict[str, nn.Parameter] = {}
-        seen: set[int] = set()
         covered: set[int] = set()
         batchnorms = []
-        # ONE walk over the modules: the trainable parameters (in named_parameters() order, which
-        # fixes the arena layout and the noise order), the BatchNorm check and the hooks. This runs
-        # every DP step; named_parameters() plus parameters(recurse=False) per module cost ~1 ms more
-        # on a small Swin.
-        for name, m in self.model.named_modules():
-            own = []
-            for k, p in m._parameters.items():
-                if p is None or not p.requires_grad:
-                    if p is not None:
-                        seen.add(id(p))
-                    continue
-                own.append(p)
-                if id(p) not in seen:   # a shared parameter is listed once, under its first name
-                    seen.add(id(p))
-                    params[f"{name}.{k}" if name else k] = p
+        params, owners = _trainable(self.model)   # ONE walk: parameters, BatchNorm check and hooks
+        for name, m, own in owners:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
                 batchnorms.append(name)
             if not own:
@@ -436,6 +421,29 @@ class PerSampleGradEngine:
             out.index_add_(0, flat, gs.reshape(-1, m.embedding_dim))
             out = out.reshape(n, m.num_embeddings, m.embedding_dim)
             yield (m.weight,), (out,), ref.sqnorm(out, n, out.device, dt)
+
+
+def _trainable(model: nn.Module):
+    """The trainable parameters by name, in named_parameters() order (it fixes the arena layout and
+    the noise order; a shared parameter is listed once, under its first name), and for every module
+    (name, module, its own trainable parameters), in one walk over the modules. The engine is built
+    and entered every DP step: named_parameters() plus parameters(recurse=False) per module cost
+    about 1 ms more on the small Swin of benchmarks/dp_step.py."""
+    params: dict[str, nn.Parameter] = {}
+    owners = []
+    seen: set[int] = set()
+    for name, m in model.named_modules():
+        own = []
+        for k, p in m._parameters.items():
+            if p is None:
+                continue
+            if p.requires_grad:
+                own.append(p)
+                if id(p) not in seen:
+                    params[f"{name}.{k}" if name else k] = p
+            seen.add(id(p))
+        owners.append((name, m, own))
+    return params, owners
 
 
 class _Restore:
