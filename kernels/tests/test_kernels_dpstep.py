@@ -124,17 +124,20 @@ def test_arena_is_one_buffer_and_norms_match_views(poisoned):
 
 
 @pytest.mark.parametrize("backend, dtype, tol", [("torch", torch.float64, 1e-10), ("triton", torch.float32, 2e-5)])
-def test_kernels_write_into_the_arena_without_copies(backend, dtype, tol, device, poisoned, monkeypatch):
-    """The kernel functions compute straight into the arena's views (out_A/out_B/out_weight/out_bias):
-    no per-parameter copy_ into the arena, and what lands there equals a float64 per-sample loop (the
-    arena starts as NaN, so a view nobody wrote would show). A layer called twice still sums (add_)."""
+def test_kernels_write_into_the_arena_views(backend, dtype, tol, device, poisoned, monkeypatch):
+    """The engine hands the arena's views to the kernel functions (out_A/out_B/out_weight/out_bias);
+    the Triton kernels store into them (no copy_ at all), the torch path copies its bmm results in
+    (faster on the CPU than bmm(out=) into a strided view: reference._bmm_into). What lands there
+    equals a float64 per-sample loop (the arena starts as NaN, so a view nobody wrote would show). A
+    layer called twice still sums (add_)."""
     copies = []
     real_copy = torch.Tensor.copy_
     monkeypatch.setattr(torch.Tensor, "copy_", lambda t, *a, **kw: copies.append(t.shape) or real_copy(t, *a, **kw))
     m = build(dtype).to(device)
     x, y = data(4)
     psg = dk.per_sample_gradients(m, loss_fn, (x.to(device, dtype), y.to(device)), backend=backend)
-    assert copies == []
+    if backend == "triton":
+        assert copies == []
     ref = build(torch.float64)
     for i in range(4):
         params = {k: p for k, p in ref.named_parameters() if p.requires_grad}
