@@ -86,8 +86,8 @@ def lora_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, A: torch.Tens
     client stacks and sample i uses A[client_index[i]], B[client_index[i]].
     Returns fp32 (fp64 for fp64 inputs) G_A (N, r, n), G_B (N, m, r) and their squared norms (N,).
     out_A / out_B: optional (N, r, n) / (N, m, r) tensors of that dtype on x's device (e.g. views into the
-    engine's per-sample-gradient arena; any strides): the gradients are computed straight into them
-    (triton: the kernel's stores; torch: bmm out=), no copy, and returned as grad_A / grad_B.
+    engine's per-sample-gradient arena; any strides): the gradients are written there and returned as
+    grad_A / grad_B (triton: the kernel stores into them, no copy; torch: see reference._bmm_into).
     """
     n_samples = _check_rows(x, grad_out, num_samples)
     if client_index is not None:

@@ -318,8 +318,9 @@ class PerSampleGradEngine:
         units: list[tuple[tuple[str, ...], torch.Tensor]] = []
 
         def target(p):
-            # a parameter's first write goes straight into its arena view (the kernel functions' out=
-            # buffers: no copy); a later call of the same module returns fresh tensors, added below
+            # a parameter's first write goes into its arena view, given to the kernel functions as their
+            # out= buffer (Triton stores there, no copy); a later call of the same module returns fresh
+            # tensors, added below
             k = self._names[id(p)]
             return None if writes.get(k) else views[k]
 
