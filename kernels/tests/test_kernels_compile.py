@@ -86,3 +86,33 @@ def test_compiles_exhaustive(tmp_path):
     failed = {f"sm_{a}: {k}": r.get("error") for a, d in res.items() for k, r in d.items() if not r["ok"]}
     assert not failed, failed
     assert sum(len(d) for d in res.values()) == len(ARCHS) * (len(ALL) - len(REP))
+
+
+@pytest.mark.parametrize("dtype", tk.DTYPES, ids=str)
+def test_grouped_path_launches_only_compiled_configs(dtype, monkeypatch):
+    """The client-grouped LoRA path (client_index) launches the same per-sample kernel once per factor
+    over all samples; every configuration it asks outer_config for (as on a GPU) is in launch_configs(),
+    i.e. compiled above -- for ranks on both paths (1 and 4: outer products; 16: tl.dot)."""
+    import torch
+    import dplora_kernels as dk
+
+    seen = []
+    real = tk.outer_config
+
+    def spy(P, Q, ld, rd, interpreter, use_dot=None):
+        seen.append((ld, rd, real(P, Q, ld, rd, interpreter=False, use_dot=use_dot)))
+        return real(P, Q, ld, rd, interpreter, use_dot)
+
+    monkeypatch.setattr(tk, "outer_config", spy)
+    gen = torch.Generator().manual_seed(0)
+    for r in (1, 4, 16):
+        N, T, n, m, M = 3, 2, 20, 17, 2
+        x = torch.randn(N, T, n, generator=gen).to(dtype)
+        g = torch.randn(N, T, m, generator=gen).to(dtype)
+        A = torch.randn(M, r, n, generator=gen)
+        B = torch.randn(M, m, r, generator=gen)
+        dk.lora_per_sample_grads(x, g, A, B, 1.0, N, backend="triton", client_index=torch.tensor([1, 0, 1]))
+    compiled = {(d["L_ptr"], d.get("R_ptr"), tuple(sorted(c.items()))) for name, d, c in ALL if name == "outer"}
+    assert len(seen) == 6
+    for ld, rd, cfg in seen:
+        assert (ld, rd, tuple(sorted(cfg.items()))) in compiled, (ld, rd, cfg)

@@ -123,6 +123,42 @@ def test_arena_is_one_buffer_and_norms_match_views(poisoned):
     assert not psg.ghost      # per_sample_gradients materialises everything
 
 
+@pytest.mark.parametrize("backend, dtype, tol", [("torch", torch.float64, 1e-10), ("triton", torch.float32, 2e-5)])
+def test_kernels_write_into_the_arena_views(backend, dtype, tol, device, poisoned, monkeypatch):
+    """The engine hands the arena's views to the kernel functions (out_A/out_B/out_weight/out_bias);
+    the Triton kernels store into them (no copy_ at all), the torch path copies its bmm results in
+    (faster on the CPU than bmm(out=) into a strided view: reference._bmm_into). What lands there
+    equals a float64 per-sample loop (the arena starts as NaN, so a view nobody wrote would show). A
+    layer called twice still sums (add_)."""
+    copies = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda t, *a, **kw: copies.append(t.shape) or real_copy(t, *a, **kw))
+    m = build(dtype).to(device)
+    x, y = data(4)
+    psg = dk.per_sample_gradients(m, loss_fn, (x.to(device, dtype), y.to(device)), backend=backend)
+    if backend == "triton":
+        assert copies == []
+    ref = build(torch.float64)
+    for i in range(4):
+        params = {k: p for k, p in ref.named_parameters() if p.requires_grad}
+        gs = torch.autograd.grad(loss_fn(ref, (x[i:i + 1].double(), y[i:i + 1])).sum(), list(params.values()))
+        for k, g in zip(params, gs):
+            assert rel_err(psg.grads[k][i], g) <= tol, (k, i)
+            assert psg.grads[k].data_ptr() >= psg.arena.data_ptr()
+    # a module run twice: the first call writes its views in place, the second adds to them
+    torch.manual_seed(0)
+    lin = dk.LoRALinear(nn.Linear(4, 4), r=2, alpha=2.0, dropout=0.0).to(device, dtype)
+    nn.init.normal_(lin.lora_B)
+    z = torch.randn(3, 4, dtype=dtype, device=device)
+    psg = dk.per_sample_gradients(lin, lambda mod, b: mod(mod(b)).sum(1), z, backend=backend)
+    for i in range(3):
+        A = lin.lora_A.detach().double().cpu().requires_grad_(True)
+        B = lin.lora_B.detach().double().cpu().requires_grad_(True)
+        f = lambda t: lin.base.double().cpu()(t) + lin.scaling * (t @ A.T) @ B.T
+        gA, gB = torch.autograd.grad(f(f(z[i:i + 1].double().cpu())).sum(), [A, B])
+        assert rel_err(psg.grads["lora_A"][i], gA) <= tol and rel_err(psg.grads["lora_B"][i], gB) <= tol
+
+
 def test_ghost_norm_head_equals_materialised(poisoned):
     """The head on a pooled feature: ||g_i||^2 ||x_i||^2 (+ ||g_i||^2) and (c ⊙ g)^T x equal the
     materialised per-sample gradients' norms and clipped sum."""
@@ -361,3 +397,31 @@ def test_ghost_head_gets_full_noise():
                    noise_multiplier=1.5, expected_batch_size=4, generator=torch.Generator().manual_seed(0))
     draws = torch.cat([head.weight.grad.flatten(), head.bias.grad.flatten()])   # 2080 draws
     assert abs(draws.std().item() / (1.5 * 2.0 / 4) - 1) < 0.05
+
+
+def test_engine_walk_lists_parameters_in_named_parameters_order():
+    """The engine's one module walk (engine._trainable) lists the trainable parameters exactly as
+    named_parameters() does -- same names, same order (it fixes the arena layout and the noise
+    order) -- with a weight shared by two modules, a module registered twice, a None parameter and
+    frozen ones."""
+    from dplora_kernels.engine import _trainable
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Linear(3, 3, bias=False)
+            self.b.weight = self.a.weight
+            self.again = self.a
+            self.frozen = nn.Linear(3, 2).requires_grad_(False)
+            self.lora = dk.LoRALinear(nn.Linear(3, 4), r=2, alpha=2.0, dropout=0.0)
+            self.register_parameter("nothing", None)
+            self.last = nn.Parameter(torch.zeros(2))
+
+    m = Shared()
+    want = [(n, id(p)) for n, p in m.named_parameters() if p.requires_grad]
+    assert [(n, id(p)) for n, p in _trainable(m)[0].items()] == want
+    assert len(want) == 5   # a.weight, a.bias, lora.lora_A, lora.lora_B, last
+    m.last.requires_grad_(False)   # (no supported owner: the engine would refuse it)
+    with dk.PerSampleGradEngine(m) as eng:
+        assert [(n, id(p)) for n, p in eng.params.items()] == [w for w in want if w[0] != "last"]

@@ -363,27 +363,61 @@ def test_choose_split_is_a_power_of_two_within_limits():
     assert tk.choose_split(64, 1 << 22, n_tiles=12, BT=64, num_sms=132) == 1
     assert tk.choose_split(1, 1 << 22, n_tiles=1, BT=64, num_sms=132) == 512
 
+# (N, k, T, n, m, r, M, client of each sample): clients interleaved and one absent (0 samples), one
+# client, r = 1 with 2-D inputs, an empty batch
+GROUPED = [
+    (5, 2, 3, 8, 6, 2, 3, [2, 0, 2, 0, 0]),
+    (3, 1, 4, 5, 7, 3, 1, [0, 0, 0]),
+    (4, 1, None, 9, 4, 1, 2, [1, 1, 0, 1]),
+    (0, 1, 3, 8, 6, 2, 2, []),
+]
+
+
+@pytest.mark.parametrize("case", GROUPED, ids=lambda c: "N{}k{}T{}n{}m{}r{}M{}".format(*c[:7]))
 @pytest.mark.parametrize("which", ["both", "A", "B"])
-def test_lora_client_index_matches_float64_loop(which, device):
+def test_lora_client_index_matches_float64_loop(case, which, device, poisoned, monkeypatch):
     """Client-grouped mode: stacks A (M, r, n), B (M, m, r), sample i uses client_index[i]'s factors;
-    both backends (Triton: one launch per client) vs the float64 loop run per sample with its factors.
-    Clients are interleaved and one is absent, so the index is not assumed contiguous or complete."""
-    N, k, T, n, m, r, M = 5, 2, 3, 8, 6, 2, 3
+    both backends vs the float64 loop run per sample with its factors, results written into NaN-filled
+    strided views of one arena (as the engine passes them). The Triton path is ONE kernel launch per
+    factor over all samples (the factors are gathered by client_index on the device), with no host
+    synchronisation: no loop over the clients present (unique().tolist())."""
+    from dplora_kernels import triton_kernels as tk
+    N, k, T, n, m, r, M, clients = case
     x, g, _, _ = _data(N, k, T, n, m, r, torch.float32, device)
     gen = torch.Generator().manual_seed(5)
     A = torch.randn(M, r, n, generator=gen).to(device)
     B = torch.randn(M, m, r, generator=gen).to(device)
-    idx = torch.tensor([2, 0, 2, 0, 0], device=device)
+    idx = torch.tensor(clients, dtype=torch.long, device=device)
     rows = lambda t, i: t[i * k:(i + 1) * k]
+    launches = []
+    real_outer = tk.per_sample_outer
+    monkeypatch.setattr(tk, "per_sample_outer", lambda *a, **kw: launches.append(1) or real_outer(*a, **kw))
+
+    def no_sync(*a, **kw):
+        raise AssertionError("host synchronisation in the grouped path")
     for backend in ("torch", "triton"):
-        res = dk.lora_per_sample_grads(x, g, A, B, 1.5, N, backend=backend, which=which, client_index=idx)
+        arena = torch.full((N, r * n + m * r + 3), float("nan"), device=device)
+        out_A = arena[:, :r * n].view(N, r, n) if which != "B" else None
+        out_B = arena[:, r * n:r * n + m * r].view(N, m, r) if which != "A" else None
+        launches.clear()
+        with monkeypatch.context() as mp:
+            mp.setattr(torch.Tensor, "tolist", no_sync)
+            mp.setattr(torch, "unique", no_sync)
+            res = dk.lora_per_sample_grads(x, g, A, B, 1.5, N, backend=backend, which=which, client_index=idx,
+                                           out_A=out_A, out_B=out_B)
+        if backend == "triton":
+            assert len(launches) == (2 if which == "both" else 1)
+        assert res.grad_A is out_A and res.grad_B is out_B
         for i in range(N):
-            c = int(idx[i])
+            c = clients[i]
             wA, wB = lora_loop(rows(x, i).cpu(), rows(g, i).cpu(), A[c].cpu(), B[c].cpu(), 1.5, 1)
             if which != "B":
                 _close(res.grad_A[i:i + 1], wA, 1e-5, f"{backend} A sample {i}")
                 assert res.sqnorm_A[i].item() == pytest.approx(float(sq(wA)[0]), rel=1e-5)
             if which != "A":
                 _close(res.grad_B[i:i + 1], wB, 1e-5, f"{backend} B sample {i}")
+                assert res.sqnorm_B[i].item() == pytest.approx(float(sq(wB)[0]), rel=1e-5)
+        assert res.sqnorm_A.shape == res.sqnorm_B.shape == (N,)
     with pytest.raises(ValueError, match="client_index"):
-        dk.lora_per_sample_grads(x, g, A, B, 1.5, N, client_index=idx[:2])
+        dk.lora_per_sample_grads(x, g, A, B, 1.5, N,
+                                 client_index=torch.zeros(N + 1, dtype=torch.long, device=device))

@@ -86,15 +86,13 @@ def lora_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, A: torch.Tens
     client stacks and sample i uses A[client_index[i]], B[client_index[i]].
     Returns fp32 (fp64 for fp64 inputs) G_A (N, r, n), G_B (N, m, r) and their squared norms (N,).
     out_A / out_B: optional (N, r, n) / (N, m, r) tensors of that dtype on x's device (e.g. views into the
-    engine's per-sample-gradient arena; any strides): the gradients are written there (the triton kernel
-    stores into them directly, no copy) and returned as grad_A / grad_B.
+    engine's per-sample-gradient arena; any strides): the gradients are written there and returned as
+    grad_A / grad_B (triton: the kernel stores into them, no copy; torch: see reference._bmm_into).
     """
     n_samples = _check_rows(x, grad_out, num_samples)
     if client_index is not None:
-        if out_A is not None or out_B is not None:
-            raise ValueError("out_A/out_B are not supported with client_index (grouped mode)")
         return _grouped_lora_per_sample_grads(x, grad_out, A, B, scale, n_samples, u, backend, which,
-                                              client_index)
+                                              client_index, out_A, out_B)
     if A.dim() != 2 or A.shape[1] != x.shape[-1]:
         raise ValueError(f"A must be (r, n) with n = x.shape[-1] = {x.shape[-1]}; got {tuple(A.shape)}")
     if B.dim() != 2 or B.shape[1] != A.shape[0] or B.shape[0] != grad_out.shape[-1]:
@@ -117,9 +115,9 @@ def lora_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, A: torch.Tens
         gA, gB, sqA, sqB = tk.lora_per_sample_grads(x, grad_out, A, B, float(scale), n_samples, u, which,
                                                     out_A=out_A, out_B=out_B)
         return LoRAPerSampleGrads(gA, gB, sqA, sqB)
-    gA, gB = ref.lora_per_sample_grads(x, grad_out, A, B, float(scale), n_samples, u, which)
+    gA, gB = ref.lora_per_sample_grads(x, grad_out, A, B, float(scale), n_samples, u, which, out_A, out_B)
     sqA, sqB = ref.sqnorm(gA, n_samples, x.device, dt), ref.sqnorm(gB, n_samples, x.device, dt)
-    return LoRAPerSampleGrads(_into(out_A, gA), _into(out_B, gB), sqA, sqB)
+    return LoRAPerSampleGrads(gA, gB, sqA, sqB)
 
 
 def _check_out(name: str, out: torch.Tensor | None, shape: tuple, dtype: torch.dtype) -> None:
@@ -128,44 +126,31 @@ def _check_out(name: str, out: torch.Tensor | None, shape: tuple, dtype: torch.d
                          f"got {out.dtype} {tuple(out.shape)}")
 
 
-def _into(out: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
-    """The torch path computes into fresh tensors; a caller's output buffer receives a copy."""
-    if out is None or value is None:
-        return value
-    return out.copy_(value)
-
-
-def _grouped_lora_per_sample_grads(x, grad_out, A, B, scale, n, u, backend, which, client_index):
+def _grouped_lora_per_sample_grads(x, grad_out, A, B, scale, n, u, backend, which, client_index, out_A, out_B):
     if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0]:
         raise ValueError(f"with client_index, A must be (M, r, n) and B (M, m, r); got {tuple(A.shape)}, "
                          f"{tuple(B.shape)}")
+    if A.shape[2] != x.shape[-1] or B.shape[1] != grad_out.shape[-1] or B.shape[2] != A.shape[1]:
+        raise ValueError(f"with client_index, A must be (M, r, {x.shape[-1]}) and B (M, {grad_out.shape[-1]}, r); "
+                         f"got {tuple(A.shape)}, {tuple(B.shape)}")
     if client_index.dtype != torch.long or client_index.shape != (n,):
         raise ValueError(f"client_index must be a ({n},) long tensor; got {client_index.dtype} "
                          f"{tuple(client_index.shape)}")
-    be = _pick(backend, x.device, (x.dtype, grad_out.dtype))
-    if be == "triton":   # the Triton kernel takes one (A, B): one launch per client's samples
-        k = x.shape[0] // n if n else 0
-        xs, gs = x.reshape(n, k, *x.shape[1:]), grad_out.reshape(n, k, *grad_out.shape[1:])
-        us = None if u is None else u.reshape(n, k, *u.shape[1:])
-        dt = ref.acc_dtype(x.dtype)
-        r, nn_, m = A.shape[1], A.shape[2], B.shape[1]
-        gA = torch.zeros(n, r, nn_, dtype=dt, device=x.device) if which != "B" else None
-        gB = torch.zeros(n, m, r, dtype=dt, device=x.device) if which != "A" else None
-        sqA, sqB = torch.zeros(n, dtype=dt, device=x.device), torch.zeros(n, dtype=dt, device=x.device)
-        for c in torch.unique(client_index).tolist():
-            sel = (client_index == c).nonzero().squeeze(1)
-            flat = lambda t: t.index_select(0, sel).reshape(-1, *t.shape[2:])
-            res = lora_per_sample_grads(flat(xs), flat(gs), A[c], B[c], scale, int(sel.numel()),
-                                        u=None if us is None else flat(us), backend=be, which=which)
-            if gA is not None:
-                gA.index_copy_(0, sel, res.grad_A)
-            if gB is not None:
-                gB.index_copy_(0, sel, res.grad_B)
-            sqA.index_copy_(0, sel, res.sqnorm_A.to(dt))
-            sqB.index_copy_(0, sel, res.sqnorm_B.to(dt))
-        return LoRAPerSampleGrads(gA, gB, sqA, sqB)
-    gA, gB = ref.grouped_lora_per_sample_grads(x, grad_out, A, B, float(scale), n, u, which, client_index)
+    if which not in ("both", "A", "B"):
+        raise ValueError(f"which must be 'both', 'A' or 'B'; got {which!r}")
+    _same_device(x, A=A, B=B, u=u, client_index=client_index, out_A=out_A, out_B=out_B)
+    r, nn_, m = A.shape[1], A.shape[2], B.shape[1]
     dt = ref.acc_dtype(x.dtype)
+    _check_out("out_A", out_A, (n, r, nn_), dt)
+    _check_out("out_B", out_B, (n, m, r), dt)
+    be = _pick(backend, x.device, (x.dtype, grad_out.dtype))
+    if be == "triton":   # one launch per factor over ALL samples, factors gathered by client_index
+        from . import triton_kernels as tk
+        gA, gB, sqA, sqB = tk.lora_per_sample_grads(x, grad_out, A, B, float(scale), n, u, which,
+                                                    out_A=out_A, out_B=out_B, client_index=client_index)
+        return LoRAPerSampleGrads(gA, gB, sqA, sqB)
+    gA, gB = ref.grouped_lora_per_sample_grads(x, grad_out, A, B, float(scale), n, u, which, client_index,
+                                               out_A, out_B)
     return LoRAPerSampleGrads(gA, gB, ref.sqnorm(gA, n, x.device, dt), ref.sqnorm(gB, n, x.device, dt))
 
 
@@ -187,13 +172,14 @@ def linear_per_sample_grads(x: torch.Tensor, grad_out: torch.Tensor, num_samples
     be = _pick(backend, x.device, (x.dtype, grad_out.dtype))
     if be == "triton":
         from . import triton_kernels as tk
-        gW, gb, sq = tk.linear_per_sample_grads(x, grad_out, n_samples, bias, out_weight=out_weight)
-        return LinearPerSampleGrads(gW, _into(out_bias, gb), sq)
-    gW, gb = ref.linear_per_sample_grads(x, grad_out, n_samples, bias)
+        gW, gb, sq = tk.linear_per_sample_grads(x, grad_out, n_samples, bias, out_weight=out_weight,
+                                                out_bias=out_bias)
+        return LinearPerSampleGrads(gW, gb, sq)
+    gW, gb = ref.linear_per_sample_grads(x, grad_out, n_samples, bias, out_weight, out_bias)
     sq = ref.sqnorm(gW, n_samples, x.device, dt)
     if gb is not None:
         sq = sq + ref.sqnorm(gb, n_samples, x.device, dt)
-    return LinearPerSampleGrads(_into(out_weight, gW), _into(out_bias, gb), sq)
+    return LinearPerSampleGrads(gW, gb, sq)
 
 
 def _check_clip_norm(clip_norm: float) -> float:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .api import clip_and_noise, clipped_noised_sum
+from .api import _add_noise, clip_and_noise, clipped_noised_sum, gaussian_noise
 from .api import clip_factors as _clip_factors
 from .engine import PerSampleGradEngine, PerSampleGrads
 
@@ -159,14 +159,14 @@ def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tens
         verify_clipping_unit(model, loss_fn, batch,
                              lambda m, f, b: per_sample_gradients(m, f, b, backend=backend, precision=precision),
                              num_samples=num_samples)
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    engine = PerSampleGradEngine(model, backend=backend)   # validates devices and backend up front
+    params = dict(engine.params)   # the trainable parameters, by name (the engine's one walk)
     n = batch_size_of(batch) if num_samples is None else int(num_samples)
     std = float(noise_multiplier) * float(clip_norm) if noise_multiplier > 0 else 0.0
     if not params:
         return DPStepResult({}, torch.zeros(n), torch.ones(n), n)
     names = list(params)
     shapes = [params[k].shape for k in names]
-    engine = PerSampleGradEngine(model, backend=backend)   # validates devices and backend up front
     device = engine.device
 
     if n == 0:   # Poisson drew nobody: noise only, the model is not called
@@ -175,20 +175,23 @@ def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tens
         return _write(params, names, summed, expected_batch_size, total, factors, 0)
 
     psg = _run(engine, model, loss_fn, batch, n, precision, ghost=True)
-    _check_finite(psg)
+    total = _check_finite(psg)
     summed, total, factors = _privatize(psg, names, shapes, device, float(clip_norm), std, generator,
-                                        clipping, backend)
+                                        clipping, backend, total)
     return _write(params, names, summed, expected_batch_size, total.sqrt(), factors, n)
 
 
-def _check_finite(psg: PerSampleGrads) -> None:
-    if not bool(torch.isfinite(psg.total_sqnorm()).all()):   # the step's one host synchronisation
+def _check_finite(psg: PerSampleGrads) -> torch.Tensor:
+    """Raise if any per-sample gradient is not finite; returns the (N,) total squared norms it checked."""
+    total = psg.total_sqnorm()
+    if not bool(torch.isfinite(total).all()):   # the step's one host synchronisation
         raise FloatingPointError(f"NaN/Inf in the per-sample gradient of parameter {_non_finite(psg)!r}; "
                                  "p.grad left untouched")
+    return total
 
 
 def _privatize(psg: PerSampleGrads | None, names, shapes, device, clip_norm, std, generator, clipping,
-               backend):
+               backend, total: torch.Tensor | None = None):
     """Clipped sum + noise of one client's per-sample gradients (psg None or empty: noise only, ONE
     draw over all `names`). Returns (sums in `names` order, (N,) squared norms, clip factors). The
     single place that fixes the order and shapes of the noise draws, shared by dp_gradient and
@@ -196,7 +199,7 @@ def _privatize(psg: PerSampleGrads | None, names, shapes, device, clip_norm, std
     if psg is None or psg.num_samples == 0:
         summed = _noise_only(shapes, device, std, generator, backend)
         return summed, torch.zeros(0, device=device), torch.ones(0, device=device)
-    total = psg.total_sqnorm()
+    total = psg.total_sqnorm() if total is None else total   # (N,), from _check_finite when it ran
     ghost = {k: (gl, j) for gl in psg.ghost for j, k in enumerate(gl.names)}
     if clipping == "flat":
         summed, factors = _flat(psg, names, ghost, total, clip_norm, std, generator, backend)
@@ -278,7 +281,7 @@ def _flat(psg: PerSampleGrads, names, ghost, total, clip_norm, std, generator, b
     if arena_names:
         # the arena itself is the one (N, P) input: one matvec / one kernel launch for every parameter,
         # and the same flat noise draw as a list of its views (same total size, same order)
-        sizes = [psg.grads[k][0].numel() for k in arena_names]
+        sizes = [math.prod(psg.grads[k].shape[1:]) for k in arena_names]
         assert psg.arena is not None and sum(sizes) == psg.arena.shape[1]
         (flat,), factors = clip_and_noise([psg.arena], total, clip_norm, std, generator, backend=backend)
         for k, part in zip(arena_names, flat.split(sizes)):
@@ -304,9 +307,12 @@ def _ghost_shape(entry) -> torch.Size:
 
 
 def _noise_only(shapes, device, std, generator, backend) -> list[torch.Tensor]:
-    """N(0, std^2) tensors of the given shapes from ONE draw (zeros when std == 0)."""
-    empty = [torch.zeros((0, *s), device=device) for s in shapes]
-    return clipped_noised_sum(empty, torch.zeros(0, device=device), std, generator, backend=backend)
+    """N(0, std^2) tensors of the given shapes from ONE draw (zeros when std == 0): what
+    clipped_noised_sum gives for an empty batch (a zero sum plus the noise, the same draw and the same
+    two float ops), without building empty per-sample tensors and an empty sum per shape. `backend`
+    does not matter here: the draw is torch's on both."""
+    noise = gaussian_noise(shapes, std, generator, device)
+    return _add_noise([torch.zeros(s, device=device) for s in shapes], noise, std)
 
 
 def _non_finite(psg: PerSampleGrads) -> str:

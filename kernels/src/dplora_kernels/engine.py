@@ -165,7 +165,7 @@ class PerSampleGradEngine:
     _handles: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.params = _trainable(self.model)[0]
         devices = sorted({str(p.device) for p in self.params.values()})
         if len(devices) > 1:
             raise ValueError(f"model parameters are on several devices {devices}; the per-sample-gradient "
@@ -178,14 +178,12 @@ class PerSampleGradEngine:
 
     # ---- setup ---------------------------------------------------------------------------------
     def __enter__(self) -> "PerSampleGradEngine":
-        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self._names = {id(p): n for n, p in self.params.items()}
         covered: set[int] = set()
         batchnorms = []
-        for name, m in self.model.named_modules():   # one walk: BatchNorm check and hooks
+        params, owners = _trainable(self.model)   # ONE walk: parameters, BatchNorm check and hooks
+        for name, m, own in owners:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
                 batchnorms.append(name)
-            own = [p for p in m.parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
             if isinstance(m, LoRALinear):
@@ -200,6 +198,8 @@ class PerSampleGradEngine:
                     continue
                 covered |= {id(p) for p in own}
                 self._handles.append(m.register_forward_hook(self._capture_module))
+        self.params = params
+        self._names = {id(p): n for n, p in params.items()}
         if batchnorms:   # batch statistics mix samples: no per-sample gradient (nor DP) exists
             self.close()
             raise ValueError(f"BatchNorm layers {batchnorms} are in training mode: batch statistics mix "
@@ -271,7 +271,7 @@ class PerSampleGradEngine:
             # Trainable parameters whose module never ran may still be used functionally (e.g.
             # nn.MultiheadAttention reads out_proj.weight without calling out_proj): ask autograd for
             # their gradient in the same pass and refuse if the loss depends on them.
-            called = {id(p) for c in calls for p in c.module.parameters(recurse=False)}
+            called = {id(p) for c in calls for p in c.module._parameters.values() if p is not None}
             uncalled = [(k, p) for k, p in self.params.items() if id(p) not in called]
             res = torch.autograd.grad(loss, outs + [p for _, p in uncalled], allow_unused=True,
                                       retain_graph=retain_graph)
@@ -316,18 +316,26 @@ class PerSampleGradEngine:
         views = {k: arena[:, o:o + m].view(n, *self.params[k].shape) for k, (o, m) in slots.items()}
         writes: dict[str, int] = {}
         units: list[tuple[tuple[str, ...], torch.Tensor]] = []
+
+        def target(p):
+            # a parameter's first write goes into its arena view, given to the kernel functions as their
+            # out= buffer (Triton stores there, no copy); a later call of the same module returns fresh
+            # tensors, added below
+            k = self._names[id(p)]
+            return None if writes.get(k) else views[k]
+
         for i, c in enumerate(calls):
             if c is None:
                 continue
             g, grad_outs[i], calls[i] = grad_outs[i], None, None   # free each pair once used
             if g is None:
                 continue
-            for params, gs, sq in self._per_sample(c, g, n):
+            for params, gs, sq in self._per_sample(c, g, n, target):
                 names = tuple(self._names[id(p)] for p in params)
                 for k, gk in zip(names, gs):
                     if writes.get(k):
                         views[k].add_(gk)
-                    else:
+                    elif gk is not views[k]:
                         views[k].copy_(gk)
                     writes[k] = writes.get(k, 0) + 1
                 units.append((names, sq.to(dt)))
@@ -358,19 +366,23 @@ class PerSampleGradEngine:
             names, sqs = names + (self._names[id(m.bias)],), sqs + (g_sq,)
         return GhostLinear(names, x, gg, sqs)
 
-    def _per_sample(self, c: _Call, g: torch.Tensor, n: int):
+    def _per_sample(self, c: _Call, g: torch.Tensor, n: int, target=lambda p: None):
         """Yield (parameters, their per-sample gradients (N, *shape), their joint squared norm (N,))
-        per unit of one recorded call; the norms come from the kernel functions."""
+        per unit of one recorded call; the norms come from the kernel functions. target(p): the
+        buffer p's per-sample gradient is to be written into (its arena view), or None."""
         m = c.module
         if isinstance(m, LoRALinear):
             a_on, b_on = m.lora_A.requires_grad, m.lora_B.requires_grad
             which = "both" if (a_on and b_on) else ("A" if a_on else "B")
+            out_A = target(m.lora_A) if a_on else None
+            out_B = target(m.lora_B) if b_on else None
             if c.group is not None:   # each sample with its own client's factors (grouped.py)
                 r = grouped_lora_per_sample_grads(_rows(c.x), _rows(g), c.group, m.scaling, _rows(c.u),
-                                                  self._backend, which)
+                                                  self._backend, which, out_A=out_A, out_B=out_B)
             else:
                 r = lora_per_sample_grads(_rows(c.x), _rows(g), m.lora_A.detach(), m.lora_B.detach(),
-                                          m.scaling, n, u=_rows(c.u), backend=self._backend, which=which)
+                                          m.scaling, n, u=_rows(c.u), backend=self._backend, which=which,
+                                          out_A=out_A, out_B=out_B)
             if a_on:
                 yield (m.lora_A,), (r.grad_A,), r.sqnorm_A
             if b_on:
@@ -378,7 +390,9 @@ class PerSampleGradEngine:
         elif isinstance(m, nn.Linear):
             w_on, b_on = m.weight.requires_grad, m.bias is not None and m.bias.requires_grad
             if w_on:
-                r = linear_per_sample_grads(_rows(c.x), _rows(g), n, bias=b_on, backend=self._backend)
+                r = linear_per_sample_grads(_rows(c.x), _rows(g), n, bias=b_on, backend=self._backend,
+                                            out_weight=target(m.weight),
+                                            out_bias=target(m.bias) if b_on else None)
                 yield ((m.weight, m.bias) if b_on else (m.weight,)), (r.grad_weight, r.grad_bias), r.sqnorm
             elif b_on:   # only the bias trains: G_b,i = sum of g over sample i's rows
                 gb = ref.per_sample_view(g, n).to(ref.acc_dtype(g.dtype)).sum(1)
@@ -408,6 +422,29 @@ class PerSampleGradEngine:
             out.index_add_(0, flat, gs.reshape(-1, m.embedding_dim))
             out = out.reshape(n, m.num_embeddings, m.embedding_dim)
             yield (m.weight,), (out,), ref.sqnorm(out, n, out.device, dt)
+
+
+def _trainable(model: nn.Module):
+    """The trainable parameters by name, in named_parameters() order (it fixes the arena layout and
+    the noise order; a shared parameter is listed once, under its first name), and for every module
+    (name, module, its own trainable parameters), in one walk over the modules. The engine is built
+    and entered every DP step: named_parameters() plus parameters(recurse=False) per module cost
+    about 1 ms more on the small Swin of benchmarks/dp_step.py."""
+    params: dict[str, nn.Parameter] = {}
+    owners = []
+    seen: set[int] = set()
+    for name, m in model.named_modules():
+        own = []
+        for k, p in m._parameters.items():
+            if p is None:
+                continue
+            if p.requires_grad:
+                own.append(p)
+                if id(p) not in seen:
+                    params[f"{name}.{k}" if name else k] = p
+            seen.add(id(p))
+        owners.append((name, m, own))
+    return params, owners
 
 
 class _Restore:

@@ -168,12 +168,15 @@ def _grouped_linear_hook(sizes, weight, bias):
     return hook
 
 
-def grouped_lora_per_sample_grads(x, grad_out, group: ClientGroup, scale: float, u, backend: str, which: str):
-    """api.lora_per_sample_grads with each sample's own client's factors (client_index per sample)."""
+def grouped_lora_per_sample_grads(x, grad_out, group: ClientGroup, scale: float, u, backend: str, which: str,
+                                  out_A=None, out_B=None):
+    """api.lora_per_sample_grads with each sample's own client's factors (client_index per sample);
+    out_A / out_B: arena views written in place, as in the ungrouped call."""
     from .api import lora_per_sample_grads
 
     return lora_per_sample_grads(x, grad_out, group.A.detach(), group.B.detach(), scale, sum(group.sizes),
-                                 u=u, backend=backend, which=which, client_index=group.client_index)
+                                 u=u, backend=backend, which=which, client_index=group.client_index,
+                                 out_A=out_A, out_B=out_B)
 
 
 def slice_samples(psg, start: int, stop: int):

@@ -348,15 +348,21 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def lora_per_sample_grads(x, grad_out, A, B, scale, num_samples, u=None, which="both", split=None,
-                          out_A=None, out_B=None, gB_prod=None):
+                          out_A=None, out_B=None, gB_prod=None, client_index=None):
     """Triton path of api.lora_per_sample_grads (inputs already validated). out_A (N, r, n) / out_B
     (N, m, r) may be given as fp32 views into a per-sample-gradient arena; gB_prod = grad_out @ B
-    (unscaled) when the caller already has it (the autograd backward computes it for the input grad)."""
+    (unscaled) when the caller already has it (the autograd backward computes it for the input grad).
+
+    client_index (N,) long: client-grouped mode, A (M, r, n) and B (M, m, r) are client stacks. Each
+    sample's factors are gathered once on the device (index_select: no host synchronisation, no loop
+    over clients), v_i = g_i B_c(i) and u_i = x_i A_c(i)^T are two batched matmuls, and the kernel then
+    runs ONCE over all samples per factor, exactly as in the ungrouped case: its operands are already
+    per sample, so nothing in it depends on the client."""
     _compute_dtype(x)
     _compute_dtype(grad_out)
     N = num_samples
-    r, n = A.shape
-    m = B.shape[0]
+    r, n = A.shape[-2:]
+    m = B.shape[-2]
     xs = ref.per_sample_view(x.contiguous(), N) if N else x.reshape(0, 1, n)
     gs = ref.per_sample_view(grad_out.contiguous(), N) if N else grad_out.reshape(0, 1, m)
     dev = x.device
@@ -364,6 +370,8 @@ def lora_per_sample_grads(x, grad_out, A, B, scale, num_samples, u=None, which="
     if which in ("both", "A"):
         if gB_prod is not None:
             v = ref.per_sample_view(gB_prod.contiguous(), N) if N else gB_prod.reshape(0, 1, r)
+        elif client_index is not None:
+            v = torch.bmm(gs, B.to(gs.dtype).index_select(0, client_index))   # (N, L, r)
         else:
             v = gs @ B.to(gs.dtype)                                  # (N, L, r); scale applied in-kernel
         gA = out_A if out_A is not None else _empty((N, r, n), dev)
@@ -371,6 +379,8 @@ def lora_per_sample_grads(x, grad_out, A, B, scale, num_samples, u=None, which="
     if which in ("both", "B"):
         if u is not None:
             us = ref.per_sample_view(u.contiguous(), N) if N else u.reshape(0, 1, r)
+        elif client_index is not None:
+            us = torch.bmm(xs, A.to(xs.dtype).index_select(0, client_index).transpose(1, 2))
         else:
             us = xs @ A.to(xs.dtype).T
         gB = out_B if out_B is not None else _empty((N, m, r), dev)
@@ -379,8 +389,9 @@ def lora_per_sample_grads(x, grad_out, A, B, scale, num_samples, u=None, which="
     return gA, gB, zeros if sqA is None else sqA, zeros if sqB is None else sqB
 
 
-def linear_per_sample_grads(x, grad_out, num_samples, bias=True, split=None, out_weight=None):
-    """Triton path of api.linear_per_sample_grads: G_W,i = g_iᵀ x_i via the same kernel (p = m)."""
+def linear_per_sample_grads(x, grad_out, num_samples, bias=True, split=None, out_weight=None, out_bias=None):
+    """Triton path of api.linear_per_sample_grads: G_W,i = g_iᵀ x_i via the same kernel (p = m);
+    out_weight / out_bias: optional buffers written in place (arena views)."""
     _compute_dtype(x)
     N = num_samples
     n, m = x.shape[-1], grad_out.shape[-1]
@@ -390,7 +401,7 @@ def linear_per_sample_grads(x, grad_out, num_samples, bias=True, split=None, out
     sq = per_sample_outer(gs, xs, gW, 1.0, split)
     gb = None
     if bias:
-        gb = gs.sum(dim=1, dtype=torch.float32)
+        gb = torch.sum(gs, dim=1, dtype=torch.float32, out=out_bias)
         sq = sq + gb.pow(2).sum(dim=1)
     return gW, gb, sq
 
