@@ -308,7 +308,8 @@ def run_notebooks(profile: str, *, only: Iterable[str] | None = None, root: Path
         if status == "failed":
             echo(f"[{name}] FAILED: {error}\n[{name}] see {out_path}")
         seconds = time.perf_counter() - start
-        summary.outcomes.append(NotebookOutcome(name, status, round(seconds, 2), str(out_path), error))
+        shown = out_path.relative_to(root) if out_path.is_relative_to(root) else out_path   # no machine path
+        summary.outcomes.append(NotebookOutcome(name, status, round(seconds, 2), str(shown), error))
         if status != "failed":
             echo(f"[{name}] {status} in {seconds:.1f} s")
         elif not keep_going:
@@ -388,6 +389,14 @@ def clean_executed_notebook(path: Path | str, root: Path | str | None = None) ->
             kept.append(out)
         if "outputs" in cell and len(kept) != len(cell["outputs"]):
             cell["outputs"], changed = kept, True
+    # papermill records where it read and wrote the notebook: the build machine's absolute paths
+    papermill = nb.metadata.get("papermill") or {}
+    for key in ("input_path", "output_path"):
+        value = papermill.get(key)
+        if isinstance(value, str):
+            new = scrub_text(value, root)
+            changed |= new != value
+            papermill[key] = new
     if changed:
         from lalora.results import atomic_write_bytes
 

@@ -9,7 +9,8 @@ import pytest
 from lalora.notebooks import clean_executed_notebook, scrub_text
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = sorted((ROOT / "results" / "offline" / "notebooks").glob("*.ipynb"))
+COMMITTED = sorted(p for profile in ("offline", "offline-full")
+                   for p in (ROOT / "results" / profile / "notebooks").glob("*.ipynb"))
 # An absolute path of a build machine: temporary folders, home folders, virtual environments.
 MACHINE_PATH = re.compile(r"(/tmp/|/var/folders/|/private/var/|/home/[^/\s]+/|/root/|/Users/[^/\s]+/|(?<!<)site-packages)")
 WARNING = re.compile(r"\w*Warning: ")
@@ -33,6 +34,8 @@ def _texts(nb) -> list[str]:
 @pytest.mark.parametrize("path", COMMITTED, ids=[p.stem for p in COMMITTED])
 def test_committed_notebook_outputs_have_no_machine_paths_or_warnings(path):
     nb = nbformat.read(path, as_version=4)
+    papermill = nb.metadata.get("papermill") or {}
+    assert not any(str(papermill.get(k, "")).startswith("/") for k in ("input_path", "output_path")), papermill
     for text in _texts(nb):
         assert not MACHINE_PATH.search(text), f"{path.name}: machine path in output: {text[:200]!r}"
         assert not WARNING.search(text), f"{path.name}: warning in output: {text[:200]!r}"
@@ -53,6 +56,7 @@ def test_clean_executed_notebook_rewrites_outputs_in_place(tmp_path):
                     nbformat.v4.new_output("stream", name="stdout", text=f"saved {tmp_path}/fig.png\n"),
                     nbformat.v4.new_output("execute_result", data={"text/plain": "42"}, execution_count=1)]
     nb.cells.append(cell)
+    nb.metadata["papermill"] = {"input_path": str(tmp_path / "src.ipynb"), "output_path": str(tmp_path / "nb.ipynb")}
     path = tmp_path / "nb.ipynb"
     nbformat.write(nb, path)
     assert clean_executed_notebook(path, root=tmp_path)
@@ -60,5 +64,6 @@ def test_clean_executed_notebook_rewrites_outputs_in_place(tmp_path):
     outs = cleaned.cells[0].outputs
     assert [o["output_type"] for o in outs] == ["stream", "execute_result"]
     assert outs[0]["text"] == "saved ./fig.png\n" and outs[1]["data"]["text/plain"] == "42"
+    assert cleaned.metadata["papermill"] == {"input_path": "./src.ipynb", "output_path": "./nb.ipynb"}
     assert not clean_executed_notebook(path, root=tmp_path)   # idempotent
     json.loads(path.read_text())
