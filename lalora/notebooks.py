@@ -463,7 +463,8 @@ def register(subparsers) -> None:
                               description=__doc__.splitlines()[0])
     p.add_argument("--profile", choices=PROFILES, default="offline",
                    help="parameter profile: ci (seconds), offline (CPU main job, make reproduce), offline-full (the evidence: "
-                        "the DP-bites regime, 5 paired seeds, ~2 h on 2 cores, results committed), paper (GPU, data on disk), "
+                        "the DP-bites regime, 5 paired seeds, ~80 min on 2 cores in two processes, results committed), "
+                        "paper (GPU, data on disk), "
                         "paper-smoke (paper models on generated inputs, 1-2 rounds)")
     p.add_argument("--only", action="append", metavar="NAME",
                    help="run only this notebook (01_main_vision, 01 or main_vision); repeatable")

@@ -473,7 +473,8 @@ SCOPE = (
     "**What the offline profiles can and cannot say.** `offline-full` is the evidence: real offline data "
     "(scikit-learn digits with a small Swin pretrained on a public split; MiniLM-L6 on chatterbot topics), "
     "the paper's protocol (8 clients, 4 per round, Dirichlet β = 0.1, batch 16, LoRA r = α = 16 on qkv + proj "
-    "for vision) in a regime where DP costs as much as in the paper (ε = 1, σ in the paper's 4–6 range; "
+    "for vision) in a regime where DP costs at least as much as in the paper (vision at ε = 1, σ = 5.3 in the "
+    "paper's 4–6 range; language at ε = 3, where neither private arm beat the majority baseline; both "
     "measured below), and ≥ 5 paired seeds behind every verdict (the same seed gives every method the same "
     "partition, client schedule, LoRA init and data order). It can say whether the paper's ordering and "
     "gaps between methods appear under real DP at small scale, to within the intervals shown; it cannot "
@@ -482,7 +483,9 @@ SCOPE = (
     "settings it did not run. Its results are committed with the code version and command that produced "
     "them (`results/offline-full/notebooks/runner_summary.json`), and a test re-runs a random cell bit for "
     "bit. `offline` (`make reproduce`, ≤ 45 min) is a quicker check of the whole pipeline at ε = 3, where "
-    "DP costs little, with ≤ 3 seeds per cell: it draws no verdict. `ci` numbers mean nothing; only "
+    "DP costs little, with ≤ 3 seeds per cell outside notebook 13: it draws no verdict there. FedSA-LoRA, "
+    "where a profile runs it, is scored over the clients that trained (not over never-sampled clients); no "
+    "offline cell runs it. `ci` numbers mean nothing; only "
     "`paper` runs (a GPU, the paper's data and weights) can test the paper's own numbers."
 )
 
