@@ -19,6 +19,8 @@ refuses a file whose bytes do not match (``CheckpointCorruptedError``), and it l
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import io
 import json
@@ -35,6 +37,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 FINAL_FILE = "final.json"
+LOCK_FILE = ".lock"
 
 
 class CheckpointCorruptedError(ValueError):
@@ -200,6 +203,26 @@ class RunDir:
 
     def is_finished(self) -> bool:
         return self.final_path.exists()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold an exclusive lock on this run folder while training it (``fcntl.flock`` on
+        ``<folder>/.lock``; ``reset`` never removes that file). Why: two processes sharing a runs
+        folder (e.g. two ``lalora notebooks --only ...`` runners) once trained the same run at the
+        same time and interleaved its metrics.jsonl; now the second waits, then finds it finished.
+        Without ``fcntl`` (Windows) there is no lock."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:   # pragma: no cover - not on POSIX
+            yield
+            return
+        with open(self.path / LOCK_FILE, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def has_checkpoint(self) -> bool:
         return self.checkpoint_path.exists()

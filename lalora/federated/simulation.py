@@ -479,7 +479,18 @@ def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resu
     run_dir = RunDir.for_config(runs_dir, cfg.task, cfg.method, digest + ("-NOT-DP" if not_dp else ""))
     if run_dir.is_finished() and not force:
         return RunResult(cfg, run_dir.read_metrics(), run_dir.read_final(), str(run_dir.path), cached=True)
+    with run_dir.exclusive():
+        # another process may have finished this run while we waited for the lock
+        if run_dir.is_finished() and not force:
+            return RunResult(cfg, run_dir.read_metrics(), run_dir.read_final(), str(run_dir.path), cached=True)
+        return _train(cfg, task, partitions, run_dir, digest, fingerprint, resume=resume, force=force,
+                      progress=progress)
 
+
+def _train(cfg: RunConfig, task, partitions, run_dir: RunDir, digest: str, fingerprint: str, *, resume: bool,
+           force: bool, progress: bool) -> RunResult:
+    """Train (or resume) the run in ``run_dir``; the caller holds its lock."""
+    not_dp = cfg.dp_mode == "as-released"
     sim = Simulator(cfg, task=task, partitions=partitions)
     global_state = sim.initial_global_state()
     start, elapsed = 1, 0.0
