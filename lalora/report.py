@@ -194,6 +194,10 @@ def check_ranking(cells: Mapping[str, Cell], claimed: list[str] = CLAIMED_RANKIN
 # offline evidence (issue 15) asks for >= 5 paired seeds behind every verdict.
 MIN_SEEDS = 5
 CONFIDENCE = 0.95
+# Both arms of a claim at or below the majority-class baseline: neither private model learned anything,
+# so a difference between them (e.g. the same one test example on every seed, a zero-width interval)
+# says nothing about the methods.
+NEITHER_TRAINED = "neither trained (both ≤ majority baseline)"
 # Per-run fields of a run record; every other field (task, epsilon, beta, dp_mode, ...) names the setting.
 RUN_FIELDS = {"method", "seed", "accuracy", "epsilon_spent", "target_epsilon", "noise_multiplier", "private",
               "cached", "wall_time_s", "run_dir", "curve", "majority_baseline", "privacy", "fedsa_scoring",
@@ -234,7 +238,8 @@ def paired_difference(better: Mapping[Any, float], worse: Mapping[Any, float],
     return PairedDifference(len(diffs), mean, mean - half, mean + half, seeds)
 
 
-def verdict(diff: PairedDifference, *, trained: bool | None = None, min_seeds: int = MIN_SEEDS) -> str:
+def verdict(diff: PairedDifference, *, trained: bool | None = None, min_seeds: int = MIN_SEEDS,
+            at_chance: bool = False) -> str:
     """holds / reversed / unresolved from the CI alone; "insufficient seeds" below ``min_seeds``;
     "did not train" when the task's model did not beat its majority baseline (``trained`` False;
     None = not known, judged on the CI)."""
@@ -242,6 +247,8 @@ def verdict(diff: PairedDifference, *, trained: bool | None = None, min_seeds: i
         return "did not train"
     if diff.n < min_seeds:
         return "insufficient seeds"
+    if at_chance:   # both private arms at or below the majority baseline
+        return NEITHER_TRAINED
     if diff.ci_low > 0:
         return "holds"
     if diff.ci_high < 0:
@@ -287,12 +294,6 @@ def trained_tasks(runs: Iterable[Mapping[str, Any]]) -> dict[str, bool]:
     return {t: sum(a) / len(a) > base[t] for t, a in acc.items()}
 
 
-# Both arms of a claim at or below the majority-class baseline: neither private model learned anything,
-# so a difference between them (e.g. the same one test example on every seed, a zero-width interval)
-# says nothing about the methods.
-NEITHER_TRAINED = "neither trained (both ≤ majority baseline)"
-
-
 def _both_at_chance(runs: list[Mapping[str, Any]]) -> bool:
     by_method: dict[str, list[float]] = {}
     base = None
@@ -335,10 +336,8 @@ def claim_verdicts(runs: Iterable[Mapping[str, Any]], claimed: list[str] = CLAIM
             a = {s: float(r["accuracy"]) for s, r in per_method[better].items()}
             b = {s: float(r["accuracy"]) for s, r in per_method[worse].items()}
             diff = paired_difference(a, b, confidence)
-            judged = verdict(diff, trained=trained.get(where.get("task")), min_seeds=min_seeds)
-            if judged in ("holds", "reversed", "unresolved") and _both_at_chance(
-                    [per_method[m][s] for m in (better, worse) for s in diff.seeds]):
-                judged = NEITHER_TRAINED
+            judged = verdict(diff, trained=trained.get(where.get("task")), min_seeds=min_seeds,
+                             at_chance=_both_at_chance([per_method[m][s] for m in (better, worse) for s in diff.seeds]))
             rows.append({
                 **where, "claim": f"{method_label(better)} > {method_label(worse)}", "better": better,
                 "worse": worse, "n": diff.n, "mean": diff.mean, "ci_low": diff.ci_low, "ci_high": diff.ci_high,

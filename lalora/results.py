@@ -20,7 +20,6 @@ refuses a file whose bytes do not match (``CheckpointCorruptedError``), and it l
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import io
 import json

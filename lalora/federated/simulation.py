@@ -477,12 +477,19 @@ def run_experiment(cfg: RunConfig, *, runs_dir: str | os.PathLike = "runs", resu
     digest = config_hash({**cfg.to_dict(), "task_fingerprint": fingerprint}, lalora.__version__)
     not_dp = cfg.dp_mode == "as-released"   # the folder name says it too
     run_dir = RunDir.for_config(runs_dir, cfg.task, cfg.method, digest + ("-NOT-DP" if not_dp else ""))
-    if run_dir.is_finished() and not force:
-        return RunResult(cfg, run_dir.read_metrics(), run_dir.read_final(), str(run_dir.path), cached=True)
-    with run_dir.exclusive():
-        # another process may have finished this run while we waited for the lock
+
+    def finished() -> RunResult | None:
         if run_dir.is_finished() and not force:
             return RunResult(cfg, run_dir.read_metrics(), run_dir.read_final(), str(run_dir.path), cached=True)
+        return None
+
+    # Checked before the lock too: serving a finished run must not write (a read-only runs folder works).
+    if (done := finished()) is not None:
+        return done
+    with run_dir.exclusive():
+        # another process may have finished this run while we waited for the lock
+        if (done := finished()) is not None:
+            return done
         return _train(cfg, task, partitions, run_dir, digest, fingerprint, resume=resume, force=force,
                       progress=progress)
 
