@@ -129,6 +129,10 @@ class RunConfig:
         for name, fallback in FALLBACKS.items():
             if getattr(self, name) is None:
                 changes[name] = task_defaults.get(name, fallback)
+        if (self.partition or changes.get("partition")) != "dirichlet-released":
+            # samples_per_client is the released scheme's parameter; the others split every sample. The
+            # task's default is dropped; one the caller set is an error (validate names it).
+            changes["samples_per_client"] = self.samples_per_client
         if self.filter is None:
             changes["filter"] = get_method(self.method).filter_default
         changes["device"] = resolve_device(self.device, self.precision)
@@ -204,6 +208,10 @@ class RunConfig:
             _choice(self.optimizer, OPTIMIZERS, "optimizer")
         if self.partition is not None:
             _choice(self.partition, PARTITIONS, "partition")
+            if self.samples_per_client is not None and self.partition != "dirichlet-released":
+                raise ValueError(f"samples_per_client applies only to partition 'dirichlet-released' (the other "
+                                 f"schemes split every sample); got {self.samples_per_client!r} with partition "
+                                 f"{self.partition!r}")
         if self.clients is not None and self.clients_per_round is not None \
                 and self.clients_per_round > self.clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) must be <= clients "

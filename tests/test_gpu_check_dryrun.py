@@ -18,7 +18,7 @@ def test_gpu_check_dry_run(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "gpu_check" / "run.sh")], env=env, capture_output=True, text=True,
                           timeout=900)
     stages = dict(line.split() for line in (tmp_path / "stages.txt").read_text().splitlines())
-    assert stages == {"0_compile": "0", "1_kernel_tests": "0", "2_numerics": "0", "3_bench": "0"}, \
+    assert stages == {"0_compile": "0", "1_kernel_tests": "0", "2_numerics": "0", "3_bench": "0", "4_batched": "0"}, \
         proc.stdout[-3000:] + "\nSTDERR:\n" + proc.stderr[-3000:]
     numerics = json.loads((tmp_path / "numerics.json").read_text())
     assert numerics["dry_run"] and not numerics["failures"] and len(numerics["results"]) > 20
@@ -26,3 +26,5 @@ def test_gpu_check_dry_run(tmp_path):
     methods = {s["method"] for s in bench["steps"] if not s.get("error")}
     assert {"non-private", "dp_gradient triton", "dp_gradient torch"} <= methods
     assert "| RoBERTa-base" in (tmp_path / "bench.md").read_text()
+    batched = json.loads((tmp_path / "batched.json").read_text())
+    assert batched["task"] == "smoke-swin-t" and batched["throughput_ratio_batched_over_sequential"] > 0

@@ -99,3 +99,25 @@ def test_bad_input_names_field(kw, field):
     args = dict(num_clients=4, scheme="dirichlet-per-class", beta=0.5, seed=0) | kw
     with pytest.raises(ValueError, match=field):
         partition(LABELS, **args)
+
+
+@pytest.mark.parametrize("scheme", ["dirichlet-per-class", "iid"])
+def test_samples_per_client_is_refused_by_the_schemes_that_split_every_sample(scheme):
+    # it used to be ignored silently: a run asking for 50 per client got ~125
+    with pytest.raises(ValueError, match="samples_per_client applies only to scheme 'dirichlet-released'"):
+        partition(LABELS, 8, scheme, beta=0.5, seed=0, samples_per_client=50)
+
+
+def test_run_config_samples_per_client_only_with_the_released_partition():
+    from lalora.config import RunConfig
+
+    with pytest.raises(ValueError, match="samples_per_client applies only to partition 'dirichlet-released'"):
+        RunConfig(task="digits", method="dp-lora", partition="iid", samples_per_client=50)
+    # a task's default (the released scheme's 500 per client) is dropped for another scheme, not an error
+    cfg = RunConfig(task="digits", method="dp-lora", partition="iid").resolve({"samples_per_client": 500})
+    assert cfg.samples_per_client is None and cfg.partition == "iid"
+    # ... and kept for the released scheme
+    assert RunConfig(task="digits", method="dp-lora").resolve({"samples_per_client": 500}).samples_per_client == 500
+    # an explicit value with a task whose default scheme is another one: the error, not a silent drop
+    with pytest.raises(ValueError, match="samples_per_client applies only"):
+        RunConfig(task="digits", method="dp-lora", samples_per_client=50).resolve({"partition": "dirichlet-per-class"})

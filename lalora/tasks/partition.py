@@ -17,7 +17,8 @@ same split:
       Only for reproducing the released code; a duplicated sample is exposed on each client.
 
     ``samples_per_client`` defaults to ``len(labels) // num_clients``. Clients are never empty
-    (each gets exactly ``samples_per_client >= 1`` samples).
+    (each gets exactly ``samples_per_client >= 1`` samples). It is this scheme's parameter only: the
+    other two split every sample, and passing it to them raises instead of being ignored.
 
 ``dirichlet-per-class`` -- each class's samples are split across the clients by proportions
     q_c ~ Dir(β·1_K). Every sample goes to exactly one client. A client with fewer than
@@ -63,6 +64,10 @@ def partition(
         raise ValueError(f"num_clients={num_clients} exceeds the number of samples {n}")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme={scheme!r} is not one of {SCHEMES}")
+    if samples_per_client is not None and scheme != "dirichlet-released":
+        raise ValueError(f"samples_per_client applies only to scheme 'dirichlet-released' (the other schemes "
+                         f"split every sample); got samples_per_client={samples_per_client!r} with "
+                         f"scheme={scheme!r}")
     if scheme != "iid" and not (np.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     rng = np.random.default_rng(seed)
