@@ -468,25 +468,65 @@ def dp_cost_section(results: dict) -> str:
     return "\n".join(out)
 
 
-SCOPE = (
-    "**What the offline profiles can and cannot say.** `offline-full` is the evidence: real offline data "
-    "(scikit-learn digits with a small Swin pretrained on a public split; MiniLM-L6 on chatterbot topics), "
-    "the paper's protocol (8 clients, 4 per round, Dirichlet β = 0.1, batch 16, LoRA r = α = 16 on qkv + proj "
-    "for vision) in a regime where DP costs at least as much as in the paper (vision at ε = 1, σ = 5.3 in the "
-    "paper's 4–6 range; language at ε = 3, where neither private arm beat the majority baseline; both "
-    "measured below), and ≥ 5 paired seeds behind every verdict (the same seed gives every method the same "
-    "partition, client schedule, LoRA init and data order). It can say whether the paper's ordering and "
-    "gaps between methods appear under real DP at small scale, to within the intervals shown; it cannot "
-    "say anything about the paper's absolute accuracies, its models (Swin-T/B, RoBERTa-base) or data sets "
-    "(CIFAR-100, Tiny-ImageNet, GLUE), about effects smaller than an interval's half-width, or about "
-    "settings it did not run. Its results are committed with the code version and command that produced "
-    "them (`results/offline-full/notebooks/runner_summary.json`), and a test re-runs a random cell bit for "
-    "bit. `offline` (`make reproduce`, ≤ 45 min) is a quicker check of the whole pipeline at ε = 3, where "
-    "DP costs little, with ≤ 3 seeds per cell outside notebook 13: it draws no verdict there. FedSA-LoRA, "
-    "where a profile runs it, is scored over the clients that trained (not over never-sampled clients); no "
-    "offline cell runs it. `ci` numbers mean nothing; only "
-    "`paper` runs (a GPU, the paper's data and weights) can test the paper's own numbers."
-)
+def _regime(results: dict, notebook: str) -> dict | None:
+    """The DP-LoRA runs' shared settings in `offline-full`'s notebook (read from the committed run
+    configs, so the scope paragraph cannot drift from what ran); None when absent or not shared."""
+    runs = [r for r in ((results.get("offline-full") or {}).get(notebook) or {}).get("runs") or []
+            if isinstance(r, Mapping) and r.get("method") == "dp-lora" and r.get("dp_mode", "dp") == "dp"
+            and isinstance(r.get("config"), Mapping)]
+    if not runs:
+        return None
+    keys = ("clients", "clients_per_round", "beta", "batch_size", "r", "alpha", "epsilon")
+    shared = {k: {json.dumps(r["config"].get(k)) for r in runs} for k in keys}
+    if any(len(v) != 1 for v in shared.values()):
+        return None
+    out = {k: json.loads(next(iter(v))) for k, v in shared.items()}
+    sigmas = sorted(float(r["noise_multiplier"]) for r in runs if r.get("noise_multiplier") is not None)
+    out["sigma"] = (sigmas[0], sigmas[-1]) if sigmas else None
+    return out
+
+
+def _fmt_num(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
+def scope_text(results: dict) -> str:
+    """The report's scope paragraph; offline-full's regime (clients, β, batch, r, α, ε, σ) comes from
+    its committed run configs."""
+    vision, language = _regime(results, "01_main_vision"), _regime(results, "02_main_language")
+    if vision:
+        sig = vision["sigma"]
+        sigma = "" if sig is None else (f", σ = {sig[0]:.1f}" if f"{sig[0]:.1f}" == f"{sig[1]:.1f}"
+                                        else f", σ = {sig[0]:.1f}–{sig[1]:.1f}")
+        protocol = (f"the paper's protocol ({vision['clients']} clients, {vision['clients_per_round']} per round, "
+                    f"Dirichlet β = {_fmt_num(vision['beta'])}, batch {vision['batch_size']}, LoRA r = "
+                    + (f"α = {vision['r']}" if float(vision["alpha"]) == float(vision["r"])
+                       else f"{vision['r']}, α = {_fmt_num(vision['alpha'])}")
+                    + " on qkv + proj for vision)")
+        in_range = sig is not None and 4.0 <= sig[0] and sig[1] <= 6.0
+        regime = (f"vision at ε = {fmt_eps(as_epsilon(vision['epsilon']))}{sigma}"
+                  + (" in the paper's 4–6 range" if in_range else " (the paper's σ: 4–6)"))
+    else:
+        protocol, regime = "the paper's protocol", "vision"
+    lang = (f"language at ε = {fmt_eps(as_epsilon(language['epsilon']))}" if language else "language")
+    return (
+        "**What the offline profiles can and cannot say.** `offline-full` is the evidence: real offline data "
+        "(scikit-learn digits with a small Swin pretrained on a public split; MiniLM-L6 on chatterbot topics), "
+        f"{protocol} in a regime where DP costs at least as much as in the paper ({regime}; {lang}, where "
+        "neither private arm beat the majority baseline; both measured below), and ≥ 5 paired seeds behind "
+        "every verdict (the same seed gives every method the same "
+        "partition, client schedule, LoRA init and data order). It can say whether the paper's ordering and "
+        "gaps between methods appear under real DP at small scale, to within the intervals shown; it cannot "
+        "say anything about the paper's absolute accuracies, its models (Swin-T/B, RoBERTa-base) or data sets "
+        "(CIFAR-100, Tiny-ImageNet, GLUE), about effects smaller than an interval's half-width, or about "
+        "settings it did not run. Its results are committed with the code version and command that produced "
+        "them (`results/offline-full/notebooks/runner_summary.json`), and a test re-runs a random cell bit for "
+        "bit. `offline` (`make reproduce`, ≤ 45 min) is a quicker check of the whole pipeline at ε = 3, where "
+        "DP costs little, with ≤ 3 seeds per cell outside notebook 13: it draws no verdict there. FedSA-LoRA, "
+        "where a profile runs it, is scored over the clients that trained (not over never-sampled clients); no "
+        "offline cell runs it. `ci` numbers mean nothing; only "
+        "`paper` runs (a GPU, the paper's data and weights) can test the paper's own numbers."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -809,7 +849,7 @@ def build_report(results_root: str | os.PathLike = "results", reported_path: str
         + (" Each verdict links to the notebook section and figure behind it; the notebook links open "
            "the rendered site (`lalora site --profile <profile>`, `make site`)." if links is not _no_links else ""),
         "",
-        SCOPE,
+        scope_text(results),
         "",
         verdict_text,
         "",
