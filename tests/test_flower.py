@@ -236,3 +236,63 @@ def test_flower_path_equals_inprocess_engine_with_lora_dropout():
     res = run_flower(cfg, runs_dir=None, backend="inprocess", task=tiny_task(num_train=320), progress=False)
     assert_same_state(res.global_state, state)
     assert res.final["accuracy"] == pytest.approx(ev["accuracy"], abs=1e-12)
+
+
+class LeavingGrid(RecordingGrid):
+    """A grid whose SuperNode serving partition ``leaver`` leaves at its first message of type
+    ``at`` (Flower answers "Node Unavailable" for it) and comes back under a new node id with its
+    persisted state (the same Context.state), as a restarted deployed node does."""
+    def __init__(self, task, num_nodes, leaver, at):
+        super().__init__(task, num_nodes)
+        self.leaver, self.at, self.left = leaver, at, False
+        self._ready, self._count = [], 0
+
+    # the asynchronous Grid API of a deployment (push, then pull the replies): with it the strategy
+    # treats the grid as one whose nodes can leave and rejoin (LaLoraStrategy._refresh_nodes)
+    def push_messages(self, messages):
+        for m in messages:
+            self._count += 1
+            m.metadata._message_id = f"m{self._count}"   # the SuperLink assigns ids; Metadata has no setter
+        self._ready += self.send_and_receive(messages)
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, ids):
+        got = [r for r in self._ready if r.metadata.reply_to_message_id in set(ids)]
+        self._ready = [r for r in self._ready if r not in got]
+        return got
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Context, Error, Message
+
+        keep, gone = [], []
+        for m in messages:
+            ctx = self.contexts[m.metadata.dst_node_id]
+            if (not self.left and m.metadata.message_type == self.at
+                    and ctx.node_config["partition-id"] == self.leaver):
+                self.left = True
+                del self.contexts[m.metadata.dst_node_id]
+                new_id = max(self.contexts) + 1
+                self.contexts[new_id] = Context(run_id=0, node_id=new_id, node_config=ctx.node_config,
+                                                state=ctx.state, run_config={})
+                gone.append(Message(error=Error(code=0, reason="Node Unavailable"), reply_to=m))
+            else:
+                keep.append(m)
+        return super().send_and_receive(keep, timeout=timeout) + gone
+
+
+@pytest.mark.parametrize("at", ["evaluate", "train"])
+def test_a_node_that_leaves_and_rejoins_is_asked_again(at):
+    # FedSA-LoRA's evaluation is federated (each node scores its own B and head): a node that left
+    # mid-evaluation used to abort the run; now, as in training, its rejoined node is asked again
+    cfg = tiny_config("fedsa-lora", rounds=2)
+    _, state, ev = reference_run(cfg, tiny_task(dropout=0.0))
+    task = tiny_task(dropout=0.0)
+    leaver = 0 if at == "evaluate" else Simulator(cfg, task=tiny_task(dropout=0.0)).sampled_clients(1)[0]
+    grid = LeavingGrid(task, 4, leaver=leaver, at=at)
+    strategy = run_on(grid, cfg, task)
+    assert grid.left                                    # it did leave, and the run still finished
+    assert_same_state(strategy.global_state, state)
+    assert strategy.records[-1]["test_per_client_accuracy"] == pytest.approx(ev["per_client_accuracy"])
+    assert strategy.records[-1]["test_accuracy"] == pytest.approx(ev["accuracy"])
+    assert sum(1 for e in grid.log if e[0] == at and e[2] in strategy.node_of.values()
+               and grid.contexts[e[2]].node_config["partition-id"] == leaver) >= 1

@@ -16,7 +16,9 @@ to the in-process engine, so the two engines cannot drift apart:
   each client's local B and head: every node evaluates its own (federated evaluation).
 
 A missing or failed reply aborts the run: averaging over fewer clients than scheduled would change
-both the aggregate and the accounting assumptions.
+both the aggregate and the accounting assumptions. The one exception is a SuperNode that left (killed,
+restarted) and rejoins within ``rejoin_timeout``: its client is asked again, for training (a node that
+already served the round refuses it) and for FedSA-LoRA's federated evaluation alike.
 
 ``make_server_app(cfg)`` wraps it in a ServerApp that first sends every node a setup query (the
 run config; the node answers with its partition id, i.e. its client id).
@@ -196,25 +198,30 @@ class LaLoraStrategy(_strategy_base()):
                        "downlink_record_bytes_per_client": record.count_bytes()}
         return self._train_messages(t, clients)
 
-    def _resend_to_rejoined(self, t: int, replies: list) -> list:
+    def _resend_to_rejoined(self, t: int, replies: list, clients=None, make_messages=None,
+                            what: str = "round") -> list:
         """Replies saying the node left (killed, restarted) are replaced by the reply of the same
         client's rejoined SuperNode. A node that did serve the round before leaving refuses it
-        again (lalora.flower.node), and the round fails: nothing is released twice."""
+        again (lalora.flower.node), and the round fails: nothing is released twice. The same holds
+        for FedSA-LoRA's federated evaluation (``clients``: every client, ``make_messages``: the
+        evaluation messages): a node that left mid-evaluation is asked again once it rejoined."""
+        clients = self._round["clients"] if clients is None else clients
+        make_messages = self._train_messages if make_messages is None else make_messages
         cid_of = {node: cid for cid, node in self.node_of.items()}
         gone = [r for r in replies if r.has_error() and any(g in r.error.reason for g in _GONE)]
         if not gone or not hasattr(self, "_grid"):
             return replies
         # Flower's error replies come "from the SuperLink": the lost clients are those without a reply
         answered = {cid_of.get(r.metadata.src_node_id) for r in replies if not r.has_error()}
-        lost = sorted(set(self._round["clients"]) - answered)
+        lost = sorted(set(clients) - answered)
         if len(lost) != len(gone) or len(gone) != sum(r.has_error() for r in replies):
             return replies
         from logging import WARNING
 
         from flwr.common.logger import log
 
-        log(WARNING, "lalora: round %d: the SuperNodes of clients %s left; waiting for them to rejoin",
-            t, lost)
+        log(WARNING, "lalora: %s %d: the SuperNodes of clients %s left; waiting for them to rejoin",
+            what, t, lost)
         old = {self.node_of[c] for c in lost}
         self._refresh_nodes(self._grid, [], wait=False)
         end = time.monotonic() + self.rejoin_timeout
@@ -223,7 +230,7 @@ class LaLoraStrategy(_strategy_base()):
                 return replies                        # _check_replies reports the original errors
             time.sleep(1.0)
             self._refresh_nodes(self._grid, [], wait=False)
-        again = list(self._grid.send_and_receive(self._train_messages(t, lost), timeout=self.timeout))
+        again = list(self._grid.send_and_receive(make_messages(t, lost), timeout=self.timeout))
         return [r for r in replies if r not in gone] + again
 
     def aggregate_train(self, server_round, replies):
@@ -277,21 +284,29 @@ class LaLoraStrategy(_strategy_base()):
     def _federated_eval(self) -> bool:
         return bool(self.sim.method.local_only)   # the model differs per client (FedSA-LoRA)
 
-    def configure_evaluate(self, server_round, arrays, config, grid):
+    def _eval_messages(self, t: int, clients) -> list:
         from flwr.app import Message, MessageType, RecordDict
 
-        if not (self._federated_eval() and self._eval_round(server_round)):
-            return []
         record = state_to_record({k: v for k, v in self.global_state.items() if k in self.down_names})
         return [Message(RecordDict({KEYS.ARRAYS: record}), dst_node_id=self.node_of[cid],
-                        message_type=MessageType.EVALUATE, group_id=f"eval-{server_round}")
-                for cid in range(self.sim.cfg.clients)]
+                        message_type=MessageType.EVALUATE, group_id=f"eval-{t}") for cid in clients]
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        if not (self._federated_eval() and self._eval_round(server_round)):
+            return []
+        everyone = list(range(self.sim.cfg.clients))
+        self._grid = grid
+        self._refresh_nodes(grid, everyone, wait=True)   # a node that left since training: its new id
+        return self._eval_messages(server_round, everyone)
 
     def aggregate_evaluate(self, server_round, replies):
         replies = list(replies)
         if not (self._federated_eval() and self._eval_round(server_round)):
             return None
-        replies = _check_replies(replies, self.sim.cfg.clients, f"evaluation of round {server_round}")
+        everyone = list(range(self.sim.cfg.clients))
+        replies = _check_replies(self._resend_to_rejoined(server_round, replies, everyone, self._eval_messages,
+                                                          "evaluation of round"),
+                                 self.sim.cfg.clients, f"evaluation of round {server_round}")
         cid_of = {node: cid for cid, node in self.node_of.items()}
         by_cid = {cid_of[r.metadata.src_node_id]: r.content[KEYS.METRICS] for r in replies}
         accs = [float(by_cid[c]["accuracy"]) for c in range(self.sim.cfg.clients)]
