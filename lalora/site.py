@@ -171,6 +171,20 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+def _claim_verdicts(claims) -> list[tuple[str, bool]]:
+    """``claims`` as notebooks write it: {name: bool}, or paired-seed claim records (a list of
+    {"claim", "verdict", ...}, lalora.report.claim_verdicts) where "holds" is true and "reversed" false;
+    "unresolved" and other verdicts are neither, so they are not shown as one."""
+    if isinstance(claims, Mapping):
+        return [(f"claim: {k}", v) for k, v in claims.items() if isinstance(v, bool)]
+    out = []
+    for c in claims if isinstance(claims, list) else []:
+        if isinstance(c, Mapping) and c.get("verdict") in ("holds", "reversed"):
+            where = ", ".join(f"{k} {c[k]}" for k in ("task", "epsilon", "local_steps") if k in c)
+            out.append((f"claim: {c.get('claim')}" + (f" ({where})" if where else ""), c["verdict"] == "holds"))
+    return out
+
+
 def verdicts(data: Mapping[str, Any]) -> list[Verdict]:
     """The true/false entries a notebook wrote: its summary's, else the top-level ones and ``claims``.
 
@@ -180,7 +194,7 @@ def verdicts(data: Mapping[str, Any]) -> list[Verdict]:
     flat = [(k, v) for k, v in _flatten(summary) if isinstance(v, bool) and k not in NOT_VERDICTS]
     if not flat:
         flat = [(k, v) for k, v in data.items() if isinstance(v, bool) and k not in NOT_VERDICTS]
-        flat += [(f"claim: {k}", v) for k, v in (data.get("claims") or {}).items() if isinstance(v, bool)]
+        flat += _claim_verdicts(data.get("claims"))
     ranking = data.get("ranking") if isinstance(data.get("ranking"), Mapping) else {}
     out = []
     for key, value in flat:

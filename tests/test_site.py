@@ -143,6 +143,14 @@ def test_summary_verdicts_and_numbers_from_the_json():
     # No summary: the top-level true/false entries and claims are the verdicts.
     top = site.verdicts({"every_bug_caught": True, "claims": {"c": False}, "seconds": 3.0})
     assert [(v.key, v.holds) for v in top] == [("every_bug_caught", True), ("claim: c", False)]
+    # claims as paired-seed records (notebooks 01, 11, 13): holds / reversed are verdicts, unresolved is not
+    # (a list here used to crash the site build of every profile that ran notebook 11)
+    records = [{"claim": "LA-LoRA > DP-LoRA", "verdict": "holds", "task": "digits-swin", "local_steps": 5},
+               {"claim": "RoLoRA > FFA-LoRA", "verdict": "reversed", "epsilon": 1.0},
+               {"claim": "LA-LoRA > RoLoRA", "verdict": "unresolved"}]
+    assert [(v.key, v.holds) for v in site.verdicts({"claims": records})] == [
+        ("claim: LA-LoRA > DP-LoRA (task digits-swin, local_steps 5)", True),
+        ("claim: RoLoRA > FFA-LoRA (epsilon 1.0)", False)]
     assert site.first_paragraph({"cells": [{"cell_type": "code", "source": "x"},
                                            {"cell_type": "markdown", "source": "# T\n\nOne\ntwo.\n\nThree"}]}) == "One two."
     assert site.first_paragraph({"cells": [{"cell_type": "markdown", "source": "# T\n\nand compare\n\n| a |"}]}) \
