@@ -67,3 +67,25 @@ def test_clean_executed_notebook_rewrites_outputs_in_place(tmp_path):
     assert cleaned.metadata["papermill"] == {"input_path": "./src.ipynb", "output_path": "./nb.ipynb"}
     assert not clean_executed_notebook(path, root=tmp_path)   # idempotent
     json.loads(path.read_text())
+
+
+COMMITTED_FILES = sorted(p for profile in ("offline", "offline-full") for p in (ROOT / "results" / profile).rglob("*")
+                         if p.suffix in (".json", ".ipynb"))
+# an absolute path as a JSON string or inside one (a run folder, an injected runs_dir parameter)
+ABSOLUTE = re.compile(r'"(/[A-Za-z0-9_.-]+){2,}|[\s(\'"]/(work|tmp|root|home|Users|var|opt|mnt)/')
+
+
+@pytest.mark.parametrize("path", COMMITTED_FILES, ids=[f"{p.parent.name}/{p.name}" for p in COMMITTED_FILES])
+def test_committed_results_hold_no_absolute_path(path):
+    # a pass with --runs-dir /elsewhere/runs once wrote "/work/full/runs/..." into run_dir and the
+    # notebooks' parameters; results must not depend on (or reveal) where the cache lived
+    hit = ABSOLUTE.search(path.read_text())
+    assert not hit, f"{path.relative_to(ROOT)}: absolute path {hit.group(0)!r}"
+
+
+def test_portable_run_dir():
+    from lalora.notebooks import portable_run_dir
+
+    assert portable_run_dir("runs/digits-swin/dp-lora/abc") == "runs/digits-swin/dp-lora/abc"
+    assert portable_run_dir("/work/full/runs/digits-swin/dp-lora/abc") == "runs/digits-swin/dp-lora/abc"
+    assert portable_run_dir(Path.cwd() / "runs" / "t" / "m" / "h") == "runs/t/m/h"

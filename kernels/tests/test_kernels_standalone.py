@@ -68,11 +68,13 @@ def test_fresh_venv_pip_install_kernels_only(tmp_path):
     pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     # torch from the local wheel file (never a multi-GB CUDA download; its small deps come from the
     # index), then only ./kernels
-    subprocess.run(pip + [wheels[-1]], check=True, timeout=900)
+    # _env() for pip too: a developer's PYTHONPATH pointing at the repo made pip resolve torch's
+    # dependencies against the repo's environment, leaving typing_extensions out of the fresh venv
+    subprocess.run(pip + [wheels[-1]], check=True, timeout=900, env=_env())
     # install from a copy, so that setuptools leaves no build/ or egg-info in the source tree
     src = tmp_path / "kernels"
     shutil.copytree(KERNELS_DIR, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "tests"))
-    subprocess.run(pip + [str(src)], check=True, timeout=900)
+    subprocess.run(pip + [str(src)], check=True, timeout=900, env=_env())
     script = tmp_path / "example.py"
     script.write_text(_script())
     out = subprocess.run([py, str(script)], capture_output=True, text=True, env=_env(), cwd=tmp_path,
