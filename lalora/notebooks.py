@@ -583,7 +583,9 @@ def run_grid(base: dict[str, Any], grid: list[dict[str, Any]], seeds: Sequence[i
                 "accountant": final.get("accountant", result.config.accountant),
                 "config": result.config.to_dict(),   # what `lalora verify-results` re-runs
                 "cached": bool(result.cached), "wall_time_s": _num(final.get("wall_time_s")),
-                "run_dir": portable_run_dir(result.run_dir),
+                # a real path: notebook 06 loads the checkpoint from it. Committed results are produced with
+                # a repository-relative runs dir (test_notebook_outputs checks they hold no absolute path)
+                "run_dir": str(result.run_dir),
                 # evidence bookkeeping: the mechanism (as-released is NOT DP), the bar "did not train"
                 # is judged against, and how fedsa-lora was scored
                 "dp_mode": cfg.dp_mode, "majority_baseline": 100.0 * _num(final.get("majority_baseline")),
@@ -597,19 +599,6 @@ def run_grid(base: dict[str, Any], grid: list[dict[str, Any]], seeds: Sequence[i
                 echo(f"[{len(records)}/{total}] {cfg.task} {rec['method']} ε={rec['epsilon']} seed={seed}: "
                      f"acc {rec['accuracy']:.1f}%  ε spent {rec['epsilon_spent']:.3g}  ({state})")
     return records
-
-
-def portable_run_dir(path) -> str:
-    """A run folder as the results record it: relative to the working directory when inside it, else
-    ``<runs-dir name>/<task>/<method>/<hash>`` -- never a machine path, so committed results do not
-    depend on where the run cache lives (``--runs-dir /elsewhere/runs`` records ``runs/...``)."""
-    p = Path(path)
-    if not p.is_absolute():
-        return p.as_posix()
-    try:
-        return p.relative_to(Path.cwd()).as_posix()
-    except ValueError:
-        return Path(*p.parts[-4:]).as_posix()
 
 
 def _num(value) -> float:
