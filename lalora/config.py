@@ -208,10 +208,10 @@ class RunConfig:
             _choice(self.optimizer, OPTIMIZERS, "optimizer")
         if self.partition is not None:
             _choice(self.partition, PARTITIONS, "partition")
-            if self.samples_per_client is not None and self.partition != "dirichlet-released":
-                raise ValueError(f"samples_per_client applies only to partition 'dirichlet-released' (the other "
-                                 f"schemes split every sample); got {self.samples_per_client!r} with partition "
-                                 f"{self.partition!r}")
+            if self.samples_per_client is not None:
+                from lalora.tasks.partition import check_samples_per_client
+
+                check_samples_per_client(self.partition, self.samples_per_client, "partition")
         if self.clients is not None and self.clients_per_round is not None \
                 and self.clients_per_round > self.clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) must be <= clients "

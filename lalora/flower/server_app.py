@@ -198,15 +198,12 @@ class LaLoraStrategy(_strategy_base()):
                        "downlink_record_bytes_per_client": record.count_bytes()}
         return self._train_messages(t, clients)
 
-    def _resend_to_rejoined(self, t: int, replies: list, clients=None, make_messages=None,
-                            what: str = "round") -> list:
+    def _resend_to_rejoined(self, t: int, replies: list, clients, make_messages, what: str) -> list:
         """Replies saying the node left (killed, restarted) are replaced by the reply of the same
         client's rejoined SuperNode. A node that did serve the round before leaving refuses it
-        again (lalora.flower.node), and the round fails: nothing is released twice. The same holds
-        for FedSA-LoRA's federated evaluation (``clients``: every client, ``make_messages``: the
-        evaluation messages): a node that left mid-evaluation is asked again once it rejoined."""
-        clients = self._round["clients"] if clients is None else clients
-        make_messages = self._train_messages if make_messages is None else make_messages
+        again (lalora.flower.node), and the round fails: nothing is released twice. FedSA-LoRA's
+        federated evaluation uses it too. ``clients``: who was asked; ``make_messages(t, clients)``:
+        the messages that ask them again; ``what``: for the log line."""
         cid_of = {node: cid for cid, node in self.node_of.items()}
         gone = [r for r in replies if r.has_error() and any(g in r.error.reason for g in _GONE)]
         if not gone or not hasattr(self, "_grid"):
@@ -238,7 +235,8 @@ class LaLoraStrategy(_strategy_base()):
 
         t = server_round
         clients = self._round["clients"]
-        replies = _check_replies(self._resend_to_rejoined(t, list(replies)), len(clients), f"round {t}")
+        replies = _check_replies(self._resend_to_rejoined(t, list(replies), clients, self._train_messages, "round"),
+                                 len(clients), f"round {t}")
         cid_of = {node: cid for cid, node in self.node_of.items()}
         by_cid = {cid_of[r.metadata.src_node_id]: r for r in replies}
         if sorted(by_cid) != clients:

@@ -34,6 +34,16 @@ import numpy as np
 SCHEMES = ("dirichlet-released", "dirichlet-per-class", "iid")
 
 
+def check_samples_per_client(scheme: str, samples_per_client, scheme_field: str = "scheme") -> None:
+    """samples_per_client is dirichlet-released's parameter: the other schemes split every sample, so a
+    value given with them would be ignored. Raises naming both fields (RunConfig calls its field
+    ``partition``)."""
+    if samples_per_client is not None and scheme != "dirichlet-released":
+        raise ValueError(f"samples_per_client applies only to {scheme_field} 'dirichlet-released' (the other "
+                         f"schemes split every sample); got samples_per_client={samples_per_client!r} with "
+                         f"{scheme_field}={scheme!r}")
+
+
 def _check_labels(labels) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or len(labels) == 0:
@@ -64,10 +74,7 @@ def partition(
         raise ValueError(f"num_clients={num_clients} exceeds the number of samples {n}")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme={scheme!r} is not one of {SCHEMES}")
-    if samples_per_client is not None and scheme != "dirichlet-released":
-        raise ValueError(f"samples_per_client applies only to scheme 'dirichlet-released' (the other schemes "
-                         f"split every sample); got samples_per_client={samples_per_client!r} with "
-                         f"scheme={scheme!r}")
+    check_samples_per_client(scheme, samples_per_client)
     if scheme != "iid" and not (np.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     rng = np.random.default_rng(seed)
