@@ -86,11 +86,11 @@ pivot_table(table)
 
 # %% [markdown]
 # ## Does LA-LoRA > RoLoRA > FFA-LoRA > DP-LoRA hold here?
-# Checked on adjacent pairs of the claimed order; "within noise" marks a gap smaller than one
-# standard deviation over seeds.
+# Judged by the one rule (`lalora.verdicts`) on every adjacent pair of the claimed order: >= 5 paired
+# seeds, both arms above the majority baseline, paired 95% CI; the order of the means is a description.
 
 # %%
-verdicts = ranking_verdicts(table, tasks, epsilons)
+verdicts = ranking_verdicts(records)
 
 # %% [markdown]
 # ## Figure: accuracy per method and ε

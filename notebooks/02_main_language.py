@@ -86,7 +86,7 @@ pivot_table(table)
 # standard deviation over seeds.
 
 # %%
-verdicts = ranking_verdicts(table, tasks, epsilons)
+verdicts = ranking_verdicts(records)
 
 # %% [markdown]
 # ## Figure: accuracy per method and ε

@@ -106,11 +106,12 @@ k_table
 # %% [markdown]
 # Paired by seed (the same seed gives both methods the same partition, schedule, LoRA init and data
 # order): LA-LoRA − DP-LoRA at each K, mean and 95% Student-t interval, verdict from the interval
-# alone (`lalora.report.claim_verdicts`; no verdict below 5 seeds).
+# alone (the one rule of `lalora.verdicts`: no verdict below 5 paired seeds or with an arm at or below the
+# majority baseline).
 
 # %%
 from lalora.main_results import verdict_figure
-from lalora.report import claim_verdicts
+from lalora.verdicts import claim_verdicts
 
 k_claims = claim_verdicts(k_recs)
 if k_claims:
