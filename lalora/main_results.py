@@ -12,6 +12,7 @@ import time
 from typing import Any, Sequence
 
 from lalora.notebooks import accuracy_table, experiment_base, run_grid
+from lalora.plotting import method_label
 from lalora.verdicts import (as_epsilon, claim_verdicts, fmt_diff, fmt_eps, paired_difference, t_halfwidth,
                              ranking_verdicts as judged_rankings)
 from lalora.results import atomic_write_json
@@ -40,7 +41,7 @@ def pivot_table(rows: Sequence[dict]):
     """Methods × (task, ε) table of "mean ± std" cells, methods in the house order."""
     import pandas as pd
 
-    from lalora.plotting import method_label, sort_methods
+    from lalora.plotting import sort_methods
 
     df = pd.DataFrame(rows)
     df["cell"] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(df.accuracy_mean, df.accuracy_std)]
@@ -58,7 +59,8 @@ def ranking_verdicts(records: Sequence[dict], echo=print) -> dict[str, dict]:
     out = {}
     for row in judged_rankings(records):
         key = f"{row['task']} ε={fmt_eps(as_epsilon(row['epsilon']))}"
-        text = (f"{' > '.join(row['methods'])}: {row['verdict']} (n = {row['n']}; order of the means: {row['order']})")
+        text = (f"{' > '.join(method_label(m) for m in row['methods'])}: {row['verdict']} (n = {row['n']}; "
+                f"order of the means: {row['order']})")
         out[key] = {"verdict": row["verdict"], "order": row["order"], "n": row["n"], "text": text,
                     "pairs": [{k: p[k] for k in ("claim", "n", "mean", "ci_low", "ci_high", "verdict")} for p in row["pairs"]]}
         echo(f"{key}: ranking {text}")

@@ -27,6 +27,7 @@ SIDE_BY_SIDE = {
     "02_main_language": ("main_language", "Main results: language"),
     "03_ablation": ("ablation", "Ablation: filter × alternation"),
 }
+REPORT_NOTEBOOK = "10_report"
 EVIDENCE_PROFILE = "offline-full"   # the profile whose runs the summary speaks for
 SETTING_HIDDEN = {"claim", "better", "worse", "n", "mean", "ci_low", "ci_high", "seeds", "confidence", "verdict",
                   "runs", "arm_means", "majority_baseline", "profile", "notebook", "where", "shown", "counted",
@@ -434,9 +435,9 @@ def sharpness_section(results: dict, reported: dict, links=_no_links) -> str:
             state = ("unknown (ln C not recorded)" if v["at_minimum"] is None else
                      "at a minimum" if v["at_minimum"] else f"**not at a minimum** ({v['above_chance']} of {v['n']} "
                      "seeds at or above ln C)")
-            loss = f"{min(v['losses']):.2f}–{max(v['losses']):.2f}" if v["losses"] else "–"
+            loss = f"{min(v['losses']):.3f}–{max(v['losses']):.3f}" if v["losses"] else "–"
             table.append([where, method_label(m), v["n"], f"{v['top_eigenvalue']:.4g}", loss,
-                          "–" if s["chance_loss"] is None else f"{s['chance_loss']:.2f}", state,
+                          "–" if s["chance_loss"] is None else f"{s['chance_loss']:.3f}", state,
                           f"{rep[m]:.2f}" if m in rep else "–"])
         c = s["comparison"]
         verdict = (f"{fmt_diff(c)}, n = {c['n']}: **{c['verdict']}**" if c else f"no comparison: {sharpness_reason(s)}")
@@ -454,7 +455,9 @@ def generic_sections(results: dict, links=_no_links) -> str:
            "Each notebook's `summary` as written. Entries that compare two noisy numbers without an interval "
            "(an order of means, a flag such as `la_lora_flatter`) are shown as \"not a verdict\", and the "
            "verdicts a notebook wrote are recomputed by the rule in the tables above.", ""]
-    names = sorted({nb for per_nb in results.values() for nb in per_nb})
+    # 10_report's summary is this report's own bookkeeping from its last run (its counts would describe
+    # an earlier report), so it is not shown here.
+    names = sorted({nb for per_nb in results.values() for nb in per_nb} - {REPORT_NOTEBOOK})
     if not names:
         return "\n".join(out + ["No notebook results found."])
     for notebook in names:

@@ -26,11 +26,10 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from lalora.results import atomic_write_bytes
 from lalora.verdicts import Finding, collect_results, flatten, notebook_findings, profile_runs, read_result, trained_tasks

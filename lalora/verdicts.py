@@ -35,6 +35,8 @@ from scipy import stats
 from lalora.plotting import method_label
 
 CLAIMED_RANKING = ["la-lora", "rolora", "ffa-lora", "dp-lora"]
+# The order of the paper's ablation table (paper/reported.yaml, `ablation`), for notebooks that run its arms.
+ABLATION_ORDER = ["la-lora", "la-lora-filter", "dp-lora+filter", "dp-lora"]
 PROFILE_ORDER = ["paper", "offline-full", "offline", "ci"]
 RESULT_FILE = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.json$")
 MIN_SEEDS = 5
@@ -510,11 +512,14 @@ def notebook_findings(data: Mapping[str, Any], trained: Mapping[str, bool] | Non
             flags += [(f"claim: {k}", v) for k, v in claims.items() if isinstance(v, bool)]
     out = [Finding(k, "yes" if v else "no", k) for k, v in flags if not NOT_A_VERDICT.match(k)]
     runs = data.get("runs") if isinstance(data.get("runs"), list) else []
-    for row in ranking_verdicts(runs, trained=trained):
+    methods = {r.get("method") for r in runs if isinstance(r, Mapping)}
+    claimed = ABLATION_ORDER if methods & {"la-lora-filter", "dp-lora+filter"} else CLAIMED_RANKING
+    for row in ranking_verdicts(runs, claimed, trained=trained):
         out.append(Finding("ranking holds", row["verdict"],
                            f"{_where(row)}: ranking {' > '.join(method_label(m) for m in row['methods'])} "
                            f"(n = {row['n']}; order of the means: {row['order']})"))
-    for row in claim_verdicts(runs, trained=trained):
+    extra = [MECHANISM_PAIR] if set(MECHANISM_PAIR) <= methods else []
+    for row in claim_verdicts(runs, claimed, trained=trained, pairs=claim_pairs(methods, claimed) + extra):
         out.append(Finding(f"claim: {row['claim']}", row["verdict"], f"{_where(row)}: {row['claim']} {fmt_diff(row)}"))
     if "top_eigenvalue" in data and isinstance(data.get("runs"), list):
         s = sharpness_comparison(data)

@@ -148,9 +148,8 @@ for bar, m in zip(bars, methods):
     if not at_minimum[m]:
         bar.set_alpha(0.35)
         bar.set_hatch("//")
-        axes[1].annotate("not at a minimum\n(loss ≥ ln C in some seed)", (bar.get_x() + bar.get_width() / 2, 0),
-                         xytext=(0, 4), textcoords="offset points", ha="center", va="bottom", fontsize=7)
-axes[1].set_xticks(xs, [plotting.method_label(m) for m in methods])
+axes[1].set_xticks(xs, [plotting.method_label(m) + ("" if at_minimum[m] else "\nnot at a minimum\n(loss ≥ ln C in some seed)")
+                        for m in methods])
 axes[1].set_ylabel(r"top Hessian eigenvalue $\lambda_{max}$")
 verdict_line = (f"DP-LoRA − LA-LoRA: {fmt_diff(comparison)} ({comparison['verdict']})" if comparison
                 else "no flatter/sharper verdict: compared only between models at a minimum")
