@@ -169,11 +169,26 @@ def _arms(r: Mapping[str, Any]) -> str:
 # Summary, scope, the mechanism's own test
 # --------------------------------------------------------------------------------------------
 def _claim_list(rows: list[dict], verdict: str) -> str:
-    picked = [r for r in rows if r["counted"] and r["verdict"] == verdict]
-    return "; ".join(f"{r['claim']} ({r['task']}, ε = {fmt_eps(as_epsilon(r['epsilon']))}"
-                     + "".join(f", {k} {r[k]}" for k in ("beta", "local_steps") if k in r)
-                     + (", released mechanism, NOT DP" if r.get("dp_mode") == "as-released" else "")
-                     + f": {fmt_diff(r)})" for r in picked) or "none"
+    """The counted claims with ``verdict``, grouped by claim and mechanism: "LA-LoRA > DP-LoRA (digits-swin,
+    ε = 1: +51.1; ...)"; the intervals are in the verdict table."""
+    groups: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r["counted"] and r["verdict"] == verdict:
+            where = f"{r['task']}, ε = {fmt_eps(as_epsilon(r['epsilon']))}" + "".join(
+                f", {label} = {r[k]}" for k, label in (("beta", "β"), ("local_steps", "K")) if k in r)
+            groups.setdefault((r["claim"], r.get("dp_mode") == "as-released"), []).append(f"{where}: {r['mean']:+.1f}")
+    return "; ".join(f"{claim}{' under the released mechanism (NOT DP)' if released else ''} ({'; '.join(w)})"
+                     for (claim, released), w in groups.items()) or "none"
+
+
+def _reasons(rows: list[dict]) -> dict[str, int]:
+    """Counted claims without a verdict, by reason; an arm below the baseline names its claim and task."""
+    out: dict[str, int] = {}
+    for r in rows:
+        if r["counted"] and not is_verdict(r["verdict"]):
+            why = r["verdict"] + (f": {r['claim']}, {r['task']}" if r["verdict"].startswith("below") else "")
+            out[why] = out.get(why, 0) + 1
+    return out
 
 
 def summary_lines(results: dict, reported: dict) -> list[str]:
@@ -200,8 +215,9 @@ def summary_lines(results: dict, reported: dict) -> list[str]:
     return [protocol,
             f"- **Holds** (paired 95% CI above 0): {_claim_list(rows, 'holds')}.",
             f"- **Reversed** (CI below 0): {_claim_list(rows, 'reversed')}.",
-            f"- **Unresolved** (CI contains 0): {_claim_list(rows, 'unresolved')}; every other claim is not judged "
-            "(too few seeds, or an arm at or below the majority baseline; listed under the verdict table).",
+            f"- **Unresolved** (CI contains 0): {_claim_list(rows, 'unresolved')}. **Not judged**: "
+            + ", ".join(f"{n} {why}" for why, n in _reasons(rows).items())
+            + " (listed under the verdict table). Differences in points; intervals in the tables below.",
             f"- **The mechanism's own test** (alternation with the filter on in both arms): {mech_text}."]
 
 
