@@ -20,9 +20,9 @@ from typing import Any, Iterable, Mapping
 from lalora.plotting import method_label
 from lalora.report_tables import (SIDE_BY_SIDE, claimed_for, no_links, side_by_side, figures_section,
                                   generic_sections, load_reported, md_table, privacy_utility_section, sharpness_section)
-from lalora.verdicts import (CLAIMED_RANKING, MECHANISM_PAIR, MIN_SEEDS, as_epsilon, claim_verdicts, collect_results,
-                             dp_cost_rows, fmt_diff, fmt_eps, is_verdict, mechanism_rows, profile_runs,
-                             ranking_verdicts, regime, trained_tasks)
+from lalora.result_files import collect_results, profile_runs
+from lalora.verdicts import (CLAIMED_RANKING, MECHANISM_PAIR, MIN_SEEDS, as_epsilon, claim_verdicts, dp_cost_rows,
+                             fmt_diff, fmt_eps, is_verdict, mechanism_rows, ranking_verdicts, regime, trained_tasks)
 
 EVIDENCE_PROFILE = "offline-full"   # the profile whose runs the summary speaks for
 SETTING_HIDDEN = {"claim", "better", "worse", "n", "mean", "ci_low", "ci_high", "seeds", "confidence", "verdict",

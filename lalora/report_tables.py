@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lalora.plotting import method_label, sort_methods
-from lalora.verdicts import (CLAIMED_RANKING, INSUFFICIENT, NOT_A_VERDICT, alignment_comparison, as_epsilon, flatten,
-                             fmt_diff, fmt_eps, order_of_means, sharpness_comparison, sharpness_reason, table_groups)
+from lalora.result_files import flatten
+from lalora.verdicts import (CLAIMED_RANKING, INSUFFICIENT, NOT_A_VERDICT, alignment_comparison, as_epsilon, fmt_diff,
+                             fmt_eps, order_of_means, sharpness_comparison, sharpness_reason, table_groups)
 
 # Notebooks with a specific side-by-side section: notebook -> (reported.yaml key, title).
 SIDE_BY_SIDE = {

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lalora.results import atomic_write_bytes
-from lalora.verdicts import Finding, collect_results, flatten, notebook_findings, profile_runs, read_result, trained_tasks
+from lalora.result_files import collect_results, flatten, profile_runs, read_result
+from lalora.verdicts import Finding, notebook_findings, trained_tasks
 
 RESULT_NOTEBOOK = re.compile(r"^(\d\d)_[A-Za-z0-9_]+$")
 # `savefig(fig, output_dir, "NN_name_what")` is how every notebook saves a figure (lalora.plotting).

@@ -2,7 +2,7 @@
 
 Everything that says whether a claim holds reads it here: the report (``lalora.report``), the site
 index (``lalora.site``), the main-results helpers (``lalora.main_results``) and the notebooks' claim
-lists (01, 11, 13). Rendering lives elsewhere.
+lists (01, 11, 13). Result files are read by ``lalora.result_files``; rendering lives elsewhere.
 
 **The rule.** A claim "X > Y" is judged on the paired per-seed differences acc_X(seed) − acc_Y(seed)
 (the same seed gives both methods the same partition, schedule, LoRA init and data order): their mean
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +32,11 @@ import numpy as np
 from scipy import stats
 
 from lalora.plotting import method_label
+from lalora.result_files import flatten, profile_runs
 
 CLAIMED_RANKING = ["la-lora", "rolora", "ffa-lora", "dp-lora"]
 # The order of the paper's ablation table (paper/reported.yaml, `ablation`), for notebooks that run its arms.
 ABLATION_ORDER = ["la-lora", "la-lora-filter", "dp-lora+filter", "dp-lora"]
-PROFILE_ORDER = ["paper", "offline-full", "offline", "ci"]
-RESULT_FILE = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.json$")
 MIN_SEEDS = 5
 CONFIDENCE = 0.95
 JUDGED = ("holds", "reversed", "unresolved")
@@ -53,63 +51,6 @@ REFERENCE_METHOD = "fedavg-lora"   # the non-private upper bound the notebooks r
 RUN_FIELDS = {"method", "seed", "accuracy", "epsilon_spent", "target_epsilon", "noise_multiplier", "private",
               "cached", "wall_time_s", "run_dir", "curve", "majority_baseline", "privacy", "fedsa_scoring",
               "label", "filter"}
-
-
-# --------------------------------------------------------------------------------------------
-# Reading the result files (the only reader)
-# --------------------------------------------------------------------------------------------
-def read_result(path: str | os.PathLike) -> dict | None:
-    """A notebook's ``NN_name.json``: None when absent, ``{"_error": ...}`` when unreadable (callers say so)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        return {"_error": f"{type(err).__name__}: {err}"}
-    return data if isinstance(data, dict) else {"_error": f"{path.name} holds no JSON object"}
-
-
-def profile_key(profile: str):
-    return (PROFILE_ORDER.index(profile) if profile in PROFILE_ORDER else len(PROFILE_ORDER), profile)
-
-
-def collect_results(results_root: str | os.PathLike,
-                    profiles: Iterable[str] | None = None) -> dict[str, dict[str, dict]]:
-    """{profile: {notebook: json}} for every ``results/<profile>/NN_*.json``, profiles in report order."""
-    root = Path(results_root)
-    if not root.is_dir():
-        return {}
-    names = [p.name for p in root.iterdir() if p.is_dir()]
-    found: dict[str, dict[str, dict]] = {}
-    for profile in (list(profiles) if profiles else sorted(names, key=profile_key)):
-        folder = root / profile
-        if not folder.is_dir():
-            continue
-        per_nb = {p.stem: read_result(p) for p in sorted(folder.iterdir()) if RESULT_FILE.match(p.name)}
-        if per_nb:
-            found[profile] = per_nb
-    return found
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "", max_list: int | None = None) -> list[tuple[str, Any]]:
-    """Nested dicts as ("a.b", value) pairs; lists longer than ``max_list`` as "[n values]"."""
-    out = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out += flatten(v, key + ".", max_list)
-        elif max_list is not None and isinstance(v, (list, tuple)) and len(v) > max_list:
-            out.append((key, f"[{len(v)} values]"))
-        else:
-            out.append((key, v))
-    return out
-
-
-def profile_runs(per_nb: Mapping[str, Any]) -> list[dict]:
-    """Every per-seed run record of a profile's notebooks."""
-    return [r for data in per_nb.values() if isinstance(data, Mapping) and isinstance(data.get("runs"), list)
-            for r in data["runs"] if isinstance(r, Mapping)]
 
 
 # --------------------------------------------------------------------------------------------

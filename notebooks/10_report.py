@@ -37,7 +37,7 @@ from pathlib import Path
 from IPython.display import Markdown, display
 
 from lalora.report import build_report, load_reported, ranking_overview
-from lalora.verdicts import collect_results
+from lalora.result_files import collect_results
 from lalora.results import atomic_write_json
 
 results_root = results_root or str(Path(output_dir).parent)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lalora import verdicts, verify
+from lalora import result_files, verdicts, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "offline-full"
@@ -42,7 +42,7 @@ def test_every_cell_has_five_paired_seeds(name):
 
 
 def test_the_regime_costs_dp_at_least_ten_points():
-    results = verdicts.collect_results(ROOT / "results", ["offline-full"])
+    results = result_files.collect_results(ROOT / "results", ["offline-full"])
     (vision,) = [r for r in verdicts.dp_cost_rows(results) if r["task"] == "digits-swin"]
     assert vision["n"] >= 5 and vision["epsilon"] == 1.0
     assert vision["ci_low"] >= 10.0, vision          # the whole 95% interval, not only the mean

@@ -219,7 +219,9 @@ def test_no_holds_from_one_seed_or_from_arms_below_the_baseline_anywhere(tmp_pat
 
 def test_the_mechanism_test_is_computed_from_the_committed_json():
     """LA-LoRA vs DP-LoRA + filter (issue 26): recomputed here in float64 from offline-full's per-seed runs."""
-    results = verdicts.collect_results(REPO / "results", ["offline-full"])
+    from lalora.result_files import collect_results
+
+    results = collect_results(REPO / "results", ["offline-full"])
     (row,) = verdicts.mechanism_rows(results)
     runs = results["offline-full"]["03_ablation"]["runs"]
     acc = {m: {r["seed"]: r["accuracy"] for r in runs if r["method"] == m} for m in ("la-lora", "dp-lora+filter")}
