@@ -1,4 +1,4 @@
-"""Verdict statistics: the one reader of the result files and the one rule for a verdict.
+"""Verdict statistics: the one rule for a verdict, and every comparison computed with it.
 
 Everything that says whether a claim holds reads it here: the report (``lalora.report``), the site
 index (``lalora.site``), the main-results helpers (``lalora.main_results``) and the notebooks' claim
