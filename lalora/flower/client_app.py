@@ -73,12 +73,17 @@ def partition_id(context) -> int:
 class LaLoraClient:
     """Serves query/train/evaluate messages for any lalora config (see the module docstring).
 
-    ``task``/``partitions`` override the task registry (tests with an unregistered task)."""
+    ``task``/``partitions`` override the task registry (tests with an unregistered task); such a
+    client's origin is ``"custom-task"``, and a deployed node serves it only if its node config
+    says ``client-app="custom-task"`` (lalora.flower.terms.check_app)."""
 
     def __init__(self, task=None, partitions=None, *, deployment: bool = True):
+        from lalora.flower.terms import APP_NAME
+
         self.task = task
         self.partitions = partitions
         self.deployment = deployment
+        self.origin = APP_NAME if task is None and partitions is None else "custom-task"
         self._cache: dict[str, tuple] = {}   # config JSON -> (Simulator, initial generator states)
 
     # ------------------------------------------------------------------ per-process simulator cache
@@ -96,6 +101,28 @@ class LaLoraClient:
             hit = self._cache[config_json] = (sim, initial)
         return hit
 
+    def _accepted(self, config_json: str, context, noise_multiplier=None):
+        """The simulator of an accepted config: the app and the terms are checked first (no private
+        example read before, lalora.flower.terms); then the task is built (which reads the data and
+        runs the kernels' clipping-unit probe) and, on a deployed node, the permutation probe runs
+        on the node's own examples (lalora.flower.probe)."""
+        from lalora.flower.terms import accept_config, check_app
+
+        check_app(context.node_config, deployment=self.deployment, origin=self.origin)
+        policy = self._guard(context).policy
+        accept_config(config_json, policy, deployment=self.deployment, noise_multiplier=noise_multiplier)
+        fresh = config_json not in self._cache
+        sim, initial = self.simulator(config_json)
+        if fresh and self.deployment and sim.private:
+            from lalora.flower.probe import probe_node_model
+
+            try:
+                probe_node_model(sim, partition_id(context))
+            except Exception:
+                self._cache.clear()      # never serve a model that failed the probe
+                raise
+        return sim, initial
+
     def _guard(self, context):
         from lalora.flower.node import NodeGuard, NodePolicy, NodeStore
 
@@ -105,19 +132,21 @@ class LaLoraClient:
     def _setup(self, context):
         if KEYS.SETUP not in context.state:
             raise RuntimeError("this node got a train/evaluate message before the setup query")
-        return self.simulator(str(context.state[KEYS.SETUP]["config"]))
+        return self._accepted(str(context.state[KEYS.SETUP]["config"]), context)
 
     # ------------------------------------------------------------------ message handlers
     def query(self, msg, context):
         from flwr.app import ConfigRecord, Message, RecordDict
 
+        from lalora.flower.terms import SETUP_KEYS, check_app, known_keys
+
+        check_app(context.node_config, deployment=self.deployment, origin=self.origin)
         setup = msg.content[KEYS.CONFIG]
-        sim, _ = self.simulator(str(setup["config"]))
+        known_keys(setup, SETUP_KEYS, "setup query")
         sigma = float(setup["noise_multiplier"])
-        if not math.isclose(sim.noise_multiplier, sigma, rel_tol=1e-9, abs_tol=0.0):
-            raise RuntimeError(f"noise_multiplier calibrated here ({sim.noise_multiplier!r}) differs "
-                               f"from the server's ({sigma!r}): different lalora/opacus versions?")
         cid = partition_id(context)
+        sim, _ = self._accepted(str(setup["config"]), context, noise_multiplier=sigma)
+        check_sigma(sim, sigma)
         n = context.node_config.get("num-partitions")
         if n is not None and int(n) != sim.cfg.clients:
             raise ValueError(f"num-partitions={n} but the config has clients={sim.cfg.clients}")
@@ -128,22 +157,31 @@ class LaLoraClient:
     def train(self, msg, context):
         from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+        from lalora.flower.terms import TRAIN_KEYS, known_keys
+
         sim, initial = self._setup(context)
+        known_keys(msg.content[KEYS.CONFIG], TRAIN_KEYS, "train message")
         cid = partition_id(context)
         t = int(msg.content[KEYS.CONFIG]["round"])
         guard = self._guard(context)
-        state = guard.admit(sim, cid, t)          # refuses replays, unscheduled rounds, over budget
-        guard.restore(state, sim, cid, initial)
-        global_state = sim.initial_global_state()      # frozen/local groups: shared seeded init
-        global_state.update(record_to_state(msg.content[KEYS.ARRAYS]))
-        with torch.random.fork_rng():
-            torch.manual_seed(_round_seed(sim.cfg.seed, cid, t) if guard.policy.noise == "seeded"
-                              else secrets.randbits(63))   # LoRA dropout is a private draw too
-            update = sim.client_update(cid, t, global_state)
-        guard.record(state, sim, cid, t)          # persisted before anything leaves the node
-        metrics = {   # public: data-independent (|D_i| is the server's partition, see FLOWER.md)
-            "num_samples": int(update.num_samples), "num_steps": int(update.num_steps),
-            "ledger_steps": int(sim.ledger.steps(cid)), "epsilon": float(sim.client_epsilon(cid)),
+        # one writer per state folder: from reading the ledger to writing this round's entry
+        with guard.store.locked():
+            state = guard.admit(sim, cid, t)          # refuses replays, unscheduled rounds, over budget
+            guard.restore(state, sim, cid, initial)
+            global_state = sim.initial_global_state()      # frozen/local groups: shared seeded init
+            global_state.update(record_to_state(msg.content[KEYS.ARRAYS]))
+            try:
+                with torch.random.fork_rng():
+                    torch.manual_seed(_round_seed(sim.cfg.seed, cid, t) if guard.policy.noise == "seeded"
+                                      else secrets.randbits(63))   # LoRA dropout is a private draw too
+                    update = sim.client_update(cid, t, global_state)
+            except Exception as err:
+                if not self.deployment:
+                    raise
+                failed_step(guard, state, sim, cid, t, err)    # counted; a fixed refusal, no detail
+            guard.record(state, sim, cid, t)          # persisted before anything leaves the node
+        metrics = {   # public, schedule-derived: K and this run's step count (no |D_i|, no ε of q)
+            "num_steps": int(update.num_steps), "ledger_steps": int(sim.ledger.steps(cid)),
         }
         if not self.deployment:   # computed on private batches, un-noised: simulation only
             metrics.update({"train_loss": float(update.metrics["train_loss"]),
@@ -160,7 +198,9 @@ class LaLoraClient:
 
         sim, _ = self._setup(context)
         cid = partition_id(context)
-        run = self._guard(context).store.load().runs.get(run_key(sim.cfg), {})
+        store = self._guard(context).store
+        with store.locked():
+            run = store.load().runs.get(run_key(sim.cfg), {})
         sim.client_local = {cid: dict(run["local"])} if run.get("local") else {}
         global_state = sim.initial_global_state()
         global_state.update(record_to_state(msg.content[KEYS.ARRAYS]))
@@ -171,6 +211,34 @@ class LaLoraClient:
         return Message(RecordDict({KEYS.METRICS: MetricRecord({"accuracy": float(acc),
                                                                "loss": float(loss)})}),
                        reply_to=msg)
+
+
+def check_sigma(sim, sigma: float) -> None:
+    """The node's own σ calibration must equal the server's (a different lalora/opacus version
+    would change the privacy guarantee)."""
+    if not math.isclose(sim.noise_multiplier, sigma, rel_tol=1e-9, abs_tol=0.0):
+        raise RuntimeError(f"noise_multiplier calibrated here ({sim.noise_multiplier!r}) differs "
+                           f"from the server's ({sigma!r}): different lalora/opacus versions?")
+
+
+STEP_FAILED = ("the node could not complete this round; it is counted against the node's privacy "
+               "budget as if released, and nothing is released")
+
+
+def failed_step(guard, state, sim, cid: int, t: int, err: BaseException):
+    """A deployed node's DP step failed on its private data (e.g. a crafted global state that makes
+    one record's gradient overflow). Whether it fails can depend on one record, so the server must
+    not learn more than that the round failed: the round is recorded as served (the budget is
+    charged, so probing costs what a release costs) and the refusal text is fixed -- no exception
+    type, parameter name or message. The detail goes to the node's own log only."""
+    import logging
+
+    from lalora.flower.node import RequestRefused
+
+    logging.getLogger("lalora.flower.node").error("round %d: the DP step failed on private data "
+                                                  "(not sent to the server): %r", t, err)
+    guard.record(state, sim, cid, t)
+    raise RequestRefused(STEP_FAILED) from None
 
 
 def make_client_app(task=None, partitions=None, *, deployment: bool = True):
