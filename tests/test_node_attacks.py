@@ -35,7 +35,7 @@ from lalora.flower.ledger import SECRET_FILE, StateTamperedError
 from lalora.flower.node import NodeStore, RequestRefused, run_key
 
 from test_deploy import Node, _context, _first_round, _node_config, _sim
-from test_federated import tiny_config, tiny_task
+from test_federated import tiny_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TESTS = Path(__file__).resolve().parent
@@ -316,8 +316,9 @@ def test_simulation_mode_app_on_a_deployed_node_is_refused(tmp_path):
     sim_mode = LaLoraClient(deployment=False)
     with pytest.raises(RequestRefused, match="simulation mode"):
         _setup(sim_mode, context, sim.cfg.to_dict(), sim.noise_multiplier)
-    context.state[KEYS.SETUP] = __import__("flwr.app", fromlist=["ConfigRecord"]).ConfigRecord(
-        {"config": json.dumps(sim.cfg.to_dict())})
+    from flwr.app import ConfigRecord
+
+    context.state[KEYS.SETUP] = ConfigRecord({"config": json.dumps(sim.cfg.to_dict())})   # as if set up
     with pytest.raises(RequestRefused, match="simulation mode"):
         _train(sim_mode, context, sim, 1)
     custom = LaLoraClient(task=tiny_task(dropout=0.0), deployment=True)   # its own task, not the app

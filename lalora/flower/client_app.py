@@ -6,16 +6,20 @@ not of algorithm. Flower creates ClientApps afresh for every message (and may se
 different worker processes), so nothing a client must remember lives in Python objects:
 
 - the node state (``lalora.flower.node``: the node's privacy ledger over all its runs, seeded
-  generator states in seeded mode, FedSA-LoRA's local B and head) is a checksummed file in the
-  node's ``state-dir`` (deployment) or Flower's per-node ``Context.state`` (simulation); every
-  train request passes ``NodeGuard.admit`` (schedule, replay, operator's terms, budget) first;
+  generator states in seeded mode, FedSA-LoRA's local B and head) is a sealed file in the
+  node's ``state-dir`` (deployment; lalora.flower.ledger) or Flower's per-node ``Context.state``
+  (simulation); every request passes the pre-data checks of lalora.flower.terms (the app, the
+  fields, the operator's terms) before the task is built, and every train request
+  ``NodeGuard.admit`` (schedule, replay, budget) under the state folder's exclusive lock;
 - the heavy part (task data, frozen base model, σ calibration) is a per-process cache keyed by the
   run config; it holds no per-client state.
 
 Two modes (``make_client_app(deployment=...)``):
 
 - deployment (``app``, what SuperNodes run): noise, Poisson batches and LoRA dropout from OS
-  entropy, re-seeded every round; replies carry no metric computed on private data;
+  entropy, re-seeded every round; replies carry only schedule-derived counts (no metric computed
+  on private data, no |D_i|, no ε); a DP step that fails is counted and answered with a fixed
+  refusal (``failed_step``);
 - simulation (``run_flower``): seeded streams, so a Flower run equals the in-process engine; the
   private diagnostics (train_loss, mean_batch_size) go back to the local server, which marks them.
 
@@ -25,8 +29,8 @@ Message protocol (``lalora.flower.encoding.KEYS``):
   the node stores the config, checks that its own σ calibration matches the server's and that the
   config meets its operator's terms, and replies with its ``partition-id`` (the client id).
 - ``train``: ArrayRecord of the downlink state + ``{"round": t}``; replies with the ArrayRecord of
-  exactly the groups the server averages this round, a MetricRecord (public counts; private
-  diagnostics in simulation only) and ``{"noise_source": ...}``.
+  exactly the groups the server averages this round, a MetricRecord (``num_steps``,
+  ``ledger_steps``; private diagnostics in simulation only) and ``{"noise_source": ...}``.
 - ``evaluate`` (FedSA-LoRA only: its model is global A + the client's local B and head): the
   client's test accuracy and loss.
 
@@ -37,7 +41,8 @@ depend on which worker serves which client. Any other use of torch's global RNG 
 (seed, client, round) inside a ``fork_rng``.
 
 For a deployment the app object is ``lalora.flower.client_app:app``; the node config is
-``"partition-id=3 num-partitions=8 state-dir=/var/lib/lalora epsilon=3 delta=1e-5"`` (docs/FLOWER.md).
+``"partition-id=3 num-partitions=8 state-dir=/var/lib/lalora epsilon=3 delta=1e-5
+client-app='lalora.flower.client_app:app'"`` (docs/FLOWER.md).
 """
 from __future__ import annotations
 

@@ -200,6 +200,7 @@ class NodeStore:
     def __init__(self, context, state_dir: str | None):
         self.context = context
         self.path = Path(state_dir) / STATE_FILE if state_dir else None
+        self._seq: int | None = None     # sequence number of the sealed file last read or written
 
     def load(self) -> NodeState:
         if self.path is not None:
@@ -231,11 +232,11 @@ class NodeStore:
 
     # sealed file (lalora.flower.ledger): MAC keyed by the node secret, sequence number, rollback check
     def _load_sealed(self) -> NodeState:
-        from lalora.flower.ledger import StateTamperedError, node_secret, read_seen, unseal
+        from lalora.flower.ledger import SEEN_FILE, StateTamperedError, node_secret, read_seen, unseal
 
         folder = self.path.parent
         if not self.path.exists():
-            if (folder / "node-seen").exists() and read_seen(node_secret(folder, create=False), folder) > 0:
+            if (folder / SEEN_FILE).exists() and read_seen(node_secret(folder, create=False), folder) > 0:
                 raise StateTamperedError(f"{self.path} is missing but this node has written its state "
                                          "before: refusing to start over from an empty ledger")
             self._seq = 0
@@ -253,7 +254,7 @@ class NodeStore:
         from lalora.flower.ledger import node_secret, seal, write_seen
         from lalora.results import atomic_write_bytes
 
-        if getattr(self, "_seq", None) is None:
+        if self._seq is None:
             self._load_sealed()
         folder = self.path.parent
         key = node_secret(folder, create=not self.path.exists())
