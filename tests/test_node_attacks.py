@@ -120,6 +120,9 @@ def test_train_message_with_unknown_fields_is_refused(tmp_path):
     node = Node(sim, cid, tmp_path)
     with pytest.raises(RequestRefused, match="does not know"):
         _train(node.client, node.context, sim, 1, noise_multiplier=0.0)
+    crafted = {**sim.initial_global_state(), "fc1.base.weight": torch.zeros(12, 10)}
+    with pytest.raises(RequestRefused, match="does not know"):
+        _train(node.client, node.context, sim, 1, crafted)
     assert _ledger(tmp_path) is None                      # nothing served, nothing recorded
 
 

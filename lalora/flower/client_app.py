@@ -165,7 +165,9 @@ class LaLoraClient:
         from lalora.flower.terms import TRAIN_KEYS, known_keys
 
         sim, initial = self._setup(context)
+        known_keys(msg.content, frozenset({KEYS.ARRAYS, KEYS.CONFIG}), "train message")
         known_keys(msg.content[KEYS.CONFIG], TRAIN_KEYS, "train message")
+        known_keys(msg.content[KEYS.ARRAYS], frozenset(sim.initial_global_state()), "train message's state")
         cid = partition_id(context)
         t = int(msg.content[KEYS.CONFIG]["round"])
         guard = self._guard(context)
