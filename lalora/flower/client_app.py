@@ -146,12 +146,15 @@ class LaLoraClient:
         from lalora.flower.terms import SETUP_KEYS, check_app, known_keys
 
         check_app(context.node_config, deployment=self.deployment, origin=self.origin)
+        known_keys(msg.content, frozenset({KEYS.CONFIG}), "setup query")
         setup = msg.content[KEYS.CONFIG]
         known_keys(setup, SETUP_KEYS, "setup query")
         sigma = float(setup["noise_multiplier"])
         cid = partition_id(context)
         sim, _ = self._accepted(str(setup["config"]), context, noise_multiplier=sigma)
-        check_sigma(sim, sigma)
+        if not math.isclose(sim.noise_multiplier, sigma, rel_tol=1e-9, abs_tol=0.0):
+            raise RuntimeError(f"noise_multiplier calibrated here ({sim.noise_multiplier!r}) differs "
+                               f"from the server's ({sigma!r}): different lalora/opacus versions?")
         n = context.node_config.get("num-partitions")
         if n is not None and int(n) != sim.cfg.clients:
             raise ValueError(f"num-partitions={n} but the config has clients={sim.cfg.clients}")
@@ -218,14 +221,6 @@ class LaLoraClient:
         return Message(RecordDict({KEYS.METRICS: MetricRecord({"accuracy": float(acc),
                                                                "loss": float(loss)})}),
                        reply_to=msg)
-
-
-def check_sigma(sim, sigma: float) -> None:
-    """The node's own σ calibration must equal the server's (a different lalora/opacus version
-    would change the privacy guarantee)."""
-    if not math.isclose(sim.noise_multiplier, sigma, rel_tol=1e-9, abs_tol=0.0):
-        raise RuntimeError(f"noise_multiplier calibrated here ({sim.noise_multiplier!r}) differs "
-                           f"from the server's ({sigma!r}): different lalora/opacus versions?")
 
 
 STEP_FAILED = ("the node could not complete this round; it is counted against the node's privacy "
