@@ -257,7 +257,7 @@ class PerSampleGradEngine:
                 if grad_outs[i] is not None and self._ghost_eligible(c, n, times_called):
                     gl = self._ghost(c, grad_outs[i], n)
                     ghosts.append(gl)
-                    ghost_ids |= {id(p) for p in c.module.parameters(recurse=False)}
+                    ghost_ids |= {id(p) for p in c.module._parameters.values() if p is not None}
                     grad_outs[i] = calls[i] = None
         # the arena: one (N, P) buffer, P = total size of the parameters materialised, name order
         dt = torch.float64 if any(p.dtype == torch.float64 for p in self.params.values()) else torch.float32
@@ -305,7 +305,7 @@ class PerSampleGradEngine:
         m = c.module
         return (type(m) is nn.Linear and times_called[id(m)] == 1 and c.x.shape[0] == n
                 and c.x.numel() == n * m.in_features
-                and all(p.requires_grad for p in m.parameters(recurse=False)))
+                and all(p.requires_grad for p in m._parameters.values() if p is not None))
 
     def _ghost(self, c: _Call, g: torch.Tensor, n: int) -> GhostLinear:
         m = c.module
