@@ -49,7 +49,7 @@ def test_every_number_in_the_readme_is_a_committed_result():
         f"σ = {q['noise_multiplier']:.3f}": "noise multiplier",
         f"max over {q['clients']} clients": "clients",
         f"across {q['clients']} clients ({q['clients_per_round']} per round)": "clients per round",
-        f"--rounds {q['rounds']} --local-steps {q['local_steps']}": "schedule",
+        f"--rounds {q['rounds']} --local-steps {q['local_steps']} --threads 1": "schedule, one thread as committed",
         f"--epsilon {q['target_epsilon']:g}": "target epsilon",
         f"all {n_notebooks} notebooks": "notebook count",
     }
@@ -57,6 +57,10 @@ def test_every_number_in_the_readme_is_a_committed_result():
     for printed, what in expected.items():
         assert printed in text, f"README lacks {what}: {printed!r}"
     assert q["method"] == "la-lora" and q["task"] == "digits-swin"
+    threads = json.loads((OFFLINE / "00_quickstart.json").read_text())["provenance"]["threads"]
+    assert threads["torch_intra_op"] == 1 and "made with one thread" in text
+    cpu = json.loads((OFFLINE / "00_quickstart.json").read_text())["provenance"]["cpu"]["model"]
+    assert ("Intel" in cpu and "Xeon" in cpu) == ("one thread on an Intel Xeon" in text), cpu
     # no other decimal number may appear (times are the only measured values not in results/)
     allowed = {"3.11", "2602.19926"} | {m for p in expected for m in re.findall(r"\d+\.\d+", p)}
     times = set(re.findall(r"(\d+(?:\.\d+)?) (?:s|min)\b", text))
