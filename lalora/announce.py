@@ -40,7 +40,7 @@ def calibration_eta(steps: int, sample_rate: float, accountant: str) -> str:
     if accountant != "prv":
         return "about a second"
     seconds = 1.0 + _PRV_SECONDS_PER_STEP_PER_SQRT_Q * max(sample_rate, 0.0) ** 0.5 * steps
-    if seconds < 5:
+    if seconds < 3:
         return "a few seconds"
     if seconds < 120:
         return f"about {seconds:.0f} s"
