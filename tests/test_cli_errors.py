@@ -181,3 +181,15 @@ def _wait_for_folder(parent: Path, proc: subprocess.Popen, timeout: float = 240)
             raise AssertionError(f"run ended early: {proc.communicate()}")
         time.sleep(0.1)
     raise AssertionError("the run folder never appeared")
+
+
+def test_disk_full_and_other_os_errors_read_as_one_line():
+    import errno
+
+    from lalora.cli import describe_os_error
+
+    full = describe_os_error(OSError(errno.ENOSPC, "No space left on device", "runs/x/final.json"))
+    assert "no space left" in full and "runs/x/final.json" in full and "run the same command again" in full
+    denied = describe_os_error(PermissionError(errno.EACCES, "Permission denied", "/data/runs"))
+    assert "cannot write /data/runs" in denied and "LALORA_CACHE" in denied
+    assert "\n" not in full + denied
