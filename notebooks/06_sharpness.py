@@ -79,7 +79,7 @@ torch.set_num_threads(1)
 plotting.use_style()
 os.makedirs(output_dir, exist_ok=True)
 started = time.perf_counter()
-PAPER = {"dp-lora": 101.62, "la-lora": 64.77}  # Swin-B / CIFAR-100 / ε = 1 (research/paper.md §3)
+PAPER = {"dp-lora": 101.62, "la-lora": 64.77}  # Swin-B / CIFAR-100 / ε = 1 (paper/reported.yaml: sharpness)
 
 # %% [markdown]
 # ## Final global models (cached federated runs)

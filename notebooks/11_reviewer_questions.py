@@ -13,7 +13,7 @@
 # %% [markdown]
 # # 11 — The reviewers' questions
 #
-# The ICLR reviews (research/paper.md §7) asked for:
+# The ICLR reviews (OpenReview, for arXiv 2602.19926; paper/reported.yaml names the sources) asked for:
 #
 # 1. **Sensitivity to the number of local steps K** (R1): DP-LoRA vs LA-LoRA across K. The budget ε
 #    is fixed, so more local steps mean more DP steps per client and a larger σ.

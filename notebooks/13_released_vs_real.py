@@ -14,7 +14,7 @@
 # %% [markdown]
 # # 13 · The released mechanism beside real DP: does LA-LoRA's advantage survive?
 #
-# The authors' released code does not implement the DP the paper reports (research/paper.md §1.5):
+# The authors' released code does not implement the DP the paper reports (see docs/OVERVIEW.md):
 # one batch-mean gradient, each tensor clipped to a **data-dependent** threshold
 # C = min(median tensor norm, 0.4), noise N(0, (σC/b)²), fixed-size batches, no accountant. Here the
 # same federation runs LA-LoRA, DP-LoRA and RoLoRA twice on **paired seeds** (a seed fixes the

@@ -63,6 +63,7 @@ import torch
 from dplora_kernels.dp import autocast_for
 
 import lalora
+from lalora.announce import note
 from lalora.config import NOT_DP, RunConfig, check_against_task
 from lalora.federated.client import ClientData, LocalTraining, local_train, to_device
 from lalora.federated.methods import get_method
@@ -507,6 +508,7 @@ def _train(cfg: RunConfig, task, partitions, run_dir: RunDir, digest: str, finge
         elapsed = float(payload.get("elapsed_s", 0.0))
         run_dir.truncate_metrics(done)
         start = done + 1
+        note(f"resuming {run_dir.path} at round {start} of {cfg.rounds} (rounds 1-{done} from its checkpoint)")
     else:
         run_dir.reset()
     run_dir.write_config({**cfg.to_dict(), "hash": digest, "task_fingerprint": fingerprint,

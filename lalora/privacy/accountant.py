@@ -178,11 +178,11 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
     if cached is not None:
         _SIGMA_CACHE[key] = cached
         return cached
-    from lalora.announce import announce
+    from lalora.announce import announce, calibration_eta
 
     announce(f"calibrating the noise multiplier for epsilon={epsilon}, delta={delta}, q={q:.4g}, "
              f"{steps} steps", why=f"first use of this budget: a bisection over the {accountant} "
-             "accountant", eta="seconds", cached_in=str(_sigma_cache_file(key)))
+             "accountant", eta=calibration_eta(steps, q, accountant), cached_in=str(_sigma_cache_file(key)))
     try:
         with _quiet_rdp_order_warnings():
             sigma = float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
