@@ -33,6 +33,7 @@ from torch import nn
 
 from .api import _add_noise, clip_and_noise, clipped_noised_sum, gaussian_noise
 from .api import clip_factors as _clip_factors
+from .checks import run_unit_check, unit_check_due
 from .engine import PerSampleGradEngine, PerSampleGrads
 
 __all__ = ["dp_gradient", "grouped_dp_gradient", "DPStepResult", "per_sample_gradients", "PerSampleGrads", "batch_size_of",
@@ -143,42 +144,103 @@ def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tens
                 clip_norm: float, noise_multiplier: float, expected_batch_size: float,
                 generator: torch.Generator | None, clipping: str = "flat", backend: str = "auto",
                 num_samples: int | None = None, precision: str = "fp32",
-                verify_unit: bool = False) -> DPStepResult:
+                verify_unit: bool | None = None, secure: bool = False,
+                physical_batch_size: int | None = None) -> DPStepResult:
     """Privatized gradient of the trainable parameters on `batch`, written to p.grad (see module doc).
 
     loss_fn(model, batch) -> (N,) per-sample losses (reduction "none"); the engine sums them.
     num_samples overrides batch_size_of(batch) (the clipping unit when rows are not samples).
-    verify_unit=True first runs the clipping-unit probe (dplora_kernels.unit_probe) on two samples of
-    `batch` and raises, naming the layer, if the model's rows are not one sample each (sequence-first
-    layers, a batch reordered mid-forward).
+    verify_unit: the model check (checks.py, unit_probe.py) on two samples of `batch`, before anything
+    is computed or written: raises UnattributedGradientError when a trainable parameter is also used
+    functionally (F.linear(x, layer.weight)), ClippingUnitError when a layer's rows are not one sample
+    each (sequence-first input, a batch reordered mid-forward). None (default): on the schedule of
+    checks.py (first call per model and trainable set, then every 1000 calls); True: every call;
+    False: never (opt-out).
+    secure=True draws the noise from the OS CSPRNG (noise.py; `generator` must be None): never
+    reproducible, what a release wants. secure=False draws it from `generator` (seeded: reproducible).
+    physical_batch_size: the logical (Poisson) batch is run in chunks of at most this many samples
+    (one forward/backward each, so memory is that of one chunk); each chunk's per-sample gradients
+    are clipped and summed, the sums added, and the noise drawn ONCE for the logical step (the same
+    draws as the unsplit step): the result equals the unsplit step up to float summation order.
     """
     _check_args(clip_norm, noise_multiplier, expected_batch_size, clipping, precision)
-    if verify_unit:   # before anything is computed or released
-        from .unit_probe import verify_clipping_unit
-
-        verify_clipping_unit(model, loss_fn, batch,
-                             lambda m, f, b: per_sample_gradients(m, f, b, backend=backend, precision=precision),
-                             num_samples=num_samples)
+    if physical_batch_size is not None and not (isinstance(physical_batch_size, int) and physical_batch_size >= 1):
+        raise ValueError(f"physical_batch_size must be None or an int >= 1; got {physical_batch_size!r}")
+    if secure and generator is not None:
+        raise ValueError("secure=True draws the noise from the OS CSPRNG: pass generator=None "
+                         "(or secure=False for a seeded, reproducible generator)")
     engine = PerSampleGradEngine(model, backend=backend)   # validates devices and backend up front
     params = dict(engine.params)   # the trainable parameters, by name (the engine's one walk)
     n = batch_size_of(batch) if num_samples is None else int(num_samples)
+    if unit_check_due(model, params, n, verify_unit):   # before anything is computed or released
+        run_unit_check(model, loss_fn, batch, params, n=n, num_samples=num_samples, backend=backend,
+                       explicit=verify_unit is True)
     std = float(noise_multiplier) * float(clip_norm) if noise_multiplier > 0 else 0.0
     if not params:
         return DPStepResult({}, torch.zeros(n), torch.ones(n), n)
     names = list(params)
     shapes = [params[k].shape for k in names]
     device = engine.device
+    # secure: the clipped sum without noise here, the CSPRNG noise added below (one draw, names order)
+    torch_std = 0.0 if secure else std
 
     if n == 0:   # Poisson drew nobody: noise only, the model is not called
-        summed, total, factors = _privatize(None, names, shapes, device, float(clip_norm), std, generator,
-                                            clipping, backend)
-        return _write(params, names, summed, expected_batch_size, total, factors, 0)
+        summed, total, factors = _privatize(None, names, shapes, device, float(clip_norm), torch_std,
+                                            generator, clipping, backend)
+        norms = total
+    elif physical_batch_size is not None and n > physical_batch_size:
+        summed, norms, factors = _chunked(engine, model, loss_fn, batch, n, physical_batch_size, names, shapes,
+                                          device, float(clip_norm), torch_std, generator, clipping, backend,
+                                          precision)
+    else:
+        psg = _run(engine, model, loss_fn, batch, n, precision, ghost=True)
+        total = _check_finite(psg)
+        summed, total, factors = _privatize(psg, names, shapes, device, float(clip_norm), torch_std,
+                                            generator, clipping, backend, total)
+        norms = total.sqrt()
+    if secure and std > 0:
+        from .noise import secure_gaussian_like
 
-    psg = _run(engine, model, loss_fn, batch, n, precision, ghost=True)
-    total = _check_finite(psg)
-    summed, total, factors = _privatize(psg, names, shapes, device, float(clip_norm), std, generator,
-                                        clipping, backend, total)
-    return _write(params, names, summed, expected_batch_size, total.sqrt(), factors, n)
+        noise = secure_gaussian_like([s.shape for s in summed], std, device, summed[0].dtype)
+        summed = [s + z for s, z in zip(summed, noise)]
+    return _write(params, names, summed, expected_batch_size, norms, factors, n)
+
+
+def _chunked(engine, model, loss_fn, batch, n, chunk, names, shapes, device, clip_norm, std, generator,
+             clipping, backend, precision):
+    """The logical step in physical chunks: per chunk, clipped sum without noise; then the noise once,
+    drawn exactly as the unsplit step draws it (_privatize: flat clipping draws the arena's
+    parameters, then the ghost heads'; per-layer clipping one draw in `names` order). Nothing is
+    written to p.grad until every chunk has passed its finiteness check."""
+    from .unit_probe import take_samples
+
+    summed, norms, factors, ghost = None, [], [], set()
+    for start in range(0, n, chunk):
+        idx = list(range(start, min(n, start + chunk)))
+        psg = _run(engine, model, loss_fn, take_samples(batch, idx, n), len(idx), precision, ghost=True)
+        total = _check_finite(psg)
+        part, total, f = _privatize(psg, names, shapes, device, clip_norm, 0.0, None, clipping, backend, total)
+        summed = part if summed is None else [a + b for a, b in zip(summed, part)]
+        norms.append(total.sqrt())
+        factors.append(f)
+        ghost = {k for gl in psg.ghost for k in gl.names}
+        del psg
+    if std > 0:
+        out = dict(zip(names, summed))
+        if clipping == "flat":   # as _flat: the arena's draw added in its dtype, the ghost heads' as _noise_only
+            arena = [k for k in names if k not in ghost]
+            if arena:
+                z = gaussian_noise([out[k].shape for k in arena], std, generator, device)
+                out.update(zip(arena, _add_noise([out[k] for k in arena], z, std)))
+            heads = [k for k in names if k in ghost]
+            if heads:
+                zs = _noise_only([out[k].shape for k in heads], device, std, generator, backend)
+                out.update((k, out[k] + z) for k, z in zip(heads, zs))
+        else:                    # as _privatize's per-layer branch: one draw in names order
+            zs = _noise_only(shapes, device, std, generator, backend)
+            out.update((k, out[k] + z) for k, z in zip(names, zs))
+        summed = [out[k] for k in names]
+    return summed, torch.cat(norms), torch.cat(factors)
 
 
 def _check_finite(psg: PerSampleGrads) -> torch.Tensor:
