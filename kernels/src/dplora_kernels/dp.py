@@ -145,7 +145,8 @@ def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tens
                 generator: torch.Generator | None, clipping: str = "flat", backend: str = "auto",
                 num_samples: int | None = None, precision: str = "fp32",
                 verify_unit: bool | None = None, secure: bool = False,
-                physical_batch_size: int | None = None) -> DPStepResult:
+                physical_batch_size: int | None = None, distributed: bool = False,
+                process_group: Any = None) -> DPStepResult:
     """Privatized gradient of the trainable parameters on `batch`, written to p.grad (see module doc).
 
     loss_fn(model, batch) -> (N,) per-sample losses (reduction "none"); the engine sums them.
@@ -162,10 +163,23 @@ def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tens
     (one forward/backward each, so memory is that of one chunk); each chunk's per-sample gradients
     are clipped and summed, the sums added, and the noise drawn ONCE for the logical step (the same
     draws as the unsplit step): the result equals the unsplit step up to float summation order.
+    distributed=True (torch.distributed initialised, `process_group` or the default group): each
+    process passes ITS share of the logical batch (disjoint shards; expected_batch_size is the
+    global q|D|); the clipped sums are all-reduced (one all-reduce of one flat buffer), the noise is
+    drawn on rank 0 only (from its `generator`, or secure) and added before the reduction, so every
+    rank writes the same p.grad = (sum over all processes' samples + one noise) / expected_batch_size,
+    equal to one process on the concatenated batch. Call it on the plain model (not a
+    DistributedDataParallel wrapper: the engine does its own reduction). per_sample_norms, clip
+    factors and batch_size in the result are this process's.
     """
     _check_args(clip_norm, noise_multiplier, expected_batch_size, clipping, precision)
     if physical_batch_size is not None and not (isinstance(physical_batch_size, int) and physical_batch_size >= 1):
         raise ValueError(f"physical_batch_size must be None or an int >= 1; got {physical_batch_size!r}")
+    rank = 0
+    if distributed:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError("distributed=True needs torch.distributed initialised (init_process_group)")
+        rank = torch.distributed.get_rank(group=process_group)
     if secure and generator is not None:
         raise ValueError("secure=True draws the noise from the OS CSPRNG: pass generator=None "
                          "(or secure=False for a seeded, reproducible generator)")
@@ -181,37 +195,43 @@ def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tens
     names = list(params)
     shapes = [params[k].shape for k in names]
     device = engine.device
-    # secure: the clipped sum without noise here, the CSPRNG noise added below (one draw, names order)
-    torch_std = 0.0 if secure else std
-
+    # The noise is added here, in the one-batch path (bitwise as before), or after the clipped sum by
+    # _step_noise: CSPRNG noise (secure), physical chunks, and distributed (rank 0 only, then all-reduce).
+    late = secure or distributed or (physical_batch_size is not None and n > physical_batch_size)
+    torch_std = 0.0 if late else std
+    ghost: set = set()
     if n == 0:   # Poisson drew nobody: noise only, the model is not called
         summed, total, factors = _privatize(None, names, shapes, device, float(clip_norm), torch_std,
                                             generator, clipping, backend)
         norms = total
     elif physical_batch_size is not None and n > physical_batch_size:
-        summed, norms, factors = _chunked(engine, model, loss_fn, batch, n, physical_batch_size, names, shapes,
-                                          device, float(clip_norm), torch_std, generator, clipping, backend,
-                                          precision)
+        summed, norms, factors, ghost = _chunked(engine, model, loss_fn, batch, n, physical_batch_size, names,
+                                                 shapes, device, float(clip_norm), clipping, backend, precision)
     else:
         psg = _run(engine, model, loss_fn, batch, n, precision, ghost=True)
         total = _check_finite(psg)
+        ghost = {k for gl in psg.ghost for k in gl.names}
         summed, total, factors = _privatize(psg, names, shapes, device, float(clip_norm), torch_std,
                                             generator, clipping, backend, total)
         norms = total.sqrt()
-    if secure and std > 0:
-        from .noise import secure_gaussian_like
-
-        noise = secure_gaussian_like([s.shape for s in summed], std, device, summed[0].dtype)
-        summed = [s + z for s, z in zip(summed, noise)]
+        del psg
+    if late and std > 0 and rank == 0:
+        summed = _step_noise(summed, names, ghost, std, generator, clipping, device, backend, secure)
+    if distributed:   # every rank: sum_ranks (clipped sum) + rank 0's noise, ONE all-reduce
+        sizes = [t.numel() for t in summed]
+        # one dtype on every rank (an empty shard's zeros are fp32): the arena's, float64 for float64 models
+        dt = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
+        flat = torch.cat([t.reshape(-1).to(dt) for t in summed])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=process_group)
+        summed = [part.view(t.shape) for part, t in zip(flat.split(sizes), summed)]
     return _write(params, names, summed, expected_batch_size, norms, factors, n)
 
 
-def _chunked(engine, model, loss_fn, batch, n, chunk, names, shapes, device, clip_norm, std, generator,
-             clipping, backend, precision):
-    """The logical step in physical chunks: per chunk, clipped sum without noise; then the noise once,
-    drawn exactly as the unsplit step draws it (_privatize: flat clipping draws the arena's
-    parameters, then the ghost heads'; per-layer clipping one draw in `names` order). Nothing is
-    written to p.grad until every chunk has passed its finiteness check."""
+def _chunked(engine, model, loss_fn, batch, n, chunk, names, shapes, device, clip_norm, clipping, backend,
+             precision):
+    """The logical step in physical chunks: per chunk, the clipped sum without noise, added up (the
+    noise comes once, from _step_noise). Nothing is written to p.grad until every chunk has passed
+    its finiteness check. Returns (sums in names order, (N,) norms, clip factors, ghost names)."""
     from .unit_probe import take_samples
 
     summed, norms, factors, ghost = None, [], [], set()
@@ -225,22 +245,33 @@ def _chunked(engine, model, loss_fn, batch, n, chunk, names, shapes, device, cli
         factors.append(f)
         ghost = {k for gl in psg.ghost for k in gl.names}
         del psg
-    if std > 0:
-        out = dict(zip(names, summed))
-        if clipping == "flat":   # as _flat: the arena's draw added in its dtype, the ghost heads' as _noise_only
-            arena = [k for k in names if k not in ghost]
-            if arena:
-                z = gaussian_noise([out[k].shape for k in arena], std, generator, device)
-                out.update(zip(arena, _add_noise([out[k] for k in arena], z, std)))
-            heads = [k for k in names if k in ghost]
-            if heads:
-                zs = _noise_only([out[k].shape for k in heads], device, std, generator, backend)
-                out.update((k, out[k] + z) for k, z in zip(heads, zs))
-        else:                    # as _privatize's per-layer branch: one draw in names order
-            zs = _noise_only(shapes, device, std, generator, backend)
-            out.update((k, out[k] + z) for k, z in zip(names, zs))
-        summed = [out[k] for k in names]
-    return summed, torch.cat(norms), torch.cat(factors)
+    return summed, torch.cat(norms), torch.cat(factors), ghost
+
+
+def _step_noise(summed, names, ghost, std, generator, clipping, device, backend, secure):
+    """Add the step's noise to clipped sums computed without it. secure: one CSPRNG draw over the
+    parameters in names order (noise.py). Otherwise drawn from `generator` exactly as the one-batch
+    step draws it (_privatize: flat clipping draws the arena's parameters, then the ghost heads';
+    per-layer clipping one draw in names order), so physical chunks and distributed steps equal it."""
+    if secure:
+        from .noise import secure_gaussian_like
+
+        noise = secure_gaussian_like([t.shape for t in summed], std, device, summed[0].dtype)
+        return [t + z for t, z in zip(summed, noise)]
+    out = dict(zip(names, summed))
+    if clipping == "flat":   # as _flat: the arena's draw added in its dtype, the ghost heads' as _noise_only
+        arena = [k for k in names if k not in ghost]
+        if arena:
+            z = gaussian_noise([out[k].shape for k in arena], std, generator, device)
+            out.update(zip(arena, _add_noise([out[k] for k in arena], z, std)))
+        heads = [k for k in names if k in ghost]
+        if heads:
+            zs = _noise_only([out[k].shape for k in heads], device, std, generator, backend)
+            out.update((k, out[k] + z) for k, z in zip(heads, zs))
+    else:                    # as _privatize's per-layer branch: one draw in names order
+        zs = _noise_only([out[k].shape for k in names], device, std, generator, backend)
+        out.update((k, out[k] + z) for k, z in zip(names, zs))
+    return [out[k] for k in names]
 
 
 def _check_finite(psg: PerSampleGrads) -> torch.Tensor:
