@@ -4,6 +4,7 @@ per-sample loop, with the model check on (dp_gradient's default):
 * BERT with PEFT LoRA (query/value, lora_dropout, bias="lora_only", a modules_to_save classifier),
   padded batch: in train mode (dropout on) the default check passes and the step runs; in eval mode
   the clipped sum equals the float64 loop (each padded example alone) to 1e-10;
+* a timm ViT (PEFT LoRA on qkv, modules_to_save head), per-layer clipping, equals the float64 loop;
 * the same BERT whose classifier weight is ALSO read functionally (a second logit path through
   F.linear) is refused by default, naming the parameter and the cause.
 """
@@ -104,3 +105,35 @@ def test_bert_with_a_functionally_read_head_is_refused_by_default():
         dk.dp_gradient(model, fn_loss, b, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=5.0,
                        generator=torch.Generator().manual_seed(0))
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_timm_vit_lora_qkv_with_saved_head_matches_float64_loop():
+    """A small random-init timm ViT, PEFT LoRA on qkv and a modules_to_save head, model check on."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=16,
+                            depth=2, num_heads=2, num_classes=3)
+    model = peft.get_peft_model(vit, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["qkv"],
+                                                     modules_to_save=["head"])).double().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64), torch.arange(4) % 3
+
+    def img_loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1], reduction="none")
+
+    res = dk.dp_gradient(model, img_loss, (x, y), clip_norm=0.2, noise_multiplier=0.0, expected_batch_size=4.0,
+                         generator=None, clipping="per_layer")
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    assert any("head" in k for k in params)
+    ck = 0.2 / len(params) ** 0.5
+    for j, (k, p) in enumerate(params.items()):
+        want = 0
+        for i in range(4):
+            gi = torch.autograd.grad(img_loss(model, (x[i:i + 1], y[i:i + 1])).sum(), p)[0]
+            want = want + min(1.0, ck / (float(gi.norm()) + 1e-6)) * gi
+        want = want / 4.0
+        assert float((res.grads[k] - want).norm()) <= 1e-10 * float(want.norm()) + 1e-15, k
