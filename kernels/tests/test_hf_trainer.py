@@ -420,3 +420,27 @@ def test_dptrainer_trains_a_causal_lm(tmp_path):
     trainer.train()
     assert trainer.dp_steps == 2 and 0 < trainer.epsilon_spent() <= 8.0
     assert all(not torch.equal(p, w0[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+class Reorders(Net):
+    """fc2 sees the batch reversed (put back after): each clipping unit of fc2 mixes two samples."""
+
+    def forward(self, x, labels=None):
+        h = torch.tanh(self.fc1(x))
+        return self.head(torch.tanh(self.fc2(h.flip(0)).flip(0)))
+
+
+def test_trainer_runs_the_model_check_at_the_first_step_with_an_opt_out(tmp_path):
+    def model():
+        torch.manual_seed(0)
+        return peft.get_peft_model(Reorders(), peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0,
+                                                               target_modules=["fc1", "fc2"]))
+
+    kw = dict(train_dataset=Data(), noise_multiplier=1.0, target_delta=1e-5, per_sample_loss=ce, backend="torch")
+    trainer = DPTrainer(model=model(), args=args(tmp_path, max_steps=2), **kw)
+    with pytest.raises(dk.ClippingUnitError, match=r"fc2\.lora_[AB].*not one sample each"):
+        trainer.train()
+    assert trainer.dp_steps == 0 and not trainer.accountant.history
+    opted_out = DPTrainer(model=model(), args=args(tmp_path, max_steps=2), verify_unit=False, **kw)
+    opted_out.train()
+    assert opted_out.dp_steps == 2
