@@ -32,9 +32,13 @@ What it changes in the Trainer, and why:
   * Checkpoints: every Trainer checkpoint holds `dp_state.pt` (the accountant's history, the DP step
     count, σ, the seeded noise generator); `train(resume_from_checkpoint=...)` restores it, so ε
     continues from where it was; a checkpoint without it is refused.
-Refused (ValueError naming the argument): several processes (needs a distributed Poisson sampler;
-dp_gradient(distributed=True) does the DDP reduction in one's own loop), `max_grad_norm` > 0 is set
-to 0 (clipping is per sample; a second clip of the noised sum would only distort it).
+  * Several processes (torchrun, DistributedDataParallel): every process draws the same Poisson
+    batch (same sampling seed) and keeps its share (i % world == rank); the step is
+    dp_gradient(distributed=True) on the unwrapped model: clipped sums all-reduced, noise added once
+    (rank 0's), so every process applies the same update.
+Refused (ValueError naming the argument): several GPUs in one process (nn.DataParallel),
+`max_grad_norm` > 0 is set to 0 (clipping is per sample; a second clip of the noised sum would only
+distort it).
 """
 from __future__ import annotations
 
@@ -63,9 +67,12 @@ _PRECISIONS = ("fp32", "bf16")   # as dp_gradient: bf16 = autocast forward, fp32
 class PoissonBatchSampler(torch.utils.data.Sampler):
     """Yields, `steps` times, the indices i of range(n) with Bernoulli(q) each, drawn from `generator`;
     with parts = k > 1 each such Poisson batch is yielded as k consecutive micro-batches (sizes as
-    equal as possible, some maybe empty) for gradient accumulation: the DP step is the whole batch."""
+    equal as possible, some maybe empty) for gradient accumulation: the DP step is the whole batch.
+    With world > 1 processes, all draw the same Poisson batch from the same seed and process `rank`
+    keeps the examples i with i % world == rank: the union over processes is the one Poisson batch."""
 
-    def __init__(self, n: int, q: float, steps: int, generator: torch.Generator, parts: int = 1):
+    def __init__(self, n: int, q: float, steps: int, generator: torch.Generator, parts: int = 1,
+                 rank: int = 0, world: int = 1):
         if n < 1:
             raise ValueError(f"train_dataset must not be empty; got {n} examples")
         if not 0 < q <= 1:
@@ -73,10 +80,13 @@ class PoissonBatchSampler(torch.utils.data.Sampler):
         if not (isinstance(parts, int) and parts >= 1):
             raise ValueError(f"gradient_accumulation_steps must be an int >= 1; got {parts!r}")
         self.n, self.q, self.steps, self.generator, self.parts = int(n), float(q), int(steps), generator, parts
+        self.rank, self.world = int(rank), int(world)
 
     def __iter__(self):
         for _ in range(self.steps):
             idx = torch.nonzero(torch.rand(self.n, generator=self.generator) < self.q).flatten()
+            if self.world > 1:   # every process draws the same batch (same seed) and keeps its share
+                idx = idx[idx % self.world == self.rank]
             for part in torch.tensor_split(idx, self.parts):
                 yield part.tolist()
 
@@ -248,10 +258,9 @@ class DPTrainer(Trainer):
         if physical_batch_size is not None and not (isinstance(physical_batch_size, int) and physical_batch_size >= 1):
             raise ValueError(f"physical_batch_size must be None or an int >= 1; got {physical_batch_size!r}")
         _accountant(accountant)   # validates the name
-        if self.args.world_size > 1 or self.args.n_gpu > 1:
-            raise ValueError(f"DPTrainer runs in one process on one device (world_size={self.args.world_size}, "
-                             f"n_gpu={self.args.n_gpu}): set CUDA_VISIBLE_DEVICES to one GPU; for several "
-                             "processes use dplora_kernels.dp_gradient(..., distributed=True) in your own loop")
+        if self.args.n_gpu > 1:
+            raise ValueError(f"DPTrainer needs one device per process (n_gpu={self.args.n_gpu}, nn.DataParallel): "
+                             "launch one process per GPU (torchrun) for DistributedDataParallel")
         if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
             raise ValueError("train_dataset must be a map-style dataset with a length (Poisson sampling)")
         self.args.max_grad_norm = 0.0
@@ -264,7 +273,8 @@ class DPTrainer(Trainer):
         self.precision, self.backend = precision, backend
         self.secure, self.verify_unit, self.physical_batch_size = bool(secure), verify_unit, physical_batch_size
         n = len(self.train_dataset)
-        self.sample_rate = min(1.0, self.args.per_device_train_batch_size / n)
+        # expected batch: per-device size x processes (the Trainer's total batch), one Poisson draw over all
+        self.sample_rate = min(1.0, self.args.per_device_train_batch_size * self.args.world_size / n)
         self.steps_per_epoch = max(1, round(1 / self.sample_rate))
         seed = self.args.seed if sampling_seed is None else sampling_seed
         self._sampling_gen = torch.Generator().manual_seed(int(seed))
@@ -319,6 +329,8 @@ class DPTrainer(Trainer):
     # ---- checkpoints: the accountant travels with the Trainer's own state ------------------------
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
+        if not self.args.should_save:   # one writer (the main process) under several processes
+            return
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -374,7 +386,8 @@ class DPTrainer(Trainer):
         else:
             collate = self._get_collator_with_removed_columns(collate, description="training")
         sampler = PoissonBatchSampler(len(dataset), self.sample_rate, self.steps_per_epoch, self._sampling_gen,
-                                      parts=self.args.gradient_accumulation_steps)
+                                      parts=self.args.gradient_accumulation_steps,
+                                      rank=self.args.process_index, world=self.args.world_size)
 
         def collate_or_empty(features):
             # An empty Poisson batch keeps the keys and trailing shapes of a real one, with 0 rows.
@@ -399,6 +412,9 @@ class DPTrainer(Trainer):
             # train() refuses a budget that cannot afford a step and the run stops after the last
             # affordable one, so this is a Trainer that kept calling: no fake loss, an error
             raise RuntimeError(f"DP step {self.dp_steps + 1} would exceed target_epsilon={self.target_epsilon}")
+        distributed = self.args.world_size > 1
+        if distributed:   # the engine reduces the clipped sums itself: run the plain model, not the DDP wrapper
+            model = self.accelerator.unwrap_model(model)
         model.train()
         inputs = self._prepare_inputs(inputs)
         n = int(inputs["labels"].shape[0]) if "labels" in inputs else _rows(inputs)
@@ -416,7 +432,8 @@ class DPTrainer(Trainer):
                       physical_batch_size=self.physical_batch_size)
         if k == 1:
             dp_gradient(model, loss_fn, inputs, noise_multiplier=self.noise_multiplier, expected_batch_size=expected,
-                        generator=self._noise_gen, secure=self.secure and self.noise_multiplier > 0, **common)
+                        generator=self._noise_gen, secure=self.secure and self.noise_multiplier > 0,
+                        distributed=distributed, **common)
         else:
             res = dp_gradient(model, loss_fn, inputs, noise_multiplier=0.0, expected_batch_size=1.0, generator=None,
                               **common)   # this micro-batch's clipped sum, no noise
@@ -446,10 +463,18 @@ class DPTrainer(Trainer):
         acc, self._acc = self._acc, None
         std = self.noise_multiplier * self.clip_norm
         device = acc[0].device
+        distributed = self.args.world_size > 1
+        if distributed and self.args.process_index != 0:
+            std = 0.0   # rank 0 alone adds the noise, before the reduction (as dp_gradient(distributed=True))
         if std > 0 and self.secure:
             acc = [a + z for a, z in zip(acc, secure_gaussian_like([a.shape for a in acc], std, device, acc[0].dtype))]
         elif std > 0:
             acc = _add_noise(acc, gaussian_noise([a.shape for a in acc], std, self._noise_gen, device), std)
+        if distributed:   # the micro-batches' clipped sums were local: one all-reduce of (sums + rank 0's noise)
+            sizes = [a.numel() for a in acc]
+            flat = torch.cat([a.reshape(-1) for a in acc])
+            torch.distributed.all_reduce(flat)
+            acc = [part.view(a.shape) for part, a in zip(flat.split(sizes), acc)]
         for p, a in zip(params.values(), acc):
             p.grad = (a / float(expected)).to(dtype=p.dtype, device=p.device)
 
