@@ -444,3 +444,17 @@ def test_trainer_runs_the_model_check_at_the_first_step_with_an_opt_out(tmp_path
     opted_out = DPTrainer(model=model(), args=args(tmp_path, max_steps=2), verify_unit=False, **kw)
     opted_out.train()
     assert opted_out.dp_steps == 2
+
+
+@pytest.mark.parametrize("physical", [None, 3])
+def test_logged_loss_is_the_batch_mean_even_when_the_model_check_runs(tmp_path, physical):
+    """The model check calls the loss on two samples first (eval mode); the returned loss is still the
+    mean per-sample loss of the whole batch (all physical chunks)."""
+    model, data = peft_net(), Data()
+    trainer = DPTrainer(model=model, args=args(tmp_path), train_dataset=data, noise_multiplier=1.0,
+                        target_delta=1e-5, per_sample_loss=ce, physical_batch_size=physical, backend="torch")
+    batch = {"x": data.x[:8], "labels": data.y[:8]}
+    with torch.no_grad():
+        want = ce(model, batch).mean()
+    got = trainer.training_step(model, batch)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)

@@ -422,7 +422,8 @@ class DPTrainer(Trainer):
 
         def loss_fn(m, batch):
             out = self.per_sample_loss(m, batch)   # dp_gradient runs it under autocast for bf16
-            losses.append(out.detach())
+            if m.training:   # the step's own calls (the model check runs in eval mode on two samples)
+                losses.append(out.detach())
             return out.float()
 
         last = self._micro == k - 1
@@ -451,7 +452,8 @@ class DPTrainer(Trainer):
             self.dp_steps += 1
             if self.budget_steps is not None and self.dp_steps >= self.budget_steps:
                 self.control.should_training_stop = True
-        loss = losses[0].float().mean() if losses and losses[0].numel() else torch.zeros(())
+        seen = torch.cat([t.float().reshape(-1) for t in losses]) if losses else torch.zeros(0)
+        loss = seen.mean() if seen.numel() else torch.zeros(())   # all physical chunks' examples
         return (loss / k).to(self.args.device)
 
     def _write_accumulated(self, params: dict, expected: float) -> None:
