@@ -227,6 +227,16 @@ def run_tuned_protocol(base: dict, arms: Sequence[str], epsilons: Sequence, *, l
     return {"validation": validation, "picks": list(picks.values()), "test": test}
 
 
+def count_runs(arms: Sequence[str], epsilons: Sequence, *, lrs: Sequence[float], clip_norms: Sequence[float],
+               tuning_seeds: Sequence[int], test_seeds: Sequence[int], reference_method: str | None = "fedavg-lora"
+               ) -> dict[str, int]:
+    """How many runs :func:`run_tuned_protocol` asks for (before the run cache folds identical configs,
+    e.g. a pick equal to the paper's lr): the sizing of docs/EVIDENCE_PLAN.md."""
+    validation = len(tuned_arms(arms)) * len(epsilons) * len(lrs) * len(clip_norms) * len(tuning_seeds)
+    test = len(arms) * len(epsilons) * len(PROTOCOLS) * len(test_seeds) + (len(test_seeds) if reference_method else 0)
+    return {"validation": validation, "test": test, "total": validation + test}
+
+
 def picks_table(picks: Sequence[Pick], paper_lr: float = 0.1) -> list[dict]:
     """One row per (arm, ε): the picked lr and C, its validation mean, and where it sits in the grid
     (an edge pick says the grid may be too narrow)."""

@@ -127,3 +127,17 @@ def test_run_tuned_protocol_refuses_a_base_without_validation():
         tuning.run_tuned_protocol({"task": "digits-swin", "task_overrides": {"validation_fraction": 0.1}},
                                   ["dp-lora-half-lr"], [1.0], lrs=LRS, tuning_seeds=[10, 11],
                                   test_seeds=[0, 1], runs_dir="runs")
+
+
+def test_count_runs_matches_what_the_protocol_asks_for(monkeypatch):
+    fake = FakeRunGrid()
+    monkeypatch.setattr(lalora.notebooks, "run_grid", fake)
+    monkeypatch.setattr(tuning, "run_curves", _fake_curves)
+    arms, eps = ["dp-lora", "la-lora", "dp-lora-half-lr"], [1.0, 2.0]
+    kw = dict(lrs=LRS, clip_norms=[1.0, 2.0], tuning_seeds=[100, 101], test_seeds=[0, 1, 2])
+    out = tuning.run_tuned_protocol({"task": "digits-swin", "task_overrides": {"validation_fraction": 0.1}},
+                                    arms, eps, runs_dir="runs", echo=None, **kw)
+    n = tuning.count_runs(arms, eps, **kw)
+    assert n == {"validation": len(out["validation"]), "test": len(out["test"]),
+                 "total": len(out["validation"]) + len(out["test"])}
+    assert n["validation"] == 2 * 2 * 5 * 2 * 2 and n["test"] == 3 * 2 * 2 * 3 + 3
