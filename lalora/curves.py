@@ -32,17 +32,17 @@ def _sig(x, digits: int = LOSS_DIGITS):
 
 
 def curve_from_metrics(metrics: Iterable[Mapping]) -> dict[str, list]:
-    """Per-round lists from the records of a metrics.jsonl: ``round``, ``train_loss``,
-    ``test_accuracy`` (%; None where the round was not evaluated), ``test_loss`` (None likewise).
-    Non-finite values become None (strict JSON)."""
-    out: dict[str, list] = {"round": [], "train_loss": [], "test_accuracy": [], "test_loss": []}
+    """Per-round lists from the records of a metrics.jsonl: ``round``, ``train_loss`` and
+    ``test_accuracy`` (%; None where the round was not evaluated). Non-finite values become None
+    (strict JSON). The test loss is left out: accuracy and training loss are what tell divergence
+    from slow learning, and every number kept is multiplied by hundreds of committed runs."""
+    out: dict[str, list] = {"round": [], "train_loss": [], "test_accuracy": []}
     for m in metrics:
         out["round"].append(int(m["round"]))
         out["train_loss"].append(_sig(m.get("train_loss")))
         acc = m.get("test_accuracy")
         out["test_accuracy"].append(None if acc is None or not math.isfinite(float(acc))
                                     else round(100.0 * float(acc), ACCURACY_DECIMALS))
-        out["test_loss"].append(_sig(m.get("test_loss")))
     return out
 
 

@@ -69,7 +69,7 @@ local_steps = 4
 batch_size = None
 clients = None
 clients_per_round = None
-task_overrides = {"validation_fraction": 0.1}   # {task: {...}} or flat; must carve a validation split
+task_overrides = {"validation_fraction": 0.0667}   # {task: {...}} or flat; must carve a validation split
 
 # %%
 import math

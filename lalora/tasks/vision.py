@@ -283,8 +283,10 @@ def digits_swin(
 
     Sizes with the defaults: public 359 / test 360 / private 1,078 (stratified).
     ``validation_fraction`` (of all 1,797 images, < ``public_fraction``) is carved out of the public
-    split, so the backbone pretrains on the rest and never sees a validation image: with 0.1, 180
-    validation images and a backbone pretrained on 179 (private and test unchanged).
+    split, so the backbone pretrains on the rest and never sees a validation image: with 0.0667 (1/15),
+    120 validation images and a backbone pretrained on 239 (private and test unchanged). Measured
+    (pretrained network with its pretraining head, test split, 60 epochs, one thread): 79.4% test
+    accuracy from 359 images, 76.9% from 239, 62.8% from 179 (0.1) -- hence 1/15, not more.
     ``eval_split="validation"`` scores runs on it (tuning; see ``_offline_vision_task``).
     """
     from sklearn.datasets import load_digits
