@@ -255,6 +255,13 @@ def picks_table(picks: Sequence[Pick], paper_lr: float = 0.1) -> list[dict]:
     return rows
 
 
+def validation_table(picks: Sequence[Pick]) -> list[dict]:
+    """The validation curve of every (task, arm, ε) as JSON rows: the grid points of a tuned arm, or
+    where a derived arm's lr comes from."""
+    return [{"task": p.task, "method": p.arm, "epsilon": _eps_key(p.epsilon), "lr": p.lr, "clip_norm": p.clip_norm,
+             "points": p.curve} for p in picks]
+
+
 def validation_figure(picks: Sequence[Pick], title: str = ""):
     """Validation accuracy vs lr (log axis), one panel per ε, one line per tuned arm (mean over the
     tuning seeds, each seed a dot), the pick circled."""

@@ -85,7 +85,7 @@ from lalora.plotting import FIGSIZE, grouped_bars, legend_outside, method_label,
 from lalora.report import claim_verdicts, fmt_diff
 from lalora.results import atomic_write_json
 from lalora.tasks import get_task
-from lalora.tuning import picks_table, run_tuned_protocol, validation_figure
+from lalora.tuning import picks_table, run_tuned_protocol, validation_figure, validation_table
 
 use_style()
 started = time.perf_counter()
@@ -219,8 +219,7 @@ atomic_write_json(f"{output_dir}/14_tuned_main.json", {
                  "paper": f"lr {paper_lr:g} for every arm (derived arms at their factor of it), test seeds {test_seeds}"},
     "grid": {"lrs": lrs, "clip_norms": clip_norms, "tuning_seeds": tuning_seeds, "test_seeds": test_seeds},
     "picks": pick_rows,
-    "validation_curves": [{"task": p.task, "method": p.arm, "epsilon": str(p.epsilon), "points": p.curve}
-                          for p in picks],
+    "validation_curves": validation_table(picks),
     "table": table, "claims": verdicts, "summary": summary,
     "runs": [compact(r) for r in test_runs],
     "validation_runs": [compact(r, VALIDATION_KEYS) for r in validation_runs],

@@ -100,6 +100,10 @@ def test_run_tuned_protocol_tunes_on_validation_and_tests_both_protocols(monkeyp
     for r in out["test"]:
         cells.setdefault((r["method"], r["epsilon"], r["protocol"]), []).append(r["seed"])
     assert all(sorted(s) == [0, 1, 2, 3, 4] for s in cells.values()) and len(cells) == 3 * 2 * 2 + 1
+    vt = {(r["method"], r["epsilon"]): r for r in tuning.validation_table(out["picks"])}
+    assert set(vt) == {(a, e) for a in arms for e in ("1", "3")}
+    assert vt[("dp-lora", "1")]["lr"] == 0.025 and len(vt[("dp-lora", "1")]["points"]) == len(LRS)
+    assert vt[("dp-lora-half-lr", "1")]["points"] == [{"derived_from": "dp-lora", "lr_factor": 0.5}]
     rows = tuning.picks_table(out["picks"])
     assert {(r["method"], r["epsilon"]): r["at_grid_edge"] for r in rows}[("dp-lora", "1")] is False
     assert {(r["method"], r["epsilon"]): r["derived_from"] for r in rows}[("dp-lora-half-lr", "3")] == "dp-lora"
