@@ -50,3 +50,29 @@ def test_notebook_14_ci(tmp_path, monkeypatch):
     assert {v["protocol"] for v in data["claims"]} == {"tuned", "paper"}
     for fig in ("validation", "bars", "curves_tuned", "curves_paper"):
         assert (out / "figures" / f"{NAME}_digits-swin_{fig}.png").exists(), fig
+
+
+def test_evidence_profile_resolves_and_its_notebooks_share_runs(tmp_path):
+    """Every notebook of the evidence profile takes its YAML (no undeclared key), 14's grid is the stated
+    protocol, and every digits notebook names the same task options (the same backbone and validation split),
+    so a run asked for by several notebooks is trained once."""
+    from lalora import tuning
+
+    summary = nbr.run_notebooks("evidence", root=REPO, output_dir=tmp_path / "evidence", prepare_only=True,
+                                echo=lambda *_: None)
+    assert not summary.failed, nbr.format_summary(summary)
+    params = REPO / "notebooks/params/evidence"
+    assert {o.name for o in summary.outcomes} == {p.stem for p in params.glob("*.yaml")}
+    p = yaml.safe_load((params / f"{NAME}.yaml").read_text())
+    tuning.check_grid(p["lrs"], p["clip_norms"], p["tuning_seeds"], p["test_seeds"])
+    assert len(p["test_seeds"]) >= 5 and p["local_steps"] == 20
+    assert [float(e) for e in p["epsilons"]] == [1.0, 2.0, 3.0]
+    digits = p["task_overrides"]["digits-swin"]
+    for path in params.glob("*.yaml"):
+        q = yaml.safe_load(path.read_text()) or {}
+        ov = q.get("task_overrides")
+        if ov is None or q.get("tasks", [q.get("task", "digits-swin")]) == ["topics-minilm"]:
+            continue
+        ov = ov.get("digits-swin", ov)
+        assert ov == digits, path.name
+        assert (q.get("rounds"), q.get("local_steps")) == (p["rounds"], p["local_steps"]), path.name
