@@ -64,7 +64,7 @@ reference_method = "fedavg-lora"         # the non-private reference, at infinit
 claims = [["la-lora", "dp-lora"], ["la-lora", "rolora"], ["la-lora", "ffa-lora"],
           ["la-lora", "dp-lora+filter"], ["la-lora", "dp-lora-half-lr"], ["la-lora", "la-lora-filter"],
           ["dp-lora+filter", "dp-lora"]]
-rounds = 2
+rounds = 2                               # or {task: rounds}
 local_steps = 4
 batch_size = None
 clients = None
@@ -104,7 +104,7 @@ def per_task(value, task):
 # %%
 results = {}
 for task in tasks:
-    base = experiment_base(task, task_overrides=task_overrides, rounds=rounds, local_steps=local_steps,
+    base = experiment_base(task, task_overrides=task_overrides, rounds=per_task(rounds, task), local_steps=local_steps,
                            batch_size=batch_size, clients=clients, clients_per_round=clients_per_round)
     results[task] = run_tuned_protocol(base, per_task(arms, task), per_task(epsilons, task), lrs=lrs,
                                        tuning_seeds=tuning_seeds, test_seeds=test_seeds, runs_dir=runs_dir,

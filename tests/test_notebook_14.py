@@ -66,13 +66,15 @@ def test_evidence_profile_resolves_and_its_notebooks_share_runs(tmp_path):
     p = yaml.safe_load((params / f"{NAME}.yaml").read_text())
     tuning.check_grid(p["lrs"], p["clip_norms"], p["tuning_seeds"], p["test_seeds"])
     assert len(p["test_seeds"]) >= 5 and p["local_steps"] == 20
-    assert [float(e) for e in p["epsilons"]] == [1.0, 2.0, 3.0]
+    assert [float(e) for e in p["epsilons"]["digits-swin"]] == [1.0, 2.0, 3.0]
+    assert len(p["arms"]["digits-swin"]) == 7 and "mnist-swin" in p["tasks"]
     digits = p["task_overrides"]["digits-swin"]
+    rounds = p["rounds"]["digits-swin"]
     for path in params.glob("*.yaml"):
         q = yaml.safe_load(path.read_text()) or {}
         ov = q.get("task_overrides")
         if ov is None or q.get("tasks", [q.get("task", "digits-swin")]) == ["topics-minilm"]:
             continue
-        ov = ov.get("digits-swin", ov)
+        ov = ov.get("digits-swin", ov)   # keyed by task, or flat (a digits-only notebook)
         assert ov == digits, path.name
-        assert (q.get("rounds"), q.get("local_steps")) == (p["rounds"], p["local_steps"]), path.name
+        assert (q.get("rounds"), q.get("local_steps")) == (rounds, p["local_steps"]) or path.name == f"{NAME}.yaml"
