@@ -4,8 +4,8 @@ beside it.
 
 Why: one fixed lr (the released code's 0.1, chosen at σ ≈ 0.2) makes a comparison at σ ≈ 2–7 a
 comparison of which method tolerates that lr, not of the methods (issue 26: DP-LoRA diverged at
-lr 0.1 while the others trained). Tuning on the test split would spend privacy budget on it and
-bias the verdicts; tuning on the private data would cost privacy budget. So the tasks carve a
+lr 0.1 while the others trained). Tuning on the test split would fit the pick to the data it is
+judged on; tuning on the private data would have to be paid for in privacy budget. So the tasks carve a
 validation split out of public data (``validation_fraction``; ``eval_split="validation"`` scores a
 run on it; lalora.tasks.vision / text), and the procedure is, for each arm and each ε:
 

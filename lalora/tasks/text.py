@@ -209,7 +209,7 @@ def topics_minilm(
     No utterance is public (the encoder was pretrained by its authors), so ``validation_fraction``
     (of all utterances) is carved out of the private split, stratified and seeded: those utterances
     become public and no client sees them (test unchanged). ``eval_split="validation"`` scores runs
-    on them instead of the test split (tuning spends no privacy budget on test: lalora.tuning).
+    on them instead of the test split (lalora.tuning: a pick fit on public data, never on test).
     """
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")

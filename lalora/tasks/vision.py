@@ -163,8 +163,9 @@ def _offline_vision_task(
     it (the backbone then pretrains on the rest, so no validation image was seen in pretraining),
     otherwise out of the private split (those images are then public: no client ever sees them).
     Either way the test split is unchanged. ``eval_split="validation"`` makes ``Task.test`` the
-    validation split (a tuning run never touches the test images and spends no privacy budget on
-    them); the test split is then not part of the Task at all."""
+    validation split: a tuning run never scores a test image (no test image is in that Task), so the
+    pick is not fit to the data it is judged on, and, the split being public, tuning costs no
+    privacy budget."""
     for field, v in (("public_fraction", public_fraction), ("test_fraction", test_fraction)):
         if not 0 <= v < 1:
             raise ValueError(f"{field} must be in [0, 1), got {v}")
