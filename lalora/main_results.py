@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any, Sequence
 
-from lalora.notebooks import accuracy_table, experiment_base, run_grid
+from lalora.nbtools import accuracy_table, experiment_base, run_grid
 from lalora.report import Cell, check_ranking, claim_verdicts, t_halfwidth
 from lalora.results import atomic_write_json
 

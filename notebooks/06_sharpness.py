@@ -63,7 +63,7 @@ import torch
 
 from lalora import plotting
 from lalora.analysis.probe import evaluation_batches, load_global_model, sharpness
-from lalora.notebooks import experiment_base, make_config, run_grid
+from lalora.nbtools import experiment_base, make_config, run_grid
 from lalora.results import atomic_write_json
 
 # One thread: on a shared 2-core machine the small matmuls of double back-propagation are several

@@ -54,7 +54,7 @@ import torch
 from lalora import plotting
 from lalora.analysis.alignment import summarize_alignment
 from lalora.analysis.probe import alignment_trace
-from lalora.notebooks import experiment_base, make_config
+from lalora.nbtools import experiment_base, make_config
 from lalora.results import atomic_write_json
 
 torch.set_num_threads(1)  # small models on a shared 2-core machine: contention costs more than it gives
