@@ -196,7 +196,7 @@ def test_ensure_kernel_points_at_this_interpreter():
 # one run cache (the runs 11 shares with 01-05 train once) and the notebooks side by side on every core
 # (this was the default suite's longest part: 12 notebooks, each analysis notebook in its own runner call).
 ANALYSIS = ["06_sharpness", "07_client_alignment", "08_noise_amplification", "09_theorem_checks",
-            "11_reviewer_questions"]
+            "11_reviewer_questions", "12_privacy_audit"]
 CI_NOTEBOOKS = MINE + ANALYSIS
 _CI_RUN: dict = {}
 

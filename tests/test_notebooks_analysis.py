@@ -1,4 +1,4 @@
-"""The analysis notebooks (06, 07, 08, 09, 11) execute in the ci profile and their JSON holds the claims
+"""The analysis notebooks (06, 07, 08, 09, 11, 12) execute in the ci profile and their JSON holds the claims
 (executed together with the result notebooks: test_notebooks.ci_run)."""
 import json
 import math
@@ -59,3 +59,16 @@ def test_11_reviewer_questions(ci_results):
     assert any("centralized" in l for l in labels) and any("∞" in l for l in labels)
     for section in ("local_steps", "alternation", "references"):
         assert all(0 <= r["accuracy"] <= 100 for r in d[section])
+
+
+def test_12_privacy_audit(ci_results):
+    """The audit's headline claims (the full check of its rows, probes and figures is test_audit_notebook,
+    in the slow suite since this shared execution runs the notebook in the default one)."""
+    d = _load(ci_results, "12_privacy_audit")
+    assert d["correct_never_violates"] and d["every_bug_flagged"]
+    for r in d["one_step"]:
+        assert r["violates"] == (r["cp_lb"] > r["accountant_epsilon"])   # only the bound gives verdicts
+        if r["planted"] == "none":
+            assert not r["violates"] and r["cp_lb"] <= r["accountant_epsilon"]
+        else:
+            assert r["violates"] or r["estimate_exceeds"], r
