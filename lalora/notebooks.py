@@ -393,6 +393,8 @@ def run_notebooks(profile: str, *, only: Iterable[str] | None = None, root: Path
         os.environ["LALORA_QUIET"] = "1"
 
     sources = select(discover(notebooks_dir), only)
+    if not only:
+        sources = _in_profile(sources, params_dir / profile, profile, echo)
     kernel = KERNEL_NAME if prepare_only else ensure_kernel()
     from lalora.provenance import git_info
 
@@ -522,6 +524,20 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     from lalora.results import atomic_write_json
 
     atomic_write_json(path, data)
+
+
+def _in_profile(sources: list[Path], profile_dir: Path, profile: str, echo) -> list[Path]:
+    """A profile that has parameter files runs only the notebooks it names: a notebook added later
+    (e.g. 14, written for the evidence profile) would otherwise run a committed profile such as
+    offline-full at its own small defaults and write a result that belongs to no protocol. Without
+    any parameter file (a bare profile folder, a test's tree) every notebook runs at its defaults."""
+    if not profile_dir.is_dir() or not any(profile_dir.glob("*.yaml")):
+        return sources
+    kept = [s for s in sources if (profile_dir / f"{s.stem}.yaml").is_file()]
+    for s in sources:
+        if s not in kept:
+            echo(f"[{s.stem}] not in the {profile} profile (no params/{profile}/{s.stem}.yaml): skipped")
+    return kept
 
 
 def profile_paths(params: dict[str, Any]) -> list[tuple[str, Any, Any]]:

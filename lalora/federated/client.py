@@ -159,9 +159,15 @@ def local_train(model: torch.nn.Module, groups: ParamGroups, schedule: MethodSch
         elif cfg.private:
             from lalora.privacy.dp_step import dp_gradient
 
+            # verify_unit=False: the same model check (clipping unit and mixed module/functional
+            # use) ran once before training, with every factor and the head trainable
+            # (Simulator.verify_clipping_unit; a deployed node runs its own). The in-step schedule
+            # would call per_sample_loss on extra samples (they would enter train_loss) and, being
+            # per process, again after a resume: train_loss would then depend on where a run resumed.
             dp_gradient(model, per_sample_loss, batch, clip_norm=cfg.clip_norm,
                         noise_multiplier=cfg.noise_multiplier, expected_batch_size=expected_batch,
-                        generator=noise_generator, clipping=cfg.clipping, precision=cfg.precision)
+                        generator=noise_generator, clipping=cfg.clipping, precision=cfg.precision,
+                        verify_unit=False)
         else:
             _plain_gradient(model, per_sample_loss, batch, expected_batch, cfg.precision)
         if cfg.use_filter:

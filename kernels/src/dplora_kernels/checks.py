@@ -79,12 +79,14 @@ def _sample_rows(batch: Any, n: int) -> bool:
 
 
 def run_unit_check(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any,
-                   params: dict, *, n: int, num_samples: int | None, backend: str, explicit: bool) -> None:
+                   params: dict, *, n: int, num_samples: int | None, per_sample_fn: Callable,
+                   explicit: bool) -> None:
     """The probe in fp32 (the question is the unit, not the precision; the reference loop is fp32),
     with a tolerance that fits the parameters' dtype; records the success. A batch with no tensor of
     n leading rows (rows are not samples in the batch itself, num_samples=N over N*k rows) cannot be
-    split into samples: the scheduled check is skipped with a warning, verify_unit=True raises."""
-    from .dp import per_sample_gradients
+    split into samples: the scheduled check is skipped with a warning, verify_unit=True raises.
+    per_sample_fn(model, loss_fn, batch): the caller's per-sample gradients (dp.py passes its own, so
+    this module needs no import of dp: no circle)."""
     from .unit_probe import verify_clipping_unit
 
     if not _sample_rows(batch, n):
@@ -97,7 +99,5 @@ def run_unit_check(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.T
         return
 
     low = any(p.dtype in (torch.bfloat16, torch.float16) for p in params.values())
-    verify_clipping_unit(model, loss_fn, batch,
-                         lambda m, f, b: per_sample_gradients(m, f, b, backend=backend),
-                         num_samples=num_samples, rtol=5e-2 if low else 1e-3)
+    verify_clipping_unit(model, loss_fn, batch, per_sample_fn, num_samples=num_samples, rtol=5e-2 if low else 1e-3)
     mark_unit_checked(model, params)

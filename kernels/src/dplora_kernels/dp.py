@@ -187,7 +187,8 @@ def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tens
     params = dict(engine.params)   # the trainable parameters, by name (the engine's one walk)
     n = batch_size_of(batch) if num_samples is None else int(num_samples)
     if unit_check_due(model, params, n, verify_unit):   # before anything is computed or released
-        run_unit_check(model, loss_fn, batch, params, n=n, num_samples=num_samples, backend=backend,
+        run_unit_check(model, loss_fn, batch, params, n=n, num_samples=num_samples,
+                       per_sample_fn=lambda m, f, b: per_sample_gradients(m, f, b, backend=backend),
                        explicit=verify_unit is True)
     std = float(noise_multiplier) * float(clip_norm) if noise_multiplier > 0 else 0.0
     if not params:
