@@ -23,7 +23,7 @@ downloads; ``LALORA_SMOKE_SIZE=cpu`` shrinks it for a CPU) is a folder
 
 The module also holds the small helpers the result notebooks share (``experiment_base``,
 ``make_config``, ``run_grid``, ``accuracy_table``): a grid of federated runs through
-``lalora.federated.simulation.run_experiment`` (cached by config hash) and the mean ± std table
+``lalora.federated.runs.run_experiment`` (cached by config hash) and the mean ± std table
 over seeds that ``lalora.report`` reads. Variant labels such as ``dp-lora+filter`` map to a method
 plus config overrides (``VARIANTS``).
 
@@ -558,7 +558,7 @@ def run_grid(base: dict[str, Any], grid: list[dict[str, Any]], seeds: Sequence[i
     """
     import math
 
-    from lalora.federated.simulation import run_experiment
+    from lalora.federated.runs import run_experiment
 
     if progress is None:
         progress = os.environ.get("LALORA_QUIET", "") != "1"

@@ -9,8 +9,9 @@ different worker processes), so nothing a client must remember lives in Python o
   generator states in seeded mode, FedSA-LoRA's local B and head) is a checksummed file in the
   node's ``state-dir`` (deployment) or Flower's per-node ``Context.state`` (simulation); every
   train request passes ``NodeGuard.admit`` (schedule, replay, operator's terms, budget) first;
-- the heavy part (task data, frozen base model, σ calibration) is a per-process cache keyed by the
-  run config; it holds no per-client state.
+- the heavy part (task data, frozen base model) is a per-process cache keyed by the run config;
+  it holds no per-client state. The setup query needs only the run plan (``plan_run``: the task's
+  labels, the partition, schedule and σ); the model is built at the first train message.
 
 Two modes (``make_client_app(deployment=...)``):
 
@@ -49,6 +50,7 @@ import numpy as np
 import torch
 
 from lalora.config import RunConfig
+from lalora.federated.simulation import Simulator, plan_run
 from lalora.flower.encoding import KEYS, record_to_state, state_to_record
 
 __all__ = ["LaLoraClient", "make_client_app", "app"]
@@ -80,15 +82,25 @@ class LaLoraClient:
         self.partitions = partitions
         self.deployment = deployment
         self._cache: dict[str, tuple] = {}   # config JSON -> (Simulator, initial generator states)
+        self._plans: dict[str, tuple] = {}   # config JSON -> plan_run's (cfg, task, partitions, RunPlan)
+
+    # ------------------------------------------------------------------ the run plan (no model)
+    def plan(self, config_json: str) -> tuple:
+        """(resolved cfg, task, partitions, RunPlan) of a run: what the setup query checks, from the
+        task's labels alone -- no model is built until the first train message."""
+        hit = self._plans.get(config_json)
+        if hit is None:
+            self._plans.clear()   # one run per process at a time
+            hit = self._plans[config_json] = plan_run(RunConfig.from_dict(json.loads(config_json)),
+                                                      task=self.task, partitions=self.partitions)
+        return hit
 
     # ------------------------------------------------------------------ per-process simulator cache
     def simulator(self, config_json: str):
         hit = self._cache.get(config_json)
         if hit is None:
-            from lalora.federated.simulation import Simulator
-
-            sim = Simulator(RunConfig.from_dict(json.loads(config_json)), task=self.task,
-                            partitions=self.partitions)
+            cfg, task, partitions, _ = self.plan(config_json)   # the task and split the query checked
+            sim = Simulator(cfg, task=task, partitions=partitions)
             initial = ([g.get_state() for g in sim.sampling_generators],
                        [g.get_state() for g in sim.noise_generators],
                        [g.get_state() for g in sim.dropout_generators])
@@ -112,16 +124,16 @@ class LaLoraClient:
         from flwr.app import ConfigRecord, Message, RecordDict
 
         setup = msg.content[KEYS.CONFIG]
-        sim, _ = self.simulator(str(setup["config"]))
+        cfg, _, _, plan = self.plan(str(setup["config"]))   # this node's own plan: no model built
         sigma = float(setup["noise_multiplier"])
-        if not math.isclose(sim.noise_multiplier, sigma, rel_tol=1e-9, abs_tol=0.0):
-            raise RuntimeError(f"noise_multiplier calibrated here ({sim.noise_multiplier!r}) differs "
+        if not math.isclose(plan.noise_multiplier, sigma, rel_tol=1e-9, abs_tol=0.0):
+            raise RuntimeError(f"noise_multiplier calibrated here ({plan.noise_multiplier!r}) differs "
                                f"from the server's ({sigma!r}): different lalora/opacus versions?")
         cid = partition_id(context)
         n = context.node_config.get("num-partitions")
-        if n is not None and int(n) != sim.cfg.clients:
-            raise ValueError(f"num-partitions={n} but the config has clients={sim.cfg.clients}")
-        self._guard(context).policy.check_config(sim.cfg, sim.noise_multiplier)   # refuse early
+        if n is not None and int(n) != cfg.clients:
+            raise ValueError(f"num-partitions={n} but the config has clients={cfg.clients}")
+        self._guard(context).policy.check_config(cfg, plan.noise_multiplier)   # refuse early
         context.state[KEYS.SETUP] = ConfigRecord({"config": str(setup["config"])})
         return Message(RecordDict({KEYS.CONFIG: ConfigRecord({"partition-id": cid})}), reply_to=msg)
 
