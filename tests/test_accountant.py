@@ -83,6 +83,10 @@ def test_one_sigma_for_all_clients_is_the_largest_needed():
     assert sigma == max(noise_multiplier_for(1.0, DELTA, q, s) for q, s in clients)
     assert all(epsilon_for(sigma, DELTA, q, s) <= 1.0 for q, s in clients)
     assert calibrate_sigma(1.0, DELTA, [(Q, 0)]) == 0.0
+    with pytest.raises(ValueError, match="epsilon"):   # validated even when no client takes a step
+        calibrate_sigma(-1.0, DELTA, [(Q, 0)])
+    with pytest.raises(ValueError, match="sample_rate"):
+        calibrate_sigma(1.0, DELTA, [(1.5, 10)])
 
 
 # --------------------------------------------------------------------------- PrivacyLedger

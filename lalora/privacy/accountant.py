@@ -83,6 +83,13 @@ def _check_steps(steps: int, name: str = "steps") -> int:
     return int(steps)
 
 
+def _check_epsilon(epsilon: float) -> float:
+    epsilon = _num("epsilon", epsilon)
+    if math.isnan(epsilon) or epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0 (inf means no noise), got {epsilon}")
+    return epsilon
+
+
 def _check_noise_multiplier(noise_multiplier: float) -> float:
     sigma = _num("noise_multiplier", noise_multiplier)
     if math.isnan(sigma) or sigma < 0:
@@ -168,9 +175,7 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
     """Smallest σ (to Opacus' bisection tolerance) with ε(σ, q, steps) ≤ `epsilon`."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    epsilon = _num("epsilon", epsilon)
-    if math.isnan(epsilon) or epsilon <= 0:
-        raise ValueError(f"epsilon must be > 0 (inf means no noise), got {epsilon}")
+    epsilon = _check_epsilon(epsilon)
     delta = _check_delta(delta)
     q = _check_sample_rate(sample_rate)
     steps = _check_steps(steps)
@@ -405,11 +410,12 @@ def calibrate_sigma(epsilon: float, delta: float, clients: Iterable[tuple[float,
     The only place a run's σ is calibrated (lalora.privacy.plan.RunPlan calls it; so do the audits
     for their single mechanism). Pairs with 0 steps release nothing and are ignored; with none
     left, σ = 0."""
+    epsilon, delta, accountant = _check_epsilon(epsilon), _check_delta(delta), _check_accountant(accountant)
     checked = ((_check_sample_rate(q), _check_steps(s)) for q, s in clients)
     pairs = _binding_pairs(p for p in checked if p[1] > 0)
     if not pairs:
         return 0.0
-    return _sigma_for_binding_pairs(float(epsilon), float(delta), pairs, _check_accountant(accountant))
+    return _sigma_for_binding_pairs(epsilon, delta, pairs, accountant)
 
 
 def _binding_pairs(pairs: Iterable[tuple[float, int]]) -> tuple:
