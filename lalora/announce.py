@@ -22,3 +22,26 @@ def progress_enabled() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+def note(text: str) -> None:
+    """One plain line on stderr (e.g. that a run resumes from its checkpoint)."""
+    print(f"lalora: {text}", file=sys.stderr, flush=True)
+
+
+# Seconds per step of Opacus' σ bisection, measured on a loaded 2-core CPU (Opacus 1.5, ε=3,
+# δ=1e-5): PRV 4.0 s for 30,000 steps and 29.7 s for 300,000 at q=0.05, 7.7 s for 30,000 at q=0.2,
+# i.e. about 1 s plus 4.5e-4·√q s per step; RDP stayed under 1 s from 100 to 100,000 steps.
+_PRV_SECONDS_PER_STEP_PER_SQRT_Q = 4.5e-4
+
+
+def calibration_eta(steps: int, sample_rate: float, accountant: str) -> str:
+    """How long one σ calibration takes, from the measurements above (a fast CPU is quicker)."""
+    if accountant != "prv":
+        return "about a second"
+    seconds = 1.0 + _PRV_SECONDS_PER_STEP_PER_SQRT_Q * max(sample_rate, 0.0) ** 0.5 * steps
+    if seconds < 3:
+        return "a few seconds"
+    if seconds < 120:
+        return f"about {seconds:.0f} s"
+    return f"about {seconds / 60:.0f} min"

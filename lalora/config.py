@@ -281,6 +281,9 @@ def _choice(value: Any, choices: tuple, name: str) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+MAX_STEPS_PER_CLIENT = 100_000
+
+
 def check_against_task(cfg: RunConfig, task) -> None:
     """Refuse a resolved ``cfg`` that cannot run on ``task``, before any expensive step.
 
@@ -296,6 +299,13 @@ def check_against_task(cfg: RunConfig, task) -> None:
     from lalora.lora import inject_lora
     from lalora.tasks import partition
 
+    # A client sampled every round takes rounds x local_steps DP steps. The paper's longest schedule
+    # is 100 x 20 = 2,000; past MAX_STEPS_PER_CLIENT σ grows past ~22 at ε = 3 (nothing trains) and
+    # the PRV calibration alone takes minutes (lalora.announce.calibration_eta).
+    if cfg.rounds * cfg.local_steps > MAX_STEPS_PER_CLIENT:
+        raise ValueError(f"rounds x local_steps = {cfg.rounds} x {cfg.local_steps} = {cfg.rounds * cfg.local_steps} "
+                         f"DP steps per client is more than any task here can use (at most "
+                         f"{MAX_STEPS_PER_CLIENT:,}; the paper's runs take 2,000); lower --rounds or --local-steps")
     build = getattr(task, "build_architecture", None)
     if build is not None:
         with torch.random.fork_rng():   # the check must not move the run's random streams

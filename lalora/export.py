@@ -1,10 +1,13 @@
 """`lalora export-adapter RUN_DIR OUT`: a finished run's final global LoRA state as a PEFT adapter.
 
-    lalora export-adapter runs/topics-minilm/la-lora/<hash> adapters/topics-la-lora
+    lalora export-adapter runs/topics-minilm/la-lora/<hash> adapters/topics-la-lora [--force]
 
-    from lalora.export import export_adapter, base_model
+    from lalora.export import export_adapter, base_model, run_task
     export_adapter(run_dir, out)                          # adapter_config.json + adapter_model.safetensors
     peft_model = PeftModel.from_pretrained(base_model(run_dir), out)   # same logits as the run's model
+
+An OUT folder that exists and is not empty is refused unless ``--force`` (``force=True``): then
+the adapter's files replace those of the same name, one by one, atomically.
 
 What is exported: the global state of the last checkpoint (= the last round, the run having
 `final.json`), i.e. every LoRA factor A, B and the head, as the server holds them. The folder is
@@ -12,7 +15,9 @@ written by PEFT itself (`get_peft_model(...).save_pretrained`), so key names and
 PEFT's: `target_modules` lists the exact module names lalora injected (not the task's patterns: a
 pattern like "proj" would also match Swin's patch-embedding conv in PEFT), `r`, `lora_alpha`,
 `lora_dropout` from the run's layers, and the head in `modules_to_save`. `lalora_run.json` beside it
-records where the adapter came from (task, method, config hash, ε spent).
+records where the adapter came from (task, method, config hash, ε spent), and `README.md` (the model
+card, in place of PEFT's empty template) says it in words: method, task, ε, δ, σ, accountant, seed,
+commit, accuracy.
 
 The base model is the run's task model without LoRA (`base_model(run_dir)`): for a text task the
 encoder + pooling + head module, for a Swin task the timm SwinTransformer with the pretrained
@@ -32,7 +37,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:   # torch, peft and the tasks load lazily, so `lalora --help` stays fast
     from torch import nn
 
-__all__ = ["export_adapter", "base_model", "run_model", "strip_lora", "ExportError"]
+__all__ = ["export_adapter", "base_model", "run_model", "run_task", "strip_lora", "model_card", "ExportError"]
 
 _EXTRA_CONFIG_KEYS = ("hash", "task_fingerprint", "lalora_version")
 
@@ -90,6 +95,13 @@ def _task_of(cfg, raw: dict, task):
         raise ExportError(f"task {cfg.task!r} differs from the run's (fingerprint {task_fingerprint(task)} "
                           f"!= {want}): its data or backbone changed since the run")
     return task
+
+
+def run_task(run_dir):
+    """The run's task (its test data, ``collate`` and ``forward``), rebuilt from config.json and
+    checked against the run's fingerprint: what feeds an exported adapter data."""
+    _, cfg, raw, _ = _finished_run(run_dir)
+    return _task_of(cfg, raw, None)
 
 
 def run_model(run_dir, *, task=None) -> tuple[nn.Module, object]:
@@ -168,11 +180,11 @@ def _lora_config(model: nn.Module, head_name: str):
                       target_modules=sorted(layers), modules_to_save=[head_name])
 
 
-def export_adapter(run_dir, out, *, task=None) -> Path:
+def export_adapter(run_dir, out, *, task=None, force: bool = False) -> Path:
     """Write the run's final global LoRA state to `out` as a PEFT adapter folder; returns `out`.
 
     `task`: the run's Task object, for a task that is not in the registry (tests); by default it is
-    rebuilt from config.json."""
+    rebuilt from config.json. ``force``: write into an existing non-empty ``out``."""
     import torch
     from peft import get_peft_model
 
@@ -182,6 +194,9 @@ def export_adapter(run_dir, out, *, task=None) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"OUT {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"OUT {str(out)!r} exists and is not empty; pass --force to replace its adapter "
+                          "files, or give a new folder")
     rd, cfg, raw, state = _finished_run(run_dir)
     task = _task_of(cfg, raw, task)
     model = _model_with_state(cfg, task, state)
@@ -199,6 +214,7 @@ def export_adapter(run_dir, out, *, task=None) -> Path:
         for f in sorted(Path(tmp).iterdir()):
             atomic_write_bytes(out / f.name, f.read_bytes())
     final = read_json(rd.final_path)
+    atomic_write_bytes(out / "README.md", model_card(cfg, raw, final, out.name).encode())
     atomic_write_json(out / "lalora_run.json", {
         "run_dir": str(rd.path.resolve()), "task": cfg.task, "method": cfg.method,
         "hash": raw.get("hash"), "rounds": cfg.rounds, "epsilon_spent": final.get("epsilon_spent"),
@@ -206,18 +222,77 @@ def export_adapter(run_dir, out, *, task=None) -> Path:
     return out
 
 
+def _fmt(value, spec: str = ".4g") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):   # to_jsonable writes inf/nan as strings
+        return value
+    return format(value, spec)
+
+
+def model_card(cfg, raw: dict, final: dict, name: str) -> str:
+    """The adapter's README.md: what was trained, on what, with which privacy guarantee, and from
+    which commit, so an adapter passed on alone still says what it is."""
+    git = (final.get("provenance") or {}).get("git") or {}
+    commit = git.get("commit") or "unknown (not a git checkout)"
+    if git.get("dirty"):
+        commit += " (with uncommitted changes to the source)"
+    if final.get("privacy"):   # dp-mode as-released
+        privacy = [f"- privacy: **{final['privacy']}** (dp-mode as-released): no ε is claimed"]
+    elif not final.get("private", True):
+        privacy = ["- privacy: **none** (ε = inf, no noise): not differentially private"]
+    else:
+        privacy = [f"- ε spent: {_fmt(final.get('epsilon_spent'))} (max over clients; target "
+                   f"{_fmt(final.get('target_epsilon'))}), δ = {_fmt(final.get('delta'), 'g')}",
+                   f"- noise multiplier σ: {_fmt(final.get('noise_multiplier'))}, clip norm "
+                   f"{_fmt(final.get('clip_norm'), 'g')} ({cfg.clipping} clipping, per sample)",
+                   f"- accountant: {final.get('accountant', cfg.accountant)} (Opacus), Poisson sampling"]
+    options = ", ".join(f"{k}={v}" for k, v in sorted(cfg.task_overrides.items())) or "none"
+    return "\n".join([
+        f"# {name}: LoRA adapter from a lalora run",
+        "",
+        f"A PEFT LoRA adapter (and classifier head) trained by **{cfg.method}** on the task "
+        f"**{cfg.task}** with federated, sample-level differentially private training "
+        "([lalora](https://arxiv.org/abs/2602.19926)).",
+        "",
+        *privacy,
+        f"- seed: {cfg.seed} (client sampling, Poisson batches and DP noise are derived from it); "
+        f"task options: {options}",
+        f"- rounds: {cfg.rounds}, local steps: {cfg.local_steps}, clients: {cfg.clients} "
+        f"({cfg.clients_per_round} per round), LoRA r = {cfg.r}, α = {cfg.alpha}",
+        f"- test accuracy of the run: {_fmt(final.get('accuracy'), '.4f')}",
+        f"- lalora {raw.get('lalora_version', '?')}, commit {commit}, run config hash {raw.get('hash')}",
+        "",
+        "Load it onto the run's base model (the task's model without LoRA):",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from lalora.export import base_model, run_task",
+        "",
+        "task = run_task(run_dir)   # run_dir: the run folder this adapter was exported from",
+        f"model = PeftModel.from_pretrained(base_model(run_dir, task=task), {name!r}).eval()",
+        "logits = task.forward(model, task.collate([task.test[0]]))",
+        "```",
+        "",
+        "`lalora_run.json` holds the same facts as JSON.",
+        "",
+    ])
+
+
 # ----------------------------------------------------------------------------- CLI
 def register(subparsers) -> None:
     p = subparsers.add_parser("export-adapter", help="a finished run's LoRA state as a PEFT adapter folder",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder <runs-dir>/<task>/<method>/<hash>")
-    p.add_argument("out", metavar="OUT", help="folder to write adapter_config.json + adapter_model.safetensors")
+    p.add_argument("out", metavar="OUT", help="folder to write adapter_config.json + adapter_model.safetensors "
+                                             "+ README.md (model card)")
+    p.add_argument("--force", action="store_true", help="write into OUT even if it exists and is not empty")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        out = export_adapter(args.run_dir, args.out)
+        out = export_adapter(args.run_dir, args.out, force=args.force)
     except ExportError as err:
         print(f"lalora export-adapter: error: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,9 @@ import time
 from typing import Any, Sequence
 
 from lalora.notebooks import accuracy_table, experiment_base, run_grid
-from lalora.report import Cell, check_ranking, claim_verdicts, t_halfwidth
+from lalora.plotting import method_label
+from lalora.verdicts import (as_epsilon, claim_verdicts, fmt_diff, fmt_eps, paired_difference, t_halfwidth,
+                             ranking_verdicts as judged_rankings)
 from lalora.results import atomic_write_json
 
 
@@ -39,7 +41,7 @@ def pivot_table(rows: Sequence[dict]):
     """Methods × (task, ε) table of "mean ± std" cells, methods in the house order."""
     import pandas as pd
 
-    from lalora.plotting import method_label, sort_methods
+    from lalora.plotting import sort_methods
 
     df = pd.DataFrame(rows)
     df["cell"] = [f"{m:.2f} ± {s:.2f}" for m, s in zip(df.accuracy_mean, df.accuracy_std)]
@@ -50,20 +52,19 @@ def pivot_table(rows: Sequence[dict]):
                           observed=True).fillna("")
 
 
-def ranking_verdicts(table: Sequence[dict], tasks: Sequence[str], epsilons: Sequence[float],
-                     echo=print) -> dict[str, dict]:
-    """The paper's ranking checked per (task, ε) on adjacent pairs of the claimed order."""
-    verdicts = {}
-    for task in tasks:
-        for eps in epsilons:
-            cells = {r["method"]: Cell(r["accuracy_mean"], r["accuracy_std"], r["n_seeds"])
-                     for r in table if r["task"] == task and r["epsilon"] == eps}
-            v = check_ranking(cells)
-            if v is not None:
-                verdicts[f"{task} ε={eps:g}"] = {"holds": v.holds, "observed": v.observed,
-                                                 "text": v.sentence()}
-                echo(f"{task}, ε = {eps:g}: ranking {v.sentence()}")
-    return verdicts
+def ranking_verdicts(records: Sequence[dict], echo=print) -> dict[str, dict]:
+    """The paper's ranking per (task, ε), judged by the one rule (``lalora.verdicts.ranking_verdicts``:
+    every adjacent pair of the claimed order with >= 5 paired seeds, both arms above the majority
+    baseline, paired 95% CI); the order of the means is kept as a description only."""
+    out = {}
+    for row in judged_rankings(records):
+        key = f"{row['task']} ε={fmt_eps(as_epsilon(row['epsilon']))}"
+        text = (f"{' > '.join(method_label(m) for m in row['methods'])}: {row['verdict']} (n = {row['n']}; "
+                f"order of the means: {row['order']})")
+        out[key] = {"verdict": row["verdict"], "order": row["order"], "n": row["n"], "text": text,
+                    "pairs": [{k: p[k] for k in ("claim", "n", "mean", "ci_low", "ci_high", "verdict")} for p in row["pairs"]]}
+        echo(f"{key}: ranking {text}")
+    return out
 
 
 def bars_figure(table: Sequence[dict], tasks: Sequence[str], title: str):
@@ -103,8 +104,6 @@ def paired_gaps(records: Sequence[dict], key: str, reference: str = "dp-lora") -
     """Per value of ``key`` (e.g. epsilon, beta) and method: the paired-by-seed difference to
     ``reference`` (mean in ``accuracy_mean``, 95% t half-width in ``accuracy_ci95``, with ``n``,
     ``ci_low``, ``ci_high``), in the row shape ``lalora.plotting.lines_vs`` draws."""
-    from lalora.report import paired_difference
-
     def per_seed(method, value):
         return {r["seed"]: r["accuracy"] for r in records if r["method"] == method and str(r[key]) == str(value)}
 
@@ -126,8 +125,6 @@ def verdict_figure(verdicts: Sequence[dict], title: str):
     import matplotlib.pyplot as plt
 
     from lalora.plotting import FIGSIZE, ci_bars
-
-    from lalora.report import as_epsilon, fmt_eps
 
     mode = {"as-released": " as-released (NOT DP)", "dp": " real DP"}
     def where(v):   # the sweep's own key, when the claims come from a sweep (β, K, period)
@@ -151,8 +148,8 @@ def summarize(records: Sequence[dict], table: Sequence[dict], verdicts: dict, *,
         "rounds": rounds, "local_steps": local_steps,
         "max_epsilon_spent_minus_target": max((r["epsilon_spent"] - r["target_epsilon"] for r in private),
                                               default=0.0),
-        "ranking_holds": {k: v["holds"] for k, v in verdicts.items()},
-        # the verdicts that count: paired seeds, 95% t-interval (lalora.report.claim_verdicts)
+        "ranking": {k: v["verdict"] for k, v in verdicts.items()},
+        # the verdicts that count: the one rule of lalora.verdicts (paired seeds, 95% t-interval)
         "verdicts": {f"{v['task']} ε={v['epsilon']}: {v['claim']}": v["verdict"] for v in claim_verdicts(records)},
         "runs": len(records), "runs_trained_now": sum(not r["cached"] for r in records),
     }
@@ -204,8 +201,6 @@ def run_mechanism_grid(tasks: Sequence[str], methods: Sequence[str], epsilons: S
 def mechanism_answer(claims: Sequence[dict]) -> list[dict]:
     """Per (task, ε, claim): does the advantage appear under the released mechanism (its CI above 0)
     and does it survive under real DP? Read from ``claim_verdicts`` rows split by ``dp_mode``."""
-    from lalora.report import fmt_diff
-
     by_key: dict[tuple, dict[str, dict]] = {}
     for c in claims:
         by_key.setdefault((c["task"], c["epsilon"], c["claim"]), {})[c.get("dp_mode", "dp")] = c

@@ -137,8 +137,11 @@ def _as_float(v) -> float:
 
 def grouped_bars(ax, rows: list[dict], *, group_key: str = "epsilon", methods: list[str] | None = None,
                  value: str = "accuracy_mean", err: str = "accuracy_std", group_label=None,
-                 annotate: bool = True) -> None:
-    """Bars of ``value`` ± ``err``: one group per ``group_key`` value, one bar per method."""
+                 annotate: bool = True, n_key: str = "n_seeds") -> None:
+    """Bars of ``value`` ± ``err``: one group per ``group_key`` value, one bar per method.
+
+    An error bar is drawn only for a row with ``n_key`` >= 2 (an interval over one seed is not an
+    interval: issue 29 found "95% CI bars" with n = 1), and each bar's label says its n."""
     import numpy as np
 
     methods = sort_methods(methods or [r["method"] for r in rows])
@@ -149,20 +152,23 @@ def grouped_bars(ax, rows: list[dict], *, group_key: str = "epsilon", methods: l
     per_group = [[m for m in methods if (g, m) in lookup] for g in groups]
     width = 0.8 / max(max((len(p) for p in per_group), default=1), 1)
     for m in methods:
-        xs, ys, es = [], [], []
+        xs, ys, es, ns = [], [], [], []
         for i, (g, present) in enumerate(zip(groups, per_group)):
             if m not in present:
                 continue
             j = present.index(m)
             xs.append(i + width * (j - (len(present) - 1) / 2))
-            ys.append(lookup[(g, m)][value])
-            es.append(lookup[(g, m)].get(err, 0.0) or 0.0)
+            row = lookup[(g, m)]
+            ys.append(row[value])
+            ns.append(row.get(n_key))
+            es.append((row.get(err, 0.0) or 0.0) if (row.get(n_key) or 0) >= 2 else 0.0)
         if not xs:
             continue
-        bars = ax.bar(xs, ys, width=width * 0.95, yerr=es, capsize=3, color=method_color(m),
-                      label=method_label(m), edgecolor="white", linewidth=0.5)
+        bars = ax.bar(xs, ys, width=width * 0.95, yerr=es if any(es) else None, capsize=3,
+                      color=method_color(m), label=method_label(m), edgecolor="white", linewidth=0.5)
         if annotate:
-            ax.bar_label(bars, labels=[f"{y:.0f}" for y in ys], padding=2, fontsize=7)
+            ax.bar_label(bars, labels=[f"{y:.0f}" + ("" if n is None else f"\nn={n}") for y, n in zip(ys, ns)],
+                         padding=2, fontsize=6)
     label = group_label or (lambda g: epsilon_label(_as_float(g)) if group_key == "epsilon" else f"{group_key} = {g}")
     ax.set_xticks(np.arange(len(groups)), [label(g) for g in groups])
     mark_not_dp(ax, rows)
@@ -243,7 +249,56 @@ def ci_bars(ax, diffs: list[dict], *, label_key: str = "claim") -> None:
     ax.axvline(0.0, color="0.3", lw=0.8, ls="--")
     ax.set_yticks(ys, [str(d.get(label_key, "")) for d in diffs])
     ax.set_xlabel("paired difference (points), mean and 95% CI over seeds")
-    mark_not_dp(ax, diffs)
+    # Only the rows from the released mechanism are not DP: shade and colour those rows (a stamp
+    # over the whole axes claimed it of the real-DP rows too; issue 29).
+    for y, d, tick in zip(ys, diffs, ax.get_yticklabels()):
+        if is_not_dp(d):
+            ax.axhspan(y - 0.45, y + 0.45, color="crimson", alpha=0.08, lw=0, zorder=0)
+            tick.set_color("crimson")
+
+
+def majority_line(ax, baseline_pct: float | None, *, label: str = "majority class") -> None:
+    """A dashed line at the accuracy of always predicting the most frequent training label: the bar
+    below which a model has not trained (the report's "did not train" rule)."""
+    import math
+
+    if baseline_pct is None or not math.isfinite(baseline_pct):
+        return
+    ax.axhline(baseline_pct, color="0.35", lw=1.0, ls="--", zorder=0.5, label=f"{label} ({baseline_pct:.0f}%)")
+
+
+def majority_by_task(records: Iterable[dict]) -> dict[str, float]:
+    """Mean ``majority_baseline`` (%) per task over run records (one value per task in practice)."""
+    import numpy as np
+
+    out: dict[str, list[float]] = {}
+    for r in records:
+        if r.get("majority_baseline") is not None:
+            out.setdefault(r["task"], []).append(float(r["majority_baseline"]))
+    return {t: float(np.mean(v)) for t, v in out.items()}
+
+
+def accuracy_bars_figure(table: list[dict], records: list[dict], tasks: list[str], title: str, *,
+                         err: str = "accuracy_ci95"):
+    """One panel of grouped bars (methods within each ε) per task, with the majority-class line;
+    error bars (``err``, the 95% t half-width) only where n >= 2 seeds, n written on each bar."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(FIGSIZE[0] * len(tasks) * 0.8 + 1.6, FIGSIZE[1]),
+                             squeeze=False, sharey=False)
+    majority = majority_by_task(records)
+    ns = sorted({r.get("n_seeds") for r in table if r.get("n_seeds") is not None})
+    for ax, task in zip(axes[0], tasks):
+        grouped_bars(ax, [r for r in table if r["task"] == task], group_key="epsilon", err=err)
+        majority_line(ax, majority.get(task))
+        ax.set_title(task)
+        ax.set_xlabel("privacy budget (δ = 1e-5)")
+        ax.set_ylabel("test accuracy (%)" + (", 95% t-CI bars where n ≥ 2" if ns and ns[-1] >= 2 else ""))
+        ax.set_ylim(0, 110)
+    legend_outside(axes[0][-1])
+    seeds = f"n = {ns[0]} seed{'s' if ns[0] != 1 else ''}" if len(ns) == 1 else f"n = {'/'.join(map(str, ns))} seeds"
+    fig.suptitle(f"{title}; {seeds}" + ("; one seed: no interval" if ns == [1] else ""), y=1.02)
+    return fig
 
 
 def legend_outside(ax, **kwargs) -> None:

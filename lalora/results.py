@@ -26,6 +26,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -57,15 +58,28 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _default_file_mode() -> int:
+    """0666 less the process umask: what ``open(path, "w")`` would create (0644 under the usual
+    umask 022). Read by setting and restoring the umask (the only portable way), under a lock."""
+    with _UMASK_LOCK:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> Path:
     """Write ``data`` to ``path`` so a reader sees either the old file or the whole new one.
-    ``mode``: file permissions (mkstemp's default is 0600; a shared cache wants 0644)."""
+    ``mode``: file permissions; by default those of a plainly created file (0666 less the umask).
+    Why: mkstemp creates 0600, so final.json, config.json, adapters and site pages the user shares
+    came out readable by their owner only, unlike metrics.jsonl (issue 29)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, _default_file_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

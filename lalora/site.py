@@ -5,8 +5,9 @@
 beside an ``index.html`` that lists each notebook with
 
 * its one-paragraph summary (the first paragraph of the notebook's first markdown cell),
-* its verdicts (the true/false entries of ``results/<profile>/NN_name.json``, with the ranking
-  sentence where the notebook wrote one), each linked to the notebook section and figure behind it,
+* its verdicts, judged by the one rule of ``lalora.verdicts`` from ``results/<profile>/NN_name.json``
+  (claims recomputed from the per-seed runs; checks; no yes/no from two numbers without an interval),
+  each linked to the notebook section and figure behind it,
 * its key numbers (the other numeric entries of the JSON's ``summary``) and figure thumbnails.
 
 The pages load nothing from the network: the lab template's CDN scripts (require.js, MathJax, mermaid,
@@ -15,8 +16,7 @@ widgets) are dropped
 the figures are copied into ``site/figures/`` so the folder is self-contained.
 
 ``verdict_target``/``verdict_links_md`` are also what ``lalora.report`` uses to link each verdict in
-``paper/REPORT.md`` to its notebook section (the heading ids nbconvert gives, computed with nbconvert's
-own markdown renderer so they match the rendered pages) and figure.
+``paper/REPORT.md`` to the committed executed notebook (titled with its section) and figure.
 """
 from __future__ import annotations
 
@@ -26,21 +26,20 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from lalora.results import atomic_write_bytes
+from lalora.result_files import collect_results, flatten, profile_runs, read_result
+from lalora.verdicts import Finding, notebook_findings, trained_tasks
 
 RESULT_NOTEBOOK = re.compile(r"^(\d\d)_[A-Za-z0-9_]+$")
 # `savefig(fig, output_dir, "NN_name_what")` is how every notebook saves a figure (lalora.plotting).
 SAVEFIG = re.compile(r"savefig\(\s*\w+\s*,\s*\w+\s*,\s*[rf]?[\"']([\w.-]+)[\"']")
 HEADING = re.compile(r"<h([1-6])\s+id=\"([^\"]+)\"[^>]*>(.*?)</h\1>", re.S)
 KEY_NUMBERS_SHOWN = 10
-# True/false entries that describe the run, not a finding (``cached``: read from the run cache).
-NOT_VERDICTS = {"cached"}
 # The lab template without the scripts it loads from CDNs (require.js, MathJax, mermaid, the widget
 # manager): the site must open offline, and the notebooks have no TeX markdown, diagrams or widgets.
 OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
@@ -154,62 +153,16 @@ def notebook_title(nb: Mapping[str, Any], name: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Verdicts and key numbers from the results JSON
 # --------------------------------------------------------------------------------------------
-@dataclass
-class Verdict:
-    key: str
-    holds: bool
-    text: str        # what to show: the key, or the notebook's own sentence (rankings)
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out += _flatten(v, f"{prefix}{k}.")
-        else:
-            out.append((f"{prefix}{k}", v))
-    return out
-
-
-def _claim_verdicts(claims) -> list[tuple[str, bool]]:
-    """``claims`` as notebooks write it: {name: bool}, or paired-seed claim records (a list of
-    {"claim", "verdict", ...}, lalora.report.claim_verdicts) where "holds" is true and "reversed" false;
-    "unresolved" and other verdicts are neither, so they are not shown as one."""
-    if isinstance(claims, Mapping):
-        return [(f"claim: {k}", v) for k, v in claims.items() if isinstance(v, bool)]
-    out = []
-    for c in claims if isinstance(claims, list) else []:
-        if isinstance(c, Mapping) and c.get("verdict") in ("holds", "reversed"):
-            where = ", ".join(f"{k} {c[k]}" for k in ("task", "epsilon", "local_steps") if k in c)
-            out.append((f"claim: {c.get('claim')}" + (f" ({where})" if where else ""), c["verdict"] == "holds"))
-    return out
-
-
-def verdicts(data: Mapping[str, Any]) -> list[Verdict]:
-    """The true/false entries a notebook wrote: its summary's, else the top-level ones and ``claims``.
-
-    A ``ranking_holds.<setting>`` entry shows the sentence the notebook wrote in ``ranking[<setting>]``.
-    """
-    summary = data.get("summary") if isinstance(data.get("summary"), Mapping) else {}
-    flat = [(k, v) for k, v in _flatten(summary) if isinstance(v, bool) and k not in NOT_VERDICTS]
-    if not flat:
-        flat = [(k, v) for k, v in data.items() if isinstance(v, bool) and k not in NOT_VERDICTS]
-        flat += _claim_verdicts(data.get("claims"))
-    ranking = data.get("ranking") if isinstance(data.get("ranking"), Mapping) else {}
-    out = []
-    for key, value in flat:
-        text = key
-        setting = key.split(".", 1)[1] if key.startswith("ranking_holds.") else None
-        if setting is not None and isinstance(ranking.get(setting), Mapping) and ranking[setting].get("text"):
-            text = f"{setting}: ranking {ranking[setting]['text']}"
-        out.append(Verdict(key, value, text))
-    return out
+def verdicts(data: Mapping[str, Any], trained: Mapping[str, bool] | None = None) -> list[Finding]:
+    """What the index shows as a notebook's verdicts: ``lalora.verdicts.notebook_findings`` (the one
+    rule; claims recomputed from the runs, no yes/no from two numbers without an interval)."""
+    return notebook_findings(data, trained)
 
 
 def key_numbers(data: Mapping[str, Any]) -> list[tuple[str, float]]:
     """Numeric entries of the JSON's ``summary`` (top-level scalars when it has none)."""
     summary = data.get("summary") if isinstance(data.get("summary"), Mapping) else None
-    items = _flatten(summary) if summary else [(k, v) for k, v in data.items() if not isinstance(v, (Mapping, list))]
+    items = flatten(summary) if summary else [(k, v) for k, v in data.items() if not isinstance(v, (Mapping, list))]
     return [(k, v) for k, v in items
             if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
@@ -260,21 +213,23 @@ def verdict_target(sections: list[Section], key: str) -> tuple[Section | None, s
 
 def verdict_links_md(results_root: str | os.PathLike, profile: str, notebook: str, key: str,
                      from_dir: str | os.PathLike) -> str:
-    """`` ([notebook § Title](…html#anchor), [figure](…png))`` for a Markdown file in ``from_dir``.
+    """`` ([notebook § Title](…/notebooks/NN_name.ipynb), [figure](…png))`` for a Markdown file in ``from_dir``.
 
-    The notebook link points into the rendered site (``lalora site --profile <profile>``); the
-    figure link to ``results/<profile>/figures``. Empty when the notebook cannot be read.
+    Links go to files the repository commits: the executed notebook (``results/<profile>/notebooks``),
+    else the notebook's JSON, and the figure in ``results/<profile>/figures``; never into the rendered
+    site (``results/*/site`` is not committed). Empty when neither the notebook nor its JSON exists.
     """
-    if key in NOT_VERDICTS:
-        return ""
     root = Path(results_root)
-    section, figure = verdict_target(_cached_sections(str(root.resolve()), profile, notebook), key)
-    if section is None:
-        return ""
     rel = Path(os.path.relpath((root / profile).resolve(), Path(from_dir).resolve())).as_posix()
-    links = [f"[{notebook} § {_md_text(section.title)}](<{rel}/site/{notebook}.html#{section.anchor}>)"]
-    figure_path = root / profile / "figures" / f"{figure}.png"
-    if figure and figure_path.is_file():
+    section, figure = verdict_target(_cached_sections(str(root.resolve()), profile, notebook), key)
+    if (root / profile / "notebooks" / f"{notebook}.ipynb").is_file():
+        title = f"{notebook} § {_md_text(section.title)}" if section else notebook
+        links = [f"[{title}](<{rel}/notebooks/{notebook}.ipynb>)"]
+    elif (root / profile / f"{notebook}.json").is_file():
+        links = [f"[{notebook}.json](<{rel}/{notebook}.json>)"]
+    else:
+        return ""
+    if figure and (root / profile / "figures" / f"{figure}.png").is_file():
         links.append(f"[figure {figure}](<{rel}/figures/{figure}.png>)")
     return " (" + ", ".join(links) + ")"
 
@@ -358,8 +313,18 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
+def _mark(verdict: str) -> str:
+    """✔ for a check that passed or a claim that holds, ✘ for a failed check or a reversed claim, and
+    the rule's words otherwise (unresolved, insufficient seeds, below majority baseline, ...)."""
+    if verdict in ("yes", "holds"):
+        return f'<span class="ok">✔ {_e(verdict)}</span>'
+    if verdict in ("no", "reversed", "fails"):
+        return f'<span class="fail">✘ {_e(verdict)}</span>'
+    return f'<span class="meta">○ {_e(verdict)}</span>'
+
+
 def _index_entry(name: str, nb: dict | None, data: dict | None, page: str | None,
-                 outcome: Mapping | None, figures: list[str]) -> str:
+                 outcome: Mapping | None, figures: list[str], trained: Mapping[str, bool] | None = None) -> str:
     title = notebook_title(nb, name) if nb else name
     head = f'<a href="{_e(page)}">{_e(title)}</a>' if page else _e(title)
     parts = [f'<section class="nb" id="{_e(name)}"><h2>{head}</h2>']
@@ -382,8 +347,8 @@ def _index_entry(name: str, nb: dict | None, data: dict | None, page: str | None
     else:
         sections = notebook_sections(nb) if nb else []
         items = []
-        for v in verdicts(data):
-            mark = '<span class="ok">✔ yes</span>' if v.holds else '<span class="fail">✘ no</span>'
+        for v in verdicts(data, trained):
+            mark = _mark(v.verdict)
             links = []
             section, figure = verdict_target(sections, v.key)
             if section and page:
@@ -408,16 +373,6 @@ def _index_entry(name: str, nb: dict | None, data: dict | None, page: str | None
             + "</div>")
     parts.append("</section>")
     return "\n".join(parts)
-
-
-def _read_json(path: Path) -> dict | None:
-    """The results JSON; None when absent, ``{"_error": ...}`` when unreadable (the index says so)."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        return {"_error": f"{type(err).__name__}: {err}"}
 
 
 def build_site(results_root: str | os.PathLike, profile: str, out_dir: str | os.PathLike | None = None,
@@ -448,7 +403,7 @@ def build_site(results_root: str | os.PathLike, profile: str, out_dir: str | os.
     pages = {}
     for ipynb in executed:
         nb = json.loads(ipynb.read_text())
-        base = link_base(profile_dir, _read_json(profile_dir / f"{ipynb.stem}.json"))
+        base = link_base(profile_dir, read_result(profile_dir / f"{ipynb.stem}.json"))
         text = render_notebook(exporter, ipynb, notebook_title(nb, ipynb.stem), base, out)
         atomic_write_bytes(out / f"{ipynb.stem}.html", text.encode())
         pages[ipynb.stem] = f"{ipynb.stem}.html"
@@ -466,19 +421,22 @@ def build_site(results_root: str | os.PathLike, profile: str, out_dir: str | os.
             outcomes = {}
     names = sorted(set(pages) | {p.stem for p in profile_dir.glob("*.json") if RESULT_NOTEBOOK.match(p.stem)}
                    | set(outcomes))
+    results = collect_results(root, [profile]).get(profile, {})
+    trained = trained_tasks(profile_runs(results))     # the rule needs the profile's non-private runs
     entries = []
     for name in names:
-        data = _read_json(profile_dir / f"{name}.json")
         nb = load_notebook(root, profile, name)
-        entries.append(_index_entry(name, nb, data, pages.get(name), outcomes.get(name), figures))
+        entries.append(_index_entry(name, nb, results.get(name), pages.get(name), outcomes.get(name), figures,
+                                    trained))
     toc = "".join(f'<li><a href="#{_e(n)}">{_e(n)}</a></li>' for n in names)
     index = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
              f"<title>lalora results: {_e(profile)}</title><style>{INDEX_CSS}</style></head><body>\n"
              f"<h1>lalora results — profile <code>{_e(profile)}</code></h1>\n"
              f"<p>Each notebook as executed by <code>lalora notebooks --profile {_e(profile)}</code>, rendered "
              f"by <code>lalora site</code>. Verdicts and key numbers come from "
-             f"<code>results/{_e(profile)}/NN_name.json</code>; each verdict links to the notebook section "
-             f"and the figure behind it.</p>\n<ul>{toc}</ul>\n" + "\n".join(entries) + "\n</body></html>\n")
+             f"<code>results/{_e(profile)}/NN_name.json</code>, judged by one rule (<code>lalora.verdicts</code>: "
+             f"≥ 5 paired seeds, both arms above the majority baseline, paired 95% CI; ○ marks a claim without "
+             f"a verdict); each verdict links to the notebook section and the figure behind it.</p>\n<ul>{toc}</ul>\n" + "\n".join(entries) + "\n</body></html>\n")
     index_path = out / "index.html"
     atomic_write_bytes(index_path, index.encode())
     return index_path

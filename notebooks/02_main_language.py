@@ -54,50 +54,25 @@ weights_path = None                # paper profile: RoBERTa-base folder (save_pr
 device = "auto"                    # auto: cuda when available, else cpu; or cpu, cuda, cuda:N
 precision = "fp32"                 # or bf16: autocast forward, fp32 LoRA weights and DP accumulation
 
-# %%
-import time
+# %% [markdown]
+# ## Runs, table, ranking, figure
+# Every (task, method, ε, seed) is one federated run; finished runs are read from `runs_dir`. The
+# table is test accuracy (%), mean ± std over seeds. The ranking LA-LoRA > RoLoRA > FFA-LoRA >
+# DP-LoRA is judged by the one rule (`lalora.verdicts`) on every adjacent pair: >= 5 paired seeds,
+# both arms above the majority baseline, paired 95% CI; the order of the means is a description.
+# The bars show n (seeds) on each bar, a 95% t-interval only where n ≥ 2, and a dashed line at the
+# majority-class accuracy (below it a model has not trained). The body is shared with notebook
+# 01 (`lalora.main_notebook`).
 
-from lalora.main_results import (bars_figure, pivot_table, ranking_verdicts, run_main_grid, summarize,
-                                 write_results)
-from lalora.plotting import savefig, use_style
+# %%
+from lalora.main_notebook import main_results_notebook
+from lalora.plotting import use_style
 
 use_style()
-started = time.perf_counter()
-
-# %% [markdown]
-# ## Runs
-# Every (task, method, ε, seed) is one federated run; finished runs are read from `runs_dir`.
-
-# %%
-records, table = run_main_grid(tasks, methods, epsilons, seeds, runs_dir, reference_method=reference_method,
-                               task_overrides=task_overrides, data_root=data_root, weights_path=weights_path,
-                               rounds=rounds, local_steps=local_steps, batch_size=batch_size, clients=clients,
-                               clients_per_round=clients_per_round, lr=lr, device=device, precision=precision)
-
-# %% [markdown]
-# ## Table: test accuracy (%), mean ± std over seeds
-
-# %%
-pivot_table(table)
-
-# %% [markdown]
-# ## Does LA-LoRA > RoLoRA > FFA-LoRA > DP-LoRA hold here?
-# Checked on adjacent pairs of the claimed order; "within noise" marks a gap smaller than one
-# standard deviation over seeds.
-
-# %%
-verdicts = ranking_verdicts(table, tasks, epsilons)
-
-# %% [markdown]
-# ## Figure: accuracy per method and ε
-
-# %%
-fig = bars_figure(table, tasks, f"Main language results ({profile} profile; mean and 95% t-CI over seeds, n in the JSON)")
-savefig(fig, output_dir, "02_main_language_bars")
-
-# %%
-summary = summarize(records, table, verdicts, tasks=tasks, methods=methods, epsilons=epsilons, seeds=seeds,
-                    rounds=rounds, local_steps=local_steps)
-write_results(output_dir, "02_main_language", profile, records=records, table=table, verdicts=verdicts,
-              summary=summary, started=started)
+summary = main_results_notebook(
+    "02_main_language", "Main language results", profile=profile, output_dir=output_dir, runs_dir=runs_dir, tasks=tasks,
+    methods=methods, reference_method=reference_method, epsilons=epsilons, seeds=seeds, rounds=rounds,
+    local_steps=local_steps, batch_size=batch_size, clients=clients, clients_per_round=clients_per_round,
+    lr=lr, task_overrides=task_overrides, data_root=data_root, weights_path=weights_path, device=device,
+    precision=precision)
 summary

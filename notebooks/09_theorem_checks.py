@@ -14,7 +14,7 @@
 # # 09 — Theorem checks on clean synthetic problems
 #
 # The paper's statements were only available through secondary notes
-# (`research/paper.md` §3–4), so each check below states the exact claim it tests. All in float64.
+# (arXiv 2602.19926 §3–4; paper/reported.yaml names the sources), so each check below states the exact claim it tests. All in float64.
 #
 # 1. **Gradient coupling** (Eq. 3): ∇_A L = s·Bᵀ∇_W L, ∇_B L = s·∇_W L·Aᵀ, against autograd.
 # 2. **Theorem 2**: the alternating updates' closed forms (1/s²)·∇_B L·(AAᵀ)⁻¹ and

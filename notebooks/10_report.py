@@ -17,7 +17,7 @@
 # Gathers every `results/<profile>/NN_*.json` the notebooks wrote and builds the report
 # (`paper/REPORT.md` for the offline and paper profiles): each reproduced number beside the number
 # the paper reports (`paper/reported.yaml`, transcribed — verify in the PDF), the profile that
-# produced it, and a computed statement of where the paper's ranking
+# produced it, and a statement, computed by the one verdict rule of `lalora.verdicts`, of where the paper's ranking
 # LA-LoRA > RoLoRA > FFA-LoRA > DP-LoRA holds and where it does not. The runner executes this
 # notebook last. The logic is `lalora.report.build_report`; this notebook only calls it and shows
 # the result.
@@ -36,7 +36,8 @@ from pathlib import Path
 
 from IPython.display import Markdown, display
 
-from lalora.report import build_report, collect_results, ranking_overview, load_reported
+from lalora.report import build_report, load_reported, ranking_overview
+from lalora.result_files import collect_results
 from lalora.results import atomic_write_json
 
 results_root = results_root or str(Path(output_dir).parent)
@@ -52,8 +53,8 @@ found = collect_results(results_root, profiles)
 _, counts = ranking_overview(found, load_reported(reported_path))
 summary = {"report_path": report_path, "profiles": list(found),
            "notebooks": {p: sorted(nbs) for p, nbs in found.items()},
-           "ranking_settings_holding": counts["holds"], "ranking_settings_failing": counts["fails"],
-           "ranking_failures_within_noise": counts["fails_within_noise"], "lines": len(text.splitlines())}
+           # distinct run sets per ranking verdict of the one rule (holds / fails / unresolved / no verdict)
+           "ranking_settings": counts, "lines": len(text.splitlines())}
 atomic_write_json(f"{output_dir}/10_report.json", {"notebook": "10_report", "profile": profile,
                                                   "summary": summary})
 summary

@@ -13,7 +13,7 @@
 # %% [markdown]
 # # 11 — The reviewers' questions
 #
-# The ICLR reviews (research/paper.md §7) asked for:
+# The ICLR reviews (OpenReview, for arXiv 2602.19926; paper/reported.yaml names the sources) asked for:
 #
 # 1. **Sensitivity to the number of local steps K** (R1): DP-LoRA vs LA-LoRA across K. The budget ε
 #    is fixed, so more local steps mean more DP steps per client and a larger σ.
@@ -106,11 +106,12 @@ k_table
 # %% [markdown]
 # Paired by seed (the same seed gives both methods the same partition, schedule, LoRA init and data
 # order): LA-LoRA − DP-LoRA at each K, mean and 95% Student-t interval, verdict from the interval
-# alone (`lalora.report.claim_verdicts`; no verdict below 5 seeds).
+# alone (the one rule of `lalora.verdicts`: no verdict below 5 paired seeds or with an arm at or below the
+# majority baseline).
 
 # %%
 from lalora.main_results import verdict_figure
-from lalora.report import claim_verdicts
+from lalora.verdicts import claim_verdicts
 
 k_claims = claim_verdicts(k_recs)
 if k_claims:

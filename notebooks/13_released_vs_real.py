@@ -14,7 +14,7 @@
 # %% [markdown]
 # # 13 · The released mechanism beside real DP: does LA-LoRA's advantage survive?
 #
-# The authors' released code does not implement the DP the paper reports (research/paper.md §1.5):
+# The authors' released code does not implement the DP the paper reports (see docs/OVERVIEW.md):
 # one batch-mean gradient, each tensor clipped to a **data-dependent** threshold
 # C = min(median tensor norm, 0.4), noise N(0, (σC/b)²), fixed-size batches, no accountant. Here the
 # same federation runs LA-LoRA, DP-LoRA and RoLoRA twice on **paired seeds** (a seed fixes the
@@ -26,8 +26,9 @@
 # | `dp` | per-sample gradients, flat clipping to C, N(0, σ²C²), accountant-calibrated σ | (ε, δ)-DP per client |
 #
 # Each claim (LA-LoRA > DP-LoRA, LA-LoRA > RoLoRA) gets the mean of the paired per-seed accuracy
-# differences and a two-sided 95% Student-t interval (`lalora.report.claim_verdicts`); the verdict
-# reads the interval alone (holds / reversed / unresolved; no verdict from fewer than 3 seeds).
+# differences and a two-sided 95% Student-t interval (the one rule of `lalora.verdicts`); the verdict
+# reads the interval alone (holds / reversed / unresolved), and there is none from fewer than 5 paired
+# seeds or with an arm at or below the majority baseline.
 # Everything produced by the as-released runs is labelled "NOT differentially private": their run
 # folders (`-NOT-DP`), JSON records, figures and the report.
 #
@@ -61,7 +62,7 @@ import time
 from lalora.main_results import (MECHANISM_CLAIMS, mechanism_answer, mechanism_bars_figure, run_mechanism_grid,
                                  verdict_figure)
 from lalora.plotting import savefig, use_style
-from lalora.report import claim_verdicts
+from lalora.verdicts import claim_verdicts
 from lalora.results import atomic_write_json
 
 use_style()

@@ -9,6 +9,7 @@ the clients) is one line on stderr and exit 2.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from test_federated import tiny_task  # noqa: E402
 
 from lalora.cli import main  # noqa: E402
 from lalora.config import RunConfig  # noqa: E402
-from lalora.export import base_model, export_adapter, run_model  # noqa: E402
+from lalora.export import ExportError, base_model, export_adapter, run_model  # noqa: E402
 from lalora.federated.runs import run_experiment  # noqa: E402
 from lalora.results import RunDir  # noqa: E402
 from lalora.tasks import TASKS  # noqa: E402
@@ -38,7 +39,7 @@ def offline_cache(monkeypatch, tmp_path):
 
 
 def finished_run(runs_dir, task, method="dp-lora", **kw) -> str:
-    cfg = RunConfig(task=task, method=method, epsilon=3.0, seed=0, **kw)
+    cfg = RunConfig(task=task, method=method, **{"epsilon": 3.0, "seed": 0, **kw})
     return run_experiment(cfg, runs_dir=runs_dir, progress=False).run_dir
 
 
@@ -117,7 +118,9 @@ def test_tiny_run_exports_and_overwrites(tmp_path):
     run_dir = finished_run(tmp_path / "runs", "tiny", rounds=2)
     out = tmp_path / "a" / "adapter"
     export_adapter(run_dir, out)
-    export_adapter(run_dir, out)                 # a second export replaces the files in place
+    with pytest.raises(ExportError, match="exists and is not empty; pass --force"):
+        export_adapter(run_dir, out)             # never overwrites silently
+    export_adapter(run_dir, out, force=True)     # with force, a second export replaces the files in place
     check_adapter_folder(out, 2, {"base_model.model.head.weight", "base_model.model.head.bias"})
     gap, moved = max_logit_gap(run_dir, out, batch_size=48)
     assert gap <= TOL and moved > 100 * TOL
@@ -132,6 +135,7 @@ def test_tiny_run_exports_and_overwrites(tmp_path):
 
 
 def _one_line_exit_2(capsys, argv, match):
+    capsys.readouterr()     # drop the notices of the runs made to export (σ calibration)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -152,3 +156,27 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     run_dir = finished_run(tmp_path / "runs2", "tiny", rounds=1)
     _one_line_exit_2(capsys, ["export-adapter", run_dir, str(tmp_path / "file")], "not a directory")
     assert not Path(out).exists()
+
+
+def test_model_card_says_what_the_adapter_is(tmp_path):
+    """README.md in the adapter folder is lalora's card (not PEFT's empty template): method, task,
+    ε, δ, σ, accountant, seed and commit, read from the run's final.json."""
+    run_dir = finished_run(tmp_path / "runs", "tiny", rounds=2, seed=3)
+    out = tmp_path / "adapter"
+    assert main(["export-adapter", run_dir, str(out)]) == 0
+    final = json.loads(RunDir(run_dir).final_path.read_text())
+    card = (out / "README.md").read_text()
+    assert "[More Information Needed]" not in card            # PEFT's template is gone
+    for fact in ("**dp-lora**", "**tiny**", f"{final['epsilon_spent']:.4g}", f"δ = {final['delta']:g}",
+                 f"σ: {final['noise_multiplier']:.4g}", f"accountant: {final['accountant']}", "seed: 3",
+                 f"commit {final['provenance']['git']['commit']}"):
+        assert fact in card, fact
+    assert oct(os.stat(out / "README.md").st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert main(["export-adapter", run_dir, str(out)]) == 2                 # not empty, no --force
+    assert main(["export-adapter", run_dir, str(out), "--force"]) == 0
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

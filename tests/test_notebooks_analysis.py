@@ -40,6 +40,16 @@ def test_06_sharpness(tmp_path):
     assert set(top) == {"dp-lora", "la-lora"}
     assert all(math.isfinite(v) for v in top.values())
     assert d["paper_top_eigenvalue"] == {"dp-lora": 101.62, "la-lora": 64.77}
+    # sharpness is compared only between models at a minimum (final training loss below ln C)
+    assert d["chance_loss"] == pytest.approx(math.log(d["num_classes"]))
+    for r in d["runs"]:
+        assert r["at_minimum"] == (r["loss"] < d["chance_loss"])
+    assert d["at_minimum"] == {m: all(r["at_minimum"] for r in d["runs"] if r["method"] == m) for m in top}
+    if not all(d["at_minimum"].values()):
+        assert d["comparison"] is None
+    else:   # one seed in ci: never a verdict
+        assert d["comparison"]["verdict"] == "insufficient seeds"
+    assert not any(isinstance(v, bool) for v in d["summary"].values())   # no bare flatter/sharper flag
 
 
 def test_07_client_alignment(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lalora import report, verify
+from lalora import result_files, verdicts, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "offline-full"
@@ -30,7 +30,7 @@ def test_every_cell_has_five_paired_seeds(name):
     runs = _load(name)["runs"]
     cells: dict[tuple, set] = {}
     for r in runs:
-        cells.setdefault((report._setting_of(r), r["method"]), set()).add(r["seed"])
+        cells.setdefault((verdicts.setting_of(r), r["method"]), set()).add(r["seed"])
     assert cells, f"{name}: no per-seed runs"
     few = {k: sorted(v) for k, v in cells.items() if len(v) < 5}
     assert not few, f"{name}: cells with fewer than 5 seeds: {few}"
@@ -42,8 +42,8 @@ def test_every_cell_has_five_paired_seeds(name):
 
 
 def test_the_regime_costs_dp_at_least_ten_points():
-    results = report.collect_results(ROOT / "results", ["offline-full"])
-    (vision,) = [r for r in report.dp_cost_rows(results) if r["task"] == "digits-swin"]
+    results = result_files.collect_results(ROOT / "results", ["offline-full"])
+    (vision,) = [r for r in verdicts.dp_cost_rows(results) if r["task"] == "digits-swin"]
     assert vision["n"] >= 5 and vision["epsilon"] == 1.0
     assert vision["ci_low"] >= 10.0, vision          # the whole 95% interval, not only the mean
 
@@ -70,7 +70,7 @@ def test_every_verdict_in_the_report_rests_on_five_seeds():
     table = text.split("## Verdicts")[1].split("### Not judged")[0].split("\n## ")[0]
     rows = [ln.split(" | ") for ln in table.splitlines() if ln.startswith("| `")]
     assert any("offline-full" in r[0] for r in rows)
-    assert all(int(r[3]) >= report.MIN_SEEDS == 5 for r in rows), [r for r in rows if int(r[3]) < 5]
+    assert all(int(r[3]) >= verdicts.MIN_SEEDS == 5 for r in rows), [r for r in rows if int(r[3]) < 5]
     assert "What the offline profiles can and cannot say" in text and "## What DP costs in each regime" in text
 
 

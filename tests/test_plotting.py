@@ -81,3 +81,43 @@ def test_grouped_bars_and_lines_place_every_row():
     xs = plotting.lines_vs(ax, rows, x_key="epsilon", inf_at=10.0)
     assert xs == [1.0, 3.0, 10.0]
     plt.close(fig)
+
+
+def _rows(n):
+    return [{"task": "t", "method": m, "epsilon": 3.0, "accuracy_mean": a, "accuracy_ci95": 4.0, "n_seeds": n}
+            for m, a in (("dp-lora", 40.0), ("la-lora", 60.0))]
+
+
+@pytest.mark.parametrize("n,has_bars", [(1, False), (3, True)])
+def test_error_bars_only_with_two_seeds_and_n_on_every_bar(n, has_bars):
+    fig, ax = plt.subplots()
+    plotting.grouped_bars(ax, _rows(n), err="accuracy_ci95")
+    assert bool(ax.containers and any(getattr(c, "errorbar", None) for c in ax.containers)) == has_bars
+    labels = [t.get_text() for t in ax.texts]
+    assert labels and all(f"n={n}" in t for t in labels)
+    plt.close(fig)
+
+
+def test_accuracy_figure_draws_the_majority_line_and_says_n():
+    records = [{"task": "t", "majority_baseline": 15.0}, {"task": "t", "majority_baseline": 15.0}]
+    fig = plotting.accuracy_bars_figure(_rows(1), records, ["t"], "x")
+    ax = fig.axes[0]
+    assert any(list(line.get_ydata()) == [15.0, 15.0] for line in ax.get_lines())
+    assert "n = 1 seed" in fig._suptitle.get_text() and "no interval" in fig._suptitle.get_text()
+    assert "CI" not in ax.get_ylabel()
+    plt.close(fig)
+
+
+def test_not_dp_rows_alone_are_marked_in_ci_bars():
+    diffs = [{"claim": "real", "mean": 1.0, "ci_low": 0.5, "ci_high": 1.5, "verdict": "holds", "dp_mode": "dp"},
+             {"claim": "released", "mean": 2.0, "ci_low": 1.0, "ci_high": 3.0, "verdict": "holds",
+              "dp_mode": "as-released"}]
+    fig, ax = plt.subplots()
+    plotting.ci_bars(ax, diffs)
+    colours = {t.get_text(): t.get_color() for t in ax.get_yticklabels()}
+    assert colours["released"] == "crimson" and colours["real"] != "crimson"
+    # one shaded band, around the not-DP row only (y = 0: rows are drawn top to bottom)
+    bands = [p for p in ax.patches if p.get_facecolor()[0] > 0.8]
+    assert len(bands) == 1 and bands[0].get_y() < 0 < bands[0].get_y() + bands[0].get_height()
+    assert not [t for t in ax.texts if "NOT differentially private" in t.get_text()]
+    plt.close(fig)

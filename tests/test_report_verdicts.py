@@ -1,6 +1,7 @@
-"""Verdicts from paired seeds (lalora.report): mean and 95% Student-t CI of per-seed differences,
-holds / reversed / unresolved from the CI alone, "insufficient seeds" below 5, "did not train" when the
-non-private model did not beat its majority baseline, and a run set counted once across notebooks."""
+"""The one verdict rule (lalora.verdicts): mean and 95% Student-t CI of paired per-seed differences,
+holds / reversed / unresolved from the CI alone, and no verdict below 5 paired seeds, when the task's
+non-private model did not beat its majority baseline, or when either arm is at or below that baseline;
+a run set counted once across notebooks; the mechanism's own test computed from the committed JSON."""
 from __future__ import annotations
 
 import json
@@ -11,13 +12,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lalora import report
+from lalora import report, verdicts
 
 REPO = Path(__file__).resolve().parents[1]
 REPORTED = REPO / "paper" / "reported.yaml"
 
 
-def _runs(task, method, accs, eps=3.0, base=None, **extra):
+def _runs(task, method, accs, eps=3.0, base=10.0, **extra):
     return [{"task": task, "method": method, "epsilon": eps, "seed": s, "accuracy": a,
              "run_dir": f"runs/{task}/{method}/{task}-{method}-{eps}-{s}-{extra}",
              **({"majority_baseline": base} if base is not None else {}), **extra}
@@ -27,13 +28,13 @@ def _runs(task, method, accs, eps=3.0, base=None, **extra):
 def test_paired_difference_matches_a_float64_t_interval():
     a = {0: 71.0, 1: 74.5, 2: 69.0, 3: 80.0, 4: 75.0, 9: 50.0}    # seed 9 has no partner: dropped
     b = {0: 70.0, 1: 71.0, 2: 70.5, 3: 74.0, 4: 72.0, 7: 10.0}
-    d = report.paired_difference(a, b)
+    d = verdicts.paired_difference(a, b)
     diffs = np.array([1.0, 3.5, -1.5, 6.0, 3.0], dtype=np.float64)
     half = stats.t.ppf(0.975, 4) * diffs.std(ddof=1) / math.sqrt(5)
     assert d.n == 5 and d.seeds == [0, 1, 2, 3, 4]
     assert d.mean == pytest.approx(diffs.mean(), abs=1e-12)
     assert (d.ci_low, d.ci_high) == pytest.approx((diffs.mean() - half, diffs.mean() + half), abs=1e-12)
-    one = report.paired_difference({0: 2.0}, {0: 1.0})
+    one = verdicts.paired_difference({0: 2.0}, {0: 1.0})
     assert one.n == 1 and one.mean == 1.0 and math.isnan(one.ci_low)
 
 
@@ -45,23 +46,31 @@ def test_paired_difference_matches_a_float64_t_interval():
     ([80, 82, 81, 83, 79], [70, 71, 69, 72, 70], False, "did not train"),
 ])
 def test_verdicts_on_synthetic_numbers(better, worse, trained, expected):
-    d = report.paired_difference(dict(enumerate(better)), dict(enumerate(worse)))
-    assert report.verdict(d, trained=trained) == expected
+    d = verdicts.paired_difference(dict(enumerate(better)), dict(enumerate(worse)))
+    assert verdicts.verdict(d, trained=trained) == expected
+
+
+def test_no_verdict_with_an_arm_below_the_baseline_or_without_one():
+    d = verdicts.paired_difference(dict(enumerate([80, 82, 81, 83, 79])), dict(enumerate([70, 71, 69, 72, 70])))
+    assert verdicts.verdict(d, below_baseline=["dp-lora"]) == "below majority baseline (DP-LoRA)"
+    assert verdicts.verdict(d, baseline_known=False) == verdicts.NO_BASELINE
+    runs = _runs("t", "la-lora", [80, 82, 81, 83, 79], base=None) + _runs("t", "dp-lora", [70, 71, 69, 72, 70], base=None)
+    assert verdicts.claim_verdicts(runs)[0]["verdict"] == verdicts.NO_BASELINE   # not assumed to be met
 
 
 def test_claim_verdicts_from_run_records_and_did_not_train():
-    runs = (_runs("t", "la-lora", [80, 82, 81, 80, 82]) + _runs("t", "dp-lora", [70, 71, 69, 70, 70])
+    runs = (_runs("t", "la-lora", [80, 82, 81, 80, 82], base=20.0) + _runs("t", "dp-lora", [70, 71, 69, 70, 70], base=20.0)
             + _runs("t", "fedavg-lora", [90, 91, 92, 90, 91], eps="inf", base=20.0)
             + _runs("u", "la-lora", [30, 31, 32, 30, 31]) + _runs("u", "dp-lora", [10, 11, 12, 10, 11])
             + _runs("u", "fedavg-lora", [14, 15, 16, 14, 15], eps="inf", base=15.4))
-    assert report.trained_tasks(runs) == {"t": True, "u": False}
-    rows = {r["task"]: r for r in report.claim_verdicts(runs)}
+    assert verdicts.trained_tasks(runs) == {"t": True, "u": False}
+    rows = {r["task"]: r for r in verdicts.claim_verdicts(runs)}
     assert set(rows) == {"t", "u"}                                  # ε = ∞ is the reference, not ranked
     assert rows["t"]["claim"] == "LA-LoRA > DP-LoRA" and rows["t"]["verdict"] == "holds"
     assert rows["t"]["n"] == 5 and rows["t"]["mean"] == pytest.approx(11.0)
     assert rows["u"]["verdict"] == "did not train"                  # 15 % vs a 15.4 % majority baseline
     # all four methods: adjacent pairs of the claimed order plus the headline first-vs-last
-    assert report.claim_pairs(["dp-lora", "rolora", "la-lora", "ffa-lora"]) == [
+    assert verdicts.claim_pairs(["dp-lora", "rolora", "la-lora", "ffa-lora"]) == [
         ("la-lora", "rolora"), ("rolora", "ffa-lora"), ("ffa-lora", "dp-lora"), ("la-lora", "dp-lora")]
 
 
@@ -70,7 +79,7 @@ def test_settings_split_by_mechanism():
             + _runs("t", "dp-lora", [70, 71, 69, 70, 71], dp_mode="as-released")
             + _runs("t", "la-lora", [70, 70, 70, 70, 70], dp_mode="dp")
             + _runs("t", "dp-lora", [71, 72, 70, 69, 70], dp_mode="dp"))
-    rows = {r["dp_mode"]: r for r in report.claim_verdicts(runs)}
+    rows = {r["dp_mode"]: r for r in verdicts.claim_verdicts(runs)}
     assert rows["as-released"]["verdict"] == "holds" and rows["dp"]["verdict"] == "unresolved"
 
 
@@ -114,7 +123,7 @@ def test_ci_bars_figure(tmp_path):
 
     runs = _runs("t", "la-lora", [80, 82, 81]) + _runs("t", "dp-lora", [70, 71, 69]) \
         + _runs("t", "rolora", [75, 75, 76])
-    rows = report.claim_verdicts(runs)
+    rows = verdicts.claim_verdicts(runs)
     fig = verdict_figure(rows, "test")
     ax = fig.axes[0]
     assert len(ax.get_yticklabels()) == len(rows) == 3
@@ -131,7 +140,7 @@ def test_dp_cost_is_nonprivate_minus_dp_lora_paired_by_seed(tmp_path):
             + _runs("digits-swin", "la-lora", [60, 61, 62, 63, 64], eps=1.0, base=10.0)
             + _runs("digits-swin", "dp-lora", [70, 71, 72, 73, 74], eps=1.0, base=10.0, dp_mode="as-released")
             + _runs("digits-swin", "fedavg-lora", [80, 81, 79, 80, 82], eps="inf", base=10.0))
-    (row,) = report.dp_cost_rows({"offline-full": {"01_main_vision": {"runs": runs}}})
+    (row,) = verdicts.dp_cost_rows({"offline-full": {"01_main_vision": {"runs": runs}}})
     diffs = np.array([50, 46, 39, 48, 44], dtype=np.float64)        # real-DP runs only, seed by seed
     half = stats.t.ppf(0.975, 4) * diffs.std(ddof=1) / math.sqrt(5)
     assert row["n"] == 5 and row["epsilon"] == 1.0 and row["majority"] == 10.0
@@ -168,10 +177,106 @@ def test_two_private_arms_at_chance_get_no_verdict_even_with_a_zero_width_interv
     la = [10.0, 10.0, 8.0, 14.0, 6.0]
     runs = (_runs("topics", "la-lora", la, base=15.4) + _runs("topics", "dp-lora", [a + 0.75 for a in la], base=15.4)
             + _runs("topics", "fedavg-lora", [43, 40, 50, 38, 45], eps="inf", base=15.4))
-    (row,) = report.claim_verdicts(runs)
+    (row,) = verdicts.claim_verdicts(runs)
     assert row["ci_low"] == pytest.approx(row["ci_high"]) and row["ci_high"] < 0
-    assert row["verdict"] == report.NEITHER_TRAINED
-    # one arm above the baseline: judged on the interval as usual
+    assert row["verdict"] == "below majority baseline (LA-LoRA and DP-LoRA)"
+    # ONE arm at or below the baseline is enough: a method that learned nothing ranks nothing
     runs = (_runs("topics", "la-lora", [30, 31, 29, 32, 30], base=15.4)
             + _runs("topics", "dp-lora", [11.5, 11.5, 9.2, 15.8, 7.3], base=15.4))
-    assert report.claim_verdicts(runs)[0]["verdict"] == "holds"
+    (row,) = verdicts.claim_verdicts(runs)
+    assert row["verdict"] == "below majority baseline (DP-LoRA)" and row["ci_low"] > 0
+    assert row["arm_means"]["dp-lora"] == pytest.approx(11.06) and row["majority_baseline"] == 15.4
+
+
+def test_no_holds_from_one_seed_or_from_arms_below_the_baseline_anywhere(tmp_path):
+    """The offline topics-minilm case (one seed; LA-LoRA 12.3 vs DP-LoRA 11.5, majority baseline 15.4) and a
+    1-seed vision setting whose means are in the claimed order: no "holds" in the verdict table, the ranking
+    section, the site index or the notebooks' claim rows."""
+    from lalora import site
+
+    runs = (_runs("topics-minilm", "la-lora", [12.3], base=15.4) + _runs("topics-minilm", "dp-lora", [11.5], base=15.4)
+            + _runs("digits-swin", "la-lora", [80.0]) + _runs("digits-swin", "rolora", [70.0])
+            + _runs("digits-swin", "dp-lora", [60.0]))
+    rows = verdicts.claim_verdicts(runs)
+    assert rows and not any(r["verdict"] == "holds" for r in rows)
+    assert {r["verdict"] for r in verdicts.ranking_verdicts(runs)} == {verdicts.INSUFFICIENT}
+    five = (_runs("topics-minilm", "la-lora", [12.3, 12.0, 12.6, 12.2, 12.4], base=15.4)
+            + _runs("topics-minilm", "dp-lora", [11.5, 11.2, 11.9, 11.3, 11.6], base=15.4))
+    assert {r["verdict"] for r in verdicts.claim_verdicts(five)} == {"below majority baseline (LA-LoRA and DP-LoRA)"}
+    assert {f.verdict for f in site.verdicts({"runs": runs + five, "summary": {"ranking_holds": {"x": True}}})} \
+        == {verdicts.INSUFFICIENT, "below majority baseline (LA-LoRA and DP-LoRA)"}
+    root = tmp_path / "results" / "offline"
+    root.mkdir(parents=True)
+    (root / "01_main_vision.json").write_text(json.dumps({"runs": runs, "table": []}))
+    (root / "02_main_language.json").write_text(json.dumps({"runs": five, "table": []}))
+    text = report.build_report(tmp_path / "results", REPORTED, None)
+    ranking = [ln for ln in text.split("## Does the ranking")[1].splitlines() if ln.startswith("- `")]
+    assert len(ranking) == 3 and not any("**holds**" in ln for ln in ranking) and "holds in **0**" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| `offline`")]
+    assert len(rows) == 5 and not any("| holds" in ln for ln in rows)
+    assert "No claim meets the rule yet." in text
+
+
+def test_the_mechanism_test_is_computed_from_the_committed_json():
+    """LA-LoRA vs DP-LoRA + filter (issue 26): recomputed here in float64 from offline-full's per-seed runs."""
+    from lalora.result_files import collect_results
+
+    results = collect_results(REPO / "results", ["offline-full"])
+    (row,) = verdicts.mechanism_rows(results)
+    runs = results["offline-full"]["03_ablation"]["runs"]
+    acc = {m: {r["seed"]: r["accuracy"] for r in runs if r["method"] == m} for m in ("la-lora", "dp-lora+filter")}
+    seeds = sorted(acc["la-lora"])
+    diffs = np.array([acc["la-lora"][s] - acc["dp-lora+filter"][s] for s in seeds], dtype=np.float64)
+    half = stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs))
+    assert row["n"] == len(diffs) >= 5 and row["mean"] == pytest.approx(diffs.mean(), abs=1e-12)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((diffs.mean() - half, diffs.mean() + half), abs=1e-12)
+    assert row["verdict"] == ("holds" if diffs.mean() - half > 0 else "reversed" if diffs.mean() + half < 0 else "unresolved")
+    committed = (REPO / "paper" / "REPORT.md").read_text()
+    headline = committed.split("## ")[0]
+    assert f"LA-LoRA > DP-LoRA + filter (digits-swin, ε = 1): {verdicts.fmt_diff(row)}, n = {row['n']}, " \
+           f"**{row['verdict']}**" in headline
+
+
+def test_near_zero_alignment_gets_an_interval_not_a_yes():
+    # notebook 07 wrote la_lora_more_aligned_BA = True from mean cosines 0.0020 vs 0.0017
+    la = [0.0025, -0.0044, 0.0068, 0.0011, 0.0042, -0.0010]
+    dp = [0.0019, 0.0031, -0.0022, 0.0035, 0.0001, 0.0036]
+    data = {"traces": {"la-lora": {"BA": la}, "dp-lora": {"BA": dp}}, "la_lora_more_aligned_BA": True}
+    a = verdicts.alignment_comparison(data)
+    d = np.array(la) - np.array(dp)
+    half = stats.t.ppf(0.975, 5) * d.std(ddof=1) / math.sqrt(6)
+    assert a["n"] == 6 and (a["ci_low"], a["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert a["verdict"] == "unresolved"
+    from lalora import site
+
+    assert [(f.key, f.verdict) for f in site.verdicts(data)] == [("alignment", "unresolved")]
+
+
+def test_sharpness_only_between_models_at_a_minimum():
+    ln10 = math.log(10)
+    runs = ([{"method": "dp-lora", "seed": s, "loss": x, "top_eigenvalue": e}
+             for s, (x, e) in enumerate([(2.56, 427.0), (1.78, 180.0), (2.63, 89.0), (1.95, 103.0), (2.26, 141.0)])]
+            + [{"method": "la-lora", "seed": s, "loss": 0.75, "top_eigenvalue": 8.0 + s} for s in range(5)])
+    s = verdicts.sharpness_comparison({"runs": runs, "num_classes": 10, "top_eigenvalue": {}})
+    assert s["chance_loss"] == pytest.approx(ln10)
+    assert s["methods"]["dp-lora"]["at_minimum"] is False and s["methods"]["dp-lora"]["above_chance"] == 2
+    assert s["methods"]["la-lora"]["at_minimum"] is True and s["comparison"] is None
+    assert "not at a minimum: DP-LoRA (2 of 5 seeds" in verdicts.sharpness_reason(s)
+    trained = [dict(r, loss=1.0) for r in runs]
+    c = verdicts.sharpness_comparison({"runs": trained, "chance_loss": ln10})["comparison"]
+    assert c["n"] == 5 and c["verdict"] == "holds"          # DP-LoRA − LA-LoRA eigenvalue, CI above 0
+    # no chance loss recorded: no comparison, whatever the eigenvalues
+    assert verdicts.sharpness_comparison({"runs": trained})["comparison"] is None
+
+
+def test_committed_report_links_only_to_committed_files():
+    import re
+    import subprocess
+
+    text = (REPO / "paper" / "REPORT.md").read_text()
+    links = re.findall(r"\]\(<?([^)>]+)>?\)", text)
+    assert links and not any("/site/" in link for link in links)
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\n"))
+    for link in links:
+        target = (REPO / "paper" / link.split("#")[0]).resolve().relative_to(REPO.resolve()).as_posix()
+        assert target in tracked, link

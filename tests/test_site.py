@@ -122,10 +122,14 @@ def _fake_profile(root: Path, profile: str = "demo") -> Path:
     nbformat.write(nb, str(out / "notebooks" / "01_alpha.ipynb"))
     nb2 = new_notebook(cells=[new_markdown_cell("# 02 · Beta\n\nOnly a title and a paragraph.")])
     nbformat.write(nb2, str(out / "notebooks" / "02_beta.ipynb"))
+    # one seed per method, LA-LoRA's mean far above DP-LoRA's: the means are ordered, but the rule
+    # (>= 5 paired seeds) gives no verdict; the notebook's own bare flag says "holds"
+    runs = [{"task": "toy", "method": m, "epsilon": 3.0, "seed": 0, "accuracy": a, "majority_baseline": 10.0,
+             "run_dir": f"runs/toy/{m}/0"} for m, a in (("la-lora", 80.0), ("dp-lora", 60.0))]
     (out / "01_alpha.json").write_text(json.dumps({
-        "notebook": "01_alpha",
-        "ranking": {"toy ε=3": {"holds": False, "text": "does not hold: LA-LoRA 1.00 ≤ DP-LoRA 2.00"}},
-        "summary": {"ranking_holds": {"toy ε=3": False}, "claim: filter_gain": True, "cached": True,
+        "notebook": "01_alpha", "runs": runs,
+        "claims": [{"claim": "LA-LoRA > DP-LoRA", "verdict": "holds", "task": "toy", "epsilon": 3.0}],
+        "summary": {"ranking_holds": {"toy ε=3": True}, "claim: filter_gain": True, "cached": True,
                     "final_accuracy": 68.61111, "rounds": 10, "method": "la-lora"}}))
     (out / "02_beta.json").write_text(json.dumps({"every_bug_caught": True, "trials": 400}))
     (out / "03_gamma.json").write_text("{not json")
@@ -133,24 +137,23 @@ def _fake_profile(root: Path, profile: str = "demo") -> Path:
 
 
 def test_summary_verdicts_and_numbers_from_the_json():
-    data = {"ranking": {"a ε=3": {"text": "holds (X > Y)"}},
-            "summary": {"ranking_holds": {"a ε=3": True}, "claim: z": False, "cached": False,
-                        "n": 3, "acc": 70.5, "flag_list": [1, 2], "name": "x"}}
-    verdicts = site.verdicts(data)
-    assert [(v.key, v.holds) for v in verdicts] == [("ranking_holds.a ε=3", True), ("claim: z", False)]
-    assert verdicts[0].text == "a ε=3: ranking holds (X > Y)"
+    data = {"summary": {"ranking_holds": {"a ε=3": True}, "claim: z": False, "cached": False,
+                        "la_lora_flatter": True, "n": 3, "acc": 70.5, "flag_list": [1, 2], "name": "x"}}
+    # checks are yes/no; a bare flag from two numbers (an order of means, a flatness) is not a verdict
+    assert [(v.key, v.verdict) for v in site.verdicts(data)] == [("claim: z", "no")]
     assert site.key_numbers(data) == [("n", 3), ("acc", 70.5)]
-    # No summary: the top-level true/false entries and claims are the verdicts.
+    # No summary: the top-level true/false entries and the {name: bool} checks of notebooks 08/09/12.
     top = site.verdicts({"every_bug_caught": True, "claims": {"c": False}, "seconds": 3.0})
-    assert [(v.key, v.holds) for v in top] == [("every_bug_caught", True), ("claim: c", False)]
-    # claims as paired-seed records (notebooks 01, 11, 13): holds / reversed are verdicts, unresolved is not
-    # (a list here used to crash the site build of every profile that ran notebook 11)
-    records = [{"claim": "LA-LoRA > DP-LoRA", "verdict": "holds", "task": "digits-swin", "local_steps": 5},
-               {"claim": "RoLoRA > FFA-LoRA", "verdict": "reversed", "epsilon": 1.0},
-               {"claim": "LA-LoRA > RoLoRA", "verdict": "unresolved"}]
-    assert [(v.key, v.holds) for v in site.verdicts({"claims": records})] == [
-        ("claim: LA-LoRA > DP-LoRA (task digits-swin, local_steps 5)", True),
-        ("claim: RoLoRA > FFA-LoRA (epsilon 1.0)", False)]
+    assert [(v.key, v.verdict) for v in top] == [("every_bug_caught", "yes"), ("claim: c", "no")]
+    # claims written as paired-seed records are never trusted: they are recomputed from the runs by the
+    # rule (a list here used to crash the site build of every profile that ran notebook 11)
+    runs = [{"task": "t", "method": m, "epsilon": 1.0, "seed": s, "accuracy": a + s, "majority_baseline": 10.0}
+            for s in range(5) for m, a in (("la-lora", 80.0), ("dp-lora", 70.0))]
+    found = site.verdicts({"claims": [{"claim": "LA-LoRA > DP-LoRA", "verdict": "reversed"}], "runs": runs})
+    assert [(v.key, v.verdict) for v in found] == [("ranking holds", "holds"), ("claim: LA-LoRA > DP-LoRA", "holds")]
+    assert found[1].text.startswith("t, epsilon 1: LA-LoRA > DP-LoRA +10.00")
+    one_seed = site.verdicts({"runs": [r for r in runs if r["seed"] == 0]})
+    assert [v.verdict for v in one_seed] == ["insufficient seeds", "insufficient seeds"]
     assert site.first_paragraph({"cells": [{"cell_type": "code", "source": "x"},
                                            {"cell_type": "markdown", "source": "# T\n\nOne\ntwo.\n\nThree"}]}) == "One two."
     assert site.first_paragraph({"cells": [{"cell_type": "markdown", "source": "# T\n\nand compare\n\n| a |"}]}) \
@@ -186,13 +189,15 @@ def test_site_from_a_synthetic_profile(tmp_path):
     text = index.read_text()
     assert "The <strong>first</strong> paragraph summarises it." in text
     assert "second paragraph" not in text
-    assert "toy ε=3: ranking does not hold: LA-LoRA 1.00 ≤ DP-LoRA 2.00" in text
+    # the 1-seed ranking and claim: no verdict, whatever the notebook's flag or claim list said
+    assert "toy, epsilon 3: ranking LA-LoRA &gt; DP-LoRA" in text and "○ insufficient seeds" in text
+    assert "✔ holds" not in text and "ranking_holds" not in text
     assert "cached" not in text  # a run-cache flag, not a finding
     assert "68.61" in text and "every_bug_caught" in text
     assert "Could not read the results JSON" in text  # 03_gamma.json is broken: said, not fatal
     # The verdict links into the notebook at the heading nbconvert rendered.
     ids = parse(folder / "01_alpha.html").ids
-    href = re.search(r'<a href="01_alpha\.html#([^"]+)">§ Does the ranking hold here\?</a>', text)
+    href = re.search(r'<a href="01_alpha\.html#([^"]+)">§ Filter gain check</a>', text)
     assert href and href.group(1) in ids
     page = (folder / "01_alpha.html").read_text()
     assert '<a href="index.html">' in page
@@ -205,18 +210,21 @@ def test_site_from_a_synthetic_profile(tmp_path):
     check_site(folder)
 
 
-def test_report_links_resolve_into_the_rendered_site(tmp_path):
+def test_report_links_go_to_committed_files(tmp_path):
+    # results/*/site is not committed: REPORT.md links to the executed notebook and the figure instead
     out = _fake_profile(tmp_path)
-    site.build_site(tmp_path, "demo", log=lambda *_: None)
     report_dir = tmp_path / "paper"
     report_dir.mkdir()
     md = site.verdict_links_md(tmp_path, "demo", "01_alpha", "ranking holds", report_dir)
     links = re.findall(r"\]\(<([^>]+)>\)", md)
-    assert len(links) == 2 and "§ Does the ranking hold here?" in md
-    page, anchor = links[0].split("#", 1)
-    assert (report_dir / page).resolve() == (out / "site" / "01_alpha.html").resolve()
-    assert anchor in parse(out / "site" / "01_alpha.html").ids
+    assert len(links) == 2 and "01_alpha § Does the ranking hold here?" in md
+    assert (report_dir / links[0]).resolve() == (out / "notebooks" / "01_alpha.ipynb").resolve()
     assert (report_dir / links[1]).resolve() == (out / "figures" / "01_alpha_curve.png").resolve()
+    assert not any("/site/" in link for link in links)
+    # no executed notebook: the JSON
+    (out / "notebooks" / "01_alpha.ipynb").unlink()
+    md = site.verdict_links_md(tmp_path, "demo", "01_alpha", "ranking holds", report_dir)
+    assert (report_dir / re.findall(r"\]\(<([^>]+)>\)", md)[0]).resolve() == (out / "01_alpha.json").resolve()
     assert site.verdict_links_md(tmp_path, "demo", "99_missing", "x", report_dir) == ""
 
 
@@ -310,22 +318,18 @@ def test_ci_site_in_headless_chromium(tmp_path):
         print(f"screenshot: {shot}")
 
 
-def test_report_md_verdicts_link_to_rendered_sections(tmp_path):
-    """REPORT.md as lalora.report writes it: each verdict's links open the section and figure."""
+def test_report_md_verdicts_link_to_committed_files(tmp_path):
+    """REPORT.md as lalora.report writes it: each verdict links to the executed notebook and figure."""
     from lalora.report import build_report
 
     _fake_profile(tmp_path / "results")
-    site.build_site(tmp_path / "results", "demo", log=lambda *_: None)
     out = tmp_path / "paper" / "REPORT.md"
     text = build_report(tmp_path / "results", REPO / "paper" / "reported.yaml", out, ["demo"])
-    verdict_rows = [line for line in text.splitlines() if line.startswith(("| claim: filter_gain", "| ranking_holds"))]
-    assert len(verdict_rows) == 2 and all("§" in row for row in verdict_rows)
+    check_rows = [line for line in text.splitlines() if line.startswith("| claim: filter_gain")]
+    assert len(check_rows) == 1 and "yes ([01_alpha § Filter gain check]" in check_rows[0]
+    assert "| ranking_holds.toy ε=3 | not a verdict (no interval) |" in text
     links = re.findall(r"\]\(<([^>]+)>\)", text)
-    assert len(links) == 4  # (section, figure) for each of the two verdicts
+    assert links and not any("/site/" in link for link in links)
     for link in links:
-        path, _, anchor = link.partition("#")
-        target = (out.parent / path).resolve()
-        assert target.is_file(), link
-        if anchor:
-            assert anchor in parse(target).ids, link
+        assert (out.parent / link).resolve().is_file(), link
     assert "| rounds | 10 |" in text  # numbers stay plain values

@@ -10,6 +10,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):   # the Trainer tests never download
+    os.environ.setdefault(_var, "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,3 +36,12 @@ def poisoned(monkeypatch):
     from dplora_kernels import triton_kernels as tk
     monkeypatch.setattr(tk, "POISON_OUTPUTS", True)
     monkeypatch.setattr(engine, "POISON_ARENA", True)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for this test (bitwise comparisons between runs), restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,6 +1,6 @@
 """Numerical checks of the paper's math on clean synthetic problems (float64 throughout).
 
-The paper's statements were only seen through secondary notes (research/paper.md §3–4), so each
+The paper's statements were only seen through secondary notes (arXiv 2602.19926 §3–4; paper/reported.yaml names the sources), so each
 check states the exact claim it tests:
 
 - ``gradient_coupling``: for W = W0 + s·B·A, ∇_A L = s·Bᵀ∇_W L and ∇_B L = s·∇_W L·Aᵀ (the
@@ -215,7 +215,7 @@ def alternating_matrix_sensing(
     (so δ_T = max|λ − 1| is the RIP constant that matters locally), each factor step contracts the
     residual block it owns by at most ρ = max|1 − ηλ|; the off-diagonal blocks are each touched
     once per iteration, so L_c(k+1) ≤ (1 − η_c)²·L_c(k) asymptotically with η_c := 1 − ρ
-    (= η for exact measurements). The paper's own constant is not available (research/paper.md §4).
+    (= η for exact measurements). The paper's own constant is not available (arXiv 2602.19926 §4).
 
     The rate is fitted after the loss falls below 1e-2 of its initial value (the first iterations
     include the transient rotation of the subspaces) and before it reaches 1e-24 (round-off).

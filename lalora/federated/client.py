@@ -12,7 +12,7 @@ Per local step k of round t:
   4. optionally the low-pass filter on the noised gradient of the trained factors (post-processing);
   5. one optimizer step.
 
-``dp_mode = "as-released"`` replaces 2–3 with the authors' released step (research/paper.md §1.5),
+``dp_mode = "as-released"`` replaces 2–3 with the authors' released step (see docs/OVERVIEW.md),
 for comparison only: a fixed-size batch of b examples drawn uniformly without replacement each step
 (the released code's shuffled DataLoader batches), the batch-mean gradient clipped per tensor to the
 data-dependent C = min(median tensor norm, 0.4), noise N(0, (σC/b)²). It is NOT differentially

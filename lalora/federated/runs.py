@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import lalora
+from lalora.announce import note
 from lalora.config import NOT_DP, RunConfig, check_against_task
 from lalora.federated.simulation import Simulator
 from lalora.provenance import run_provenance
@@ -141,6 +142,7 @@ def _train(cfg: RunConfig, task, partitions, run_dir: RunDir, digest: str, finge
         elapsed = float(payload.get("elapsed_s", 0.0))
         run_dir.truncate_metrics(done)
         start = done + 1
+        note(f"resuming {run_dir.path} at round {start} of {cfg.rounds} (rounds 1-{done} from its checkpoint)")
     else:
         run_dir.reset()
     run_dir.write_config({**cfg.to_dict(), "hash": digest, "task_fingerprint": fingerprint,

@@ -13,7 +13,8 @@ What it does (docs/FLOWER.md, section 2, shows the same commands):
 2. ``flower-superlink --insecure --port P --database <workdir>/link.db
    --disable-runtime-dependency-installation`` (the environment already has lalora);
 3. per node i: ``flower-supernode --insecure --superlink 127.0.0.1:P --port Q_i --node-config
-   'partition-id=i num-partitions=N state-dir="<workdir>/node<i>" epsilon=E delta=D'``;
+   'partition-id=i num-partitions=N state-dir="<workdir>/node<i>" epsilon=E delta=D
+   client-app="lalora.flower.client_app:app" task="<task>" task-options='<JSON>'``;
 4. ``flwr run <workdir>/app lalora-demo``, then waits for ``final.json`` in ``<workdir>/runs``
    (optionally killing and restarting one SuperNode mid-run: ``restart_node``);
 5. stops every process it started (its own process groups), whatever happens.
@@ -169,7 +170,9 @@ def run_demo(workdir, *, rounds: int = 2, nodes: int = 3, clients_per_round: int
             str(bindir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
             "--port", str(free_port()), "--node-config",
             f'partition-id={i} num-partitions={nodes} state-dir="{state_dir}" '
-            f'epsilon={float(epsilon)} delta={float(delta)} noise="{noise}"'])
+            f'epsilon={float(epsilon)} delta={float(delta)} noise="{noise}" '
+            f'client-app="lalora.flower.client_app:app" task="{task}" '
+            f"task-options='{json.dumps(task_options)}'"])
 
     restarted = None
 

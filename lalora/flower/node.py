@@ -23,9 +23,11 @@ the generators are seeded from the run config and their states are persisted, so
 node continues them; anyone who knows the config (the server sends it, seed included) can predict
 the noise -- simulation only, and a warning is logged when a real node is configured so.
 
-Persistence (:class:`NodeStore`): deployment nodes write ``<state-dir>/node-state.pt`` atomically with
-a sha256 checksum (``lalora.results.save_checkpoint``; a corrupted file is refused, never silently
-reset); simulated nodes keep the same payload in Flower's per-node ``Context.state``.
+Persistence (:class:`NodeStore`): deployment nodes write ``<state-dir>/node-state.pt`` atomically,
+sealed by an HMAC keyed by the node's secret and a sequence number (lalora.flower.ledger: an edited,
+damaged or rolled-back file is refused, never silently reset), under an exclusive cross-process
+lock held from reading the ledger to writing the round; simulated nodes keep the same payload in
+Flower's per-node ``Context.state``.
 """
 from __future__ import annotations
 
@@ -67,6 +69,20 @@ def _float(node_config, key: str):
         raise ValueError(f"node config {key}={node_config[key]!r}: expected a number") from None
 
 
+def _json_object(node_config, key: str):
+    import json
+
+    if key not in node_config:
+        return None
+    try:
+        value = json.loads(node_config[key]) if isinstance(node_config[key], str) else node_config[key]
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"node config {key}={node_config[key]!r}: expected a JSON object")
+    return value
+
+
 @dataclass(frozen=True)
 class NodePolicy:
     """The node operator's terms (``--node-config "epsilon=3 delta=1e-5 ..."``).
@@ -75,7 +91,11 @@ class NodePolicy:
     delta: the largest δ a run may use (the ledger composes at this δ);
     clip_norm: if set, a run must use exactly this C;
     min_noise_multiplier: if set, a run's σ must be at least this;
-    noise: "os-entropy" or "seeded"; state_dir: where the node state is kept (deployment).
+    noise: "os-entropy" or "seeded"; state_dir: where the node state is kept (deployment);
+    client_app: the ClientApp the operator installed and allows (deployment: required,
+    ``lalora.flower.client_app:app``); task / task_options: the task and its overrides this node
+    serves (a run must name exactly these; no options = a run may send none). The checks on a
+    request that read no private data are in lalora.flower.terms.
     None everywhere = no terms (simulated nodes)."""
     epsilon: float | None = None
     delta: float | None = None
@@ -83,6 +103,9 @@ class NodePolicy:
     min_noise_multiplier: float | None = None
     noise: str = "os-entropy"
     state_dir: str | None = None
+    client_app: str | None = None
+    task: str | None = None
+    task_options: dict | None = None
 
     @classmethod
     def from_node_config(cls, node_config, *, deployment: bool) -> "NodePolicy":
@@ -92,14 +115,17 @@ class NodePolicy:
         policy = cls(epsilon=_float(node_config, "epsilon"), delta=_float(node_config, "delta"),
                      clip_norm=_float(node_config, "clip-norm"),
                      min_noise_multiplier=_float(node_config, "min-noise-multiplier"),
-                     noise=noise, state_dir=node_config.get("state-dir"))
+                     noise=noise, state_dir=node_config.get("state-dir"),
+                     client_app=node_config.get("client-app"), task=node_config.get("task"),
+                     task_options=_json_object(node_config, "task-options"))
         if deployment:
             for key, value in (("state-dir", policy.state_dir), ("epsilon", policy.epsilon),
-                               ("delta", policy.delta)):
+                               ("delta", policy.delta), ("client-app", policy.client_app)):
                 if value is None:
                     raise ValueError(f"node config has no {key!r}: a deployed lalora node needs "
                                      "--node-config \"partition-id=<i> num-partitions=<N> "
-                                     "state-dir=<folder> epsilon=<budget> delta=<max δ>\"")
+                                     "state-dir=<folder> epsilon=<budget> delta=<max δ> "
+                                     "client-app='lalora.flower.client_app:app'\"")
             if noise == "seeded":
                 _log.warning("SEEDED NOISE ON A REAL NODE (node config noise=seeded): the noise and "
                              "the Poisson batches follow the run's seed, which the server sends to "
@@ -109,10 +135,8 @@ class NodePolicy:
 
     def check_config(self, cfg, noise_multiplier: float) -> None:
         """Raise RequestRefused naming the first term the run config breaks."""
-        def refuse(what: str) -> None:
-            raise RequestRefused(f"node refuses the run config: {what} (node operator's terms: "
-                                 f"epsilon={self.epsilon}, delta={self.delta}, clip-norm={self.clip_norm}, "
-                                 f"min-noise-multiplier={self.min_noise_multiplier})")
+        def refuse(what: str) -> None:   # names the rule only: nothing about the node's other runs
+            raise RequestRefused(f"node refuses the run config: {what} (node operator's terms)")
 
         eps = float(cfg.epsilon) if cfg.private else math.inf
         if self.epsilon is not None and eps > self.epsilon:
@@ -176,12 +200,11 @@ class NodeStore:
     def __init__(self, context, state_dir: str | None):
         self.context = context
         self.path = Path(state_dir) / STATE_FILE if state_dir else None
+        self._seq: int | None = None     # sequence number of the sealed file last read or written
 
     def load(self) -> NodeState:
-        from lalora.results import load_checkpoint
-
         if self.path is not None:
-            return NodeState.from_payload(load_checkpoint(self.path) if self.path.exists() else None)
+            return self._load_sealed()
         if _STATE_KEY not in self.context.state:
             return NodeState()
         body = bytes(self.context.state[_STATE_KEY]["payload"])
@@ -189,16 +212,56 @@ class NodeStore:
                                                  weights_only=True))
 
     def save(self, state: NodeState) -> None:
-        from lalora.results import save_checkpoint
-
         if self.path is not None:
-            save_checkpoint(self.path, state.to_payload())
+            self._save_sealed(state)
             return
         from flwr.app import ConfigRecord
 
         buf = io.BytesIO()
         torch.save(state.to_payload(), buf)
         self.context.state[_STATE_KEY] = ConfigRecord({"payload": buf.getvalue()})
+
+    def locked(self):
+        """The node's exclusive cross-process lock (lalora.flower.ledger.exclusive) on a deployed
+        node; nothing to lock in simulation (Flower serves one simulated node at a time)."""
+        import contextlib
+
+        from lalora.flower.ledger import exclusive
+
+        return exclusive(self.path.parent) if self.path is not None else contextlib.nullcontext()
+
+    # sealed file (lalora.flower.ledger): MAC keyed by the node secret, sequence number, rollback check
+    def _load_sealed(self) -> NodeState:
+        from lalora.flower.ledger import SEEN_FILE, StateTamperedError, node_secret, read_seen, unseal
+
+        folder = self.path.parent
+        if not self.path.exists():
+            if (folder / SEEN_FILE).exists() and read_seen(node_secret(folder, create=False), folder) > 0:
+                raise StateTamperedError(f"{self.path} is missing but this node has written its state "
+                                         "before: refusing to start over from an empty ledger")
+            self._seq = 0
+            return NodeState()
+        key = node_secret(folder, create=False)
+        seq, payload = unseal(key, self.path.read_bytes(), self.path)
+        seen = read_seen(key, folder)
+        if seq < seen:
+            raise StateTamperedError(f"{self.path} is an older copy of the node state (write #{seq}; "
+                                     f"the node has written #{seen}): rollback refused")
+        self._seq = seq
+        return NodeState.from_payload(payload)
+
+    def _save_sealed(self, state: NodeState) -> None:
+        from lalora.flower.ledger import node_secret, seal, write_seen
+        from lalora.results import atomic_write_bytes
+
+        if self._seq is None:
+            self._load_sealed()
+        folder = self.path.parent
+        key = node_secret(folder, create=not self.path.exists())
+        seq = self._seq + 1
+        atomic_write_bytes(self.path, seal(key, seq, state.to_payload()))
+        write_seen(key, folder, seq)     # after the state: a crash in between looks like seq > seen
+        self._seq = seq
 
 
 class NodeGuard:
@@ -225,8 +288,9 @@ class NodeGuard:
         if sim.private and self.policy.epsilon is not None:
             budget_eps = self._epsilon_after(state, sim, cid, key)
             if budget_eps > self.policy.epsilon * (1 + 1e-9):
-                raise RequestRefused(f"round {t} would bring this node's ε to {budget_eps:.4f}, over its "
-                                     f"budget {self.policy.epsilon} (all runs composed)")
+                # the composed ε depends on the node's other runs and on |D_i|: not named
+                raise RequestRefused(f"round {t} would exceed this node's ε budget (all its runs "
+                                     "composed)")
         return state
 
     def _epsilon_after(self, state: NodeState, sim, cid: int, key: str) -> float:

@@ -258,7 +258,9 @@ class LaLoraStrategy(_strategy_base()):
                 raise RuntimeError(f"client {cid} reports {int(m['ledger_steps'])} DP steps, the "
                                    f"server's ledger {ledger.steps(cid)}")
             private = {k: float(m[k]) for k in PRIVATE_METRICS if k in m}
-            updates.append(ClientUpdate(state=record_to_state(arrays), num_samples=int(m["num_samples"]),
+            # |D_i| is never sent by a node: the server has it from its own (seeded) partition
+            updates.append(ClientUpdate(state=record_to_state(arrays),
+                                        num_samples=len(self.sim.client_data[cid]),
                                         num_steps=int(m["num_steps"]), client_id=cid, metrics=private))
             self.noise_sources[cid] = str(r.content[KEYS.CONFIG]["noise_source"])
         self.global_state = self.sim.server_aggregate(updates, t, self.global_state)

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from lalora.announce import announce
+from lalora.announce import announce, calibration_eta
 from lalora.provenance import library_versions, source_hash
 
 # opacus is imported inside the functions that use it (heavy, and lalora.config imports this module
@@ -194,7 +194,7 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
         return cached
     announce(f"calibrating the noise multiplier for epsilon={epsilon}, delta={delta}, q={q:.4g}, "
              f"{steps} steps", why=f"first use of this budget: a bisection over the {accountant} "
-             "accountant", eta="seconds", cached_in=str(_sigma_cache_file(key)))
+             "accountant", eta=calibration_eta(steps, q, accountant), cached_in=str(_sigma_cache_file(key)))
     try:
         with _quiet_rdp_order_warnings():
             sigma = float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,

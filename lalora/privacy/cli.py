@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
 from .accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT, calibrate_sigma, epsilon_for
 
@@ -32,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.epsilon is None and args.sigma is None:
-        raise SystemExit("lalora accountant: give --epsilon, --sigma, or both")
+        print("lalora accountant: error: give --epsilon, --sigma, or both", file=sys.stderr)
+        return 2
     out: dict = {"accountant": args.accountant, "delta": args.delta,
                  "sample_rate": args.sample_rate, "steps": args.steps}
     lines = [f"accountant={args.accountant}  delta={args.delta:g}  sample_rate={args.sample_rate:g}  "
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
             eps = epsilon_for(args.sigma, args.delta, args.sample_rate, args.steps, args.accountant)
             out.update(sigma=args.sigma, epsilon_for_sigma=eps)
             lines.append(f"epsilon given by sigma = {args.sigma:g}: {eps:.4f}")
-    except ValueError as err:
-        raise SystemExit(f"lalora accountant: {err}") from None
+    except ValueError as err:   # bad input: one line and exit 2, like every lalora command
+        print(f"lalora accountant: error: {err}", file=sys.stderr)
+        return 2
     print(json.dumps(out) if args.json else "\n".join(lines))
     return 0

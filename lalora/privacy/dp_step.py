@@ -38,7 +38,7 @@ class AsReleasedResult:
 def as_released_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any, *,
                          noise_multiplier: float, generator: torch.Generator | None,
                          max_clip: float = 0.4) -> AsReleasedResult:
-    """The authors' released step (research/paper.md §1.5) -- NOT differentially private.
+    """The authors' released step (see docs/OVERVIEW.md) -- NOT differentially private.
 
     One ordinary backward of the batch-mean loss; C = min(median over tensors of ||grad tensor||,
     max_clip); each tensor clipped to C on its own; noise N(0, (sigma C / b)^2) with b the batch size.

@@ -7,7 +7,9 @@ One engine, one LoRA layer (README.md, docs/CONTRACTS.md):
   LoRALinear                   the LoRA layer (frozen nn.Linear + s * B A dropout(x))
   PerSampleGradEngine          hooks -> per-sample gradients of every trainable parameter, one backward
   per_sample_gradients(...)    that engine as one call -> PerSampleGrads
-  dp_gradient(...)             clip (flat / per-layer) + sum + Gaussian noise -> p.grad
+  dp_gradient(...)             clip (flat / per-layer) + sum + Gaussian noise -> p.grad; checks the model
+                               first (checks.py: mixed functional use, clipping unit), secure noise,
+                               physical chunks, distributed (all-reduce, noise once)
   grouped_dp_gradient(...)     the same for M clients in one forward/backward (client stacks, grouped.py)
   client_groups(...)           context: each sample uses its own client's LoRA factors and head
 Kernel functions: lora_per_sample_grads, linear_per_sample_grads, clip_factors, clipped_noised_sum,
@@ -21,6 +23,7 @@ from .dp import DPStepResult, batch_size_of, dp_gradient, grouped_dp_gradient, p
 from .engine import PerSampleGradEngine, PerSampleGrads
 from .grouped import client_groups
 from .lora import LoRALinear
+from .unit_probe import ClippingUnitError, UnattributedGradientError
 
 __all__ = [
     "available_backends", "resolve_backend", "lora_per_sample_grads", "linear_per_sample_grads",
@@ -28,5 +31,6 @@ __all__ = [
     "LoRAPerSampleGrads", "LinearPerSampleGrads",
     "LoRALinear", "PerSampleGradEngine", "PerSampleGrads", "per_sample_gradients", "dp_gradient",
     "DPStepResult", "batch_size_of", "grouped_dp_gradient", "client_groups",
+    "ClippingUnitError", "UnattributedGradientError",
 ]
 __version__ = "0.2.0"

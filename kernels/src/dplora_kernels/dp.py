@@ -33,6 +33,7 @@ from torch import nn
 
 from .api import _add_noise, clip_and_noise, clipped_noised_sum, gaussian_noise
 from .api import clip_factors as _clip_factors
+from .checks import run_unit_check, unit_check_due
 from .engine import PerSampleGradEngine, PerSampleGrads
 
 __all__ = ["dp_gradient", "grouped_dp_gradient", "DPStepResult", "per_sample_gradients", "PerSampleGrads", "batch_size_of",
@@ -143,42 +144,134 @@ def dp_gradient(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tens
                 clip_norm: float, noise_multiplier: float, expected_batch_size: float,
                 generator: torch.Generator | None, clipping: str = "flat", backend: str = "auto",
                 num_samples: int | None = None, precision: str = "fp32",
-                verify_unit: bool = False) -> DPStepResult:
+                verify_unit: bool | None = None, secure: bool = False,
+                physical_batch_size: int | None = None, distributed: bool = False,
+                process_group: Any = None) -> DPStepResult:
     """Privatized gradient of the trainable parameters on `batch`, written to p.grad (see module doc).
 
     loss_fn(model, batch) -> (N,) per-sample losses (reduction "none"); the engine sums them.
     num_samples overrides batch_size_of(batch) (the clipping unit when rows are not samples).
-    verify_unit=True first runs the clipping-unit probe (dplora_kernels.unit_probe) on two samples of
-    `batch` and raises, naming the layer, if the model's rows are not one sample each (sequence-first
-    layers, a batch reordered mid-forward).
+    verify_unit: the model check (checks.py, unit_probe.py) on two samples of `batch`, before anything
+    is computed or written: raises UnattributedGradientError when a trainable parameter is also used
+    functionally (F.linear(x, layer.weight)), ClippingUnitError when a layer's rows are not one sample
+    each (sequence-first input, a batch reordered mid-forward). None (default): on the schedule of
+    checks.py (first call per model and trainable set, then every 1000 calls); True: every call;
+    False: never (opt-out).
+    secure=True draws the noise from the OS CSPRNG (noise.py; `generator` must be None): never
+    reproducible, what a release wants. secure=False draws it from `generator` (seeded: reproducible).
+    physical_batch_size: the logical (Poisson) batch is run in chunks of at most this many samples
+    (one forward/backward each, so memory is that of one chunk); each chunk's per-sample gradients
+    are clipped and summed, the sums added, and the noise drawn ONCE for the logical step (the same
+    draws as the unsplit step): the result equals the unsplit step up to float summation order.
+    distributed=True (torch.distributed initialised, `process_group` or the default group): each
+    process passes ITS share of the logical batch (disjoint shards; expected_batch_size is the
+    global q|D|); the clipped sums are all-reduced (one all-reduce of one flat buffer), the noise is
+    drawn on rank 0 only (from its `generator`, or secure) and added before the reduction, so every
+    rank writes the same p.grad = (sum over all processes' samples + one noise) / expected_batch_size,
+    equal to one process on the concatenated batch. Call it on the plain model (not a
+    DistributedDataParallel wrapper: the engine does its own reduction). per_sample_norms, clip
+    factors and batch_size in the result are this process's.
     """
     _check_args(clip_norm, noise_multiplier, expected_batch_size, clipping, precision)
-    if verify_unit:   # before anything is computed or released
-        from .unit_probe import verify_clipping_unit
-
-        verify_clipping_unit(model, loss_fn, batch,
-                             lambda m, f, b: per_sample_gradients(m, f, b, backend=backend, precision=precision),
-                             num_samples=num_samples)
+    if physical_batch_size is not None and not (isinstance(physical_batch_size, int) and physical_batch_size >= 1):
+        raise ValueError(f"physical_batch_size must be None or an int >= 1; got {physical_batch_size!r}")
+    rank = 0
+    if distributed:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError("distributed=True needs torch.distributed initialised (init_process_group)")
+        rank = torch.distributed.get_rank(group=process_group)
+    if secure and generator is not None:
+        raise ValueError("secure=True draws the noise from the OS CSPRNG: pass generator=None "
+                         "(or secure=False for a seeded, reproducible generator)")
     engine = PerSampleGradEngine(model, backend=backend)   # validates devices and backend up front
     params = dict(engine.params)   # the trainable parameters, by name (the engine's one walk)
     n = batch_size_of(batch) if num_samples is None else int(num_samples)
+    if unit_check_due(model, params, n, verify_unit):   # before anything is computed or released
+        run_unit_check(model, loss_fn, batch, params, n=n, num_samples=num_samples, backend=backend,
+                       explicit=verify_unit is True)
     std = float(noise_multiplier) * float(clip_norm) if noise_multiplier > 0 else 0.0
     if not params:
         return DPStepResult({}, torch.zeros(n), torch.ones(n), n)
     names = list(params)
     shapes = [params[k].shape for k in names]
     device = engine.device
-
+    # The noise is added here, in the one-batch path (bitwise as before), or after the clipped sum by
+    # _step_noise: CSPRNG noise (secure), physical chunks, and distributed (rank 0 only, then all-reduce).
+    late = secure or distributed or (physical_batch_size is not None and n > physical_batch_size)
+    torch_std = 0.0 if late else std
+    ghost: set = set()
     if n == 0:   # Poisson drew nobody: noise only, the model is not called
-        summed, total, factors = _privatize(None, names, shapes, device, float(clip_norm), std, generator,
-                                            clipping, backend)
-        return _write(params, names, summed, expected_batch_size, total, factors, 0)
+        summed, total, factors = _privatize(None, names, shapes, device, float(clip_norm), torch_std,
+                                            generator, clipping, backend)
+        norms = total
+    elif physical_batch_size is not None and n > physical_batch_size:
+        summed, norms, factors, ghost = _chunked(engine, model, loss_fn, batch, n, physical_batch_size, names,
+                                                 shapes, device, float(clip_norm), clipping, backend, precision)
+    else:
+        psg = _run(engine, model, loss_fn, batch, n, precision, ghost=True)
+        total = _check_finite(psg)
+        ghost = {k for gl in psg.ghost for k in gl.names}
+        summed, total, factors = _privatize(psg, names, shapes, device, float(clip_norm), torch_std,
+                                            generator, clipping, backend, total)
+        norms = total.sqrt()
+        del psg
+    if late and std > 0 and rank == 0:
+        summed = _step_noise(summed, names, ghost, std, generator, clipping, device, backend, secure)
+    if distributed:   # every rank: sum_ranks (clipped sum) + rank 0's noise, ONE all-reduce
+        sizes = [t.numel() for t in summed]
+        # one dtype on every rank (an empty shard's zeros are fp32): the arena's, float64 for float64 models
+        dt = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
+        flat = torch.cat([t.reshape(-1).to(dt) for t in summed])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=process_group)
+        summed = [part.view(t.shape) for part, t in zip(flat.split(sizes), summed)]
+    return _write(params, names, summed, expected_batch_size, norms, factors, n)
 
-    psg = _run(engine, model, loss_fn, batch, n, precision, ghost=True)
-    total = _check_finite(psg)
-    summed, total, factors = _privatize(psg, names, shapes, device, float(clip_norm), std, generator,
-                                        clipping, backend, total)
-    return _write(params, names, summed, expected_batch_size, total.sqrt(), factors, n)
+
+def _chunked(engine, model, loss_fn, batch, n, chunk, names, shapes, device, clip_norm, clipping, backend,
+             precision):
+    """The logical step in physical chunks: per chunk, the clipped sum without noise, added up (the
+    noise comes once, from _step_noise). Nothing is written to p.grad until every chunk has passed
+    its finiteness check. Returns (sums in names order, (N,) norms, clip factors, ghost names)."""
+    from .unit_probe import take_samples
+
+    summed, norms, factors, ghost = None, [], [], set()
+    for start in range(0, n, chunk):
+        idx = list(range(start, min(n, start + chunk)))
+        psg = _run(engine, model, loss_fn, take_samples(batch, idx, n), len(idx), precision, ghost=True)
+        total = _check_finite(psg)
+        part, total, f = _privatize(psg, names, shapes, device, clip_norm, 0.0, None, clipping, backend, total)
+        summed = part if summed is None else [a + b for a, b in zip(summed, part)]
+        norms.append(total.sqrt())
+        factors.append(f)
+        ghost = {k for gl in psg.ghost for k in gl.names}
+        del psg
+    return summed, torch.cat(norms), torch.cat(factors), ghost
+
+
+def _step_noise(summed, names, ghost, std, generator, clipping, device, backend, secure):
+    """Add the step's noise to clipped sums computed without it. secure: one CSPRNG draw over the
+    parameters in names order (noise.py). Otherwise drawn from `generator` exactly as the one-batch
+    step draws it (_privatize: flat clipping draws the arena's parameters, then the ghost heads';
+    per-layer clipping one draw in names order), so physical chunks and distributed steps equal it."""
+    if secure:
+        from .noise import secure_gaussian_like
+
+        noise = secure_gaussian_like([t.shape for t in summed], std, device, summed[0].dtype)
+        return [t + z for t, z in zip(summed, noise)]
+    out = dict(zip(names, summed))
+    if clipping == "flat":   # as _flat: the arena's draw added in its dtype, the ghost heads' as _noise_only
+        arena = [k for k in names if k not in ghost]
+        if arena:
+            z = gaussian_noise([out[k].shape for k in arena], std, generator, device)
+            out.update(zip(arena, _add_noise([out[k] for k in arena], z, std)))
+        heads = [k for k in names if k in ghost]
+        if heads:
+            zs = _noise_only([out[k].shape for k in heads], device, std, generator, backend)
+            out.update((k, out[k] + z) for k, z in zip(heads, zs))
+    else:                    # as _privatize's per-layer branch: one draw in names order
+        zs = _noise_only([out[k].shape for k in names], device, std, generator, backend)
+        out.update((k, out[k] + z) for k, z in zip(names, zs))
+    return [out[k] for k in names]
 
 
 def _check_finite(psg: PerSampleGrads) -> torch.Tensor:

@@ -6,19 +6,23 @@ single `torch.autograd.grad(loss, outputs)`: that gives dL/d(output) for every r
 skips the summed parameter gradients autograd would otherwise compute (and DP would discard).
 Per-sample gradients follow in closed form from (activation, grad_out) pairs:
 
-  LoRALinear   G_A,i = s B^T g_i^T x_i, G_B,i = s g_i^T u_i  (x after dropout, u = x A^T)
-               -> api.lora_per_sample_grads (Triton on CUDA)
+  LoRALinear   G_A,i = v_i^T x_i, G_B,i = s g_i^T u_i  (x after dropout, u = x A^T, v = s g B = dL/du;
+               v comes from the backward itself wherever autograd computes dL/du for the layers
+               below, i.e. every fp32 LoRA layer after the first)
+               -> reference.lora_per_sample_grads (torch), api.lora_per_sample_grads (Triton on CUDA)
   nn.Linear    G_W,i = g_i^T x_i, G_b,i = sum g_i  (head, PEFT lora_A/lora_B, anything else;
                PEFT's scaling multiplies lora_B's output, so its grad_out already carries s)
-               -> api.linear_per_sample_grads
+               -> reference / api.linear_per_sample_grads
   nn.LayerNorm G_w,i = sum g_i * xhat_i, G_b,i = sum g_i
   nn.Embedding G_i = scatter of g_i into the rows of sample i's token ids  (N x V x d: small vocabularies)
 
 Where they go: ONE (N, P) arena (fp32; float64 for a float64 model), P = the total size of the
-trainable parameters, with a (N, *shape) view per parameter. The squared norm of each unit (a LoRA
-factor, a Linear's weight+bias, ...) is the one the kernel function returns, computed once; only a
-parameter written by several calls (a module run twice, a shared weight) has its norm taken again
-from the summed view, because the norm of a sum is not the sum of norms.
+trainable parameters, with a (N, *shape) view per parameter (per_sample.PerSampleGrads). Squared
+norms are taken from the arena, not per layer: the flat total is ONE row reduction over it (a
+parameter written by several calls, a module run twice or a shared weight, is summed there first,
+so its norm is the norm of the sum); per-parameter norms are computed only when asked for
+(per-layer clipping). On the small Swin of benchmarks/dp_step.py this replaced 16 per-factor
+norm reductions and their sum by one.
 
 Ghost norms (`ghost=True`, used by the DP step): an nn.Linear called once whose input has ONE row
 per sample (a head on a pooled feature, x (N, n), g (N, m)) is not materialised. Its per-sample
@@ -52,7 +56,6 @@ clipped sum and the noise are all fp32 whatever the forward's dtype.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -62,8 +65,8 @@ from torch import nn
 from . import reference as ref
 from ._backend import resolve_backend
 from .api import linear_per_sample_grads, lora_per_sample_grads
-from .grouped import grouped_lora_per_sample_grads
 from .lora import LoRALinear
+from .per_sample import GhostLinear, PerSampleGrads
 
 __all__ = ["PerSampleGradEngine", "PerSampleGrads", "GhostLinear", "SUPPORTED_MODULES"]
 
@@ -82,68 +85,8 @@ class _Call:
     u: torch.Tensor | None = None
     versions: tuple = ()
     group: object = None       # grouped.ClientGroup of a client-grouped LoRA call (stacked factors)
-
-
-@dataclass
-class GhostLinear:
-    """An nn.Linear with one row per sample whose per-sample gradients are never materialised:
-    G_W,i = g_i^T x_i, G_b,i = g_i. `sqnorms` are the per-parameter squared norms (N,)."""
-    names: tuple[str, ...]     # (weight,) or (weight, bias)
-    x: torch.Tensor            # (N, n), accumulation dtype
-    g: torch.Tensor            # (N, m)
-    sqnorms: tuple[torch.Tensor, ...]
-
-    def clipped_sums(self, factors: torch.Tensor) -> list[torch.Tensor]:
-        """sum_i c_i G_i for weight (and bias): (c ⊙ g)^T x and c^T g."""
-        cg = self.g * factors.to(self.g.dtype).unsqueeze(1)
-        out = [cg.T @ self.x]
-        if len(self.names) == 2:
-            out.append(cg.sum(0))
-        return out
-
-
-@dataclass
-class PerSampleGrads:
-    """Per-sample gradients by parameter name, all views of one (N, P) arena.
-
-    grads: name -> (N, *param.shape); units: (names, (N,) squared norm of those parameters jointly),
-    in the order they were computed; ghost: layers left unmaterialised (only with ghost=True).
-    """
-    grads: dict[str, torch.Tensor]
-    units: list[tuple[tuple[str, ...], torch.Tensor]]
-    num_samples: int
-    arena: torch.Tensor | None = None
-    ghost: list[GhostLinear] = field(default_factory=list)
-
-    def total_sqnorm(self) -> torch.Tensor:
-        """Flat squared norm over all parameters jointly, (N,) (ghost layers included)."""
-        total = None
-        for _, sq in self.units:
-            total = sq if total is None else total + sq
-        for gl in self.ghost:
-            for sq in gl.sqnorms:
-                total = sq if total is None else total + sq
-        if total is None:
-            device = self.arena.device if self.arena is not None else None
-            return torch.zeros(self.num_samples, dtype=torch.float32, device=device)
-        return total
-
-    @functools.cached_property
-    def sqnorms(self) -> dict[str, torch.Tensor]:
-        """Per-parameter squared norms (N,). A unit of one parameter gives its norm as computed; a
-        unit of several (a Linear's weight and bias) is split by taking each view's norm -- an extra
-        pass needed only by per-layer clipping."""
-        out = {}
-        for names, sq in self.units:
-            if len(names) == 1:
-                out[names[0]] = sq
-            else:
-                for k in names:
-                    g = self.grads[k]
-                    out[k] = ref.sqnorm(g, self.num_samples, g.device, sq.dtype)
-        for gl in self.ghost:
-            out.update(zip(gl.names, gl.sqnorms))
-        return out
+    u_graph: torch.Tensor | None = None   # u in the graph, when autograd computes v = dL/du anyway
+    v: torch.Tensor | None = None         # dL/du from the backward (filled in by backward)
 
 
 @dataclass
@@ -233,7 +176,15 @@ class PerSampleGradEngine:
     def _capture_lora(self, module: LoRALinear, x_dropped, u, out) -> None:
         if module.lora_A.requires_grad or module.lora_B.requires_grad:
             group = module._group if module._group is not None and module._group.A is not None else None
-            self._record(_Call(module, x_dropped.detach(), out, u.detach(), group=group))
+            # v = s g B (for G_A) is dL/du, which the backward computes anyway when the layer's input
+            # needs a gradient (for the layers before it): take it from there instead of a second
+            # matmul. Not for the first trainable layer (nothing upstream needs dL/dx), a grouped call
+            # (its u is a concatenation off the graph), reduced precision (the closed form works in
+            # fp32) or the Triton path (its kernel fuses v).
+            take_v = (module.lora_A.requires_grad and x_dropped.requires_grad and group is None
+                      and u.dtype == ref.acc_dtype(u.dtype) and self._backend == "torch")
+            self._record(_Call(module, x_dropped.detach(), out, u.detach(), group=group,
+                               u_graph=u if take_v else None))
 
     def _capture_module(self, module: nn.Module, inputs, output) -> None:
         if not isinstance(output, torch.Tensor):
@@ -268,6 +219,8 @@ class PerSampleGradEngine:
         grad_outs: list = []
         if loss.requires_grad:
             outs = [c.out for c in calls]
+            with_v = [c for c in calls if c.u_graph is not None]
+            outs += [c.u_graph for c in with_v]
             # Trainable parameters whose module never ran may still be used functionally (e.g.
             # nn.MultiheadAttention reads out_proj.weight without calling out_proj): ask autograd for
             # their gradient in the same pass and refuse if the loss depends on them.
@@ -275,7 +228,9 @@ class PerSampleGradEngine:
             uncalled = [(k, p) for k, p in self.params.items() if id(p) not in called]
             res = torch.autograd.grad(loss, outs + [p for _, p in uncalled], allow_unused=True,
                                       retain_graph=retain_graph)
-            grad_outs = list(res[:len(outs)])
+            grad_outs = list(res[:len(calls)])
+            for c, v in zip(with_v, res[len(calls):len(outs)]):
+                c.v, c.u_graph = v, None
             used = [k for (k, _), g in zip(uncalled, res[len(outs):]) if g is not None]
             del res, outs
             if used:
@@ -302,7 +257,7 @@ class PerSampleGradEngine:
                 if grad_outs[i] is not None and self._ghost_eligible(c, n, times_called):
                     gl = self._ghost(c, grad_outs[i], n)
                     ghosts.append(gl)
-                    ghost_ids |= {id(p) for p in c.module.parameters(recurse=False)}
+                    ghost_ids |= {id(p) for p in c.module._parameters.values() if p is not None}
                     grad_outs[i] = calls[i] = None
         # the arena: one (N, P) buffer, P = total size of the parameters materialised, name order
         dt = torch.float64 if any(p.dtype == torch.float64 for p in self.params.values()) else torch.float32
@@ -314,15 +269,16 @@ class PerSampleGradEngine:
         alloc = torch.full if POISON_ARENA else (lambda shape, _v, **kw: torch.empty(shape, **kw))
         arena = alloc((n, off), float("nan"), dtype=dt, device=self.device)
         views = {k: arena[:, o:o + m].view(n, *self.params[k].shape) for k, (o, m) in slots.items()}
-        writes: dict[str, int] = {}
-        units: list[tuple[tuple[str, ...], torch.Tensor]] = []
+        names = self._names
+        writes: set[str] = set()
+        units: dict[tuple[str, ...], None] = {}   # ordered set: a module called twice is one unit
 
         def target(p):
             # a parameter's first write goes into its arena view, given to the kernel functions as their
             # out= buffer (Triton stores there, no copy); a later call of the same module returns fresh
             # tensors, added below
-            k = self._names[id(p)]
-            return None if writes.get(k) else views[k]
+            k = names[id(p)]
+            return None if k in writes else views[k]
 
         for i, c in enumerate(calls):
             if c is None:
@@ -330,29 +286,26 @@ class PerSampleGradEngine:
             g, grad_outs[i], calls[i] = grad_outs[i], None, None   # free each pair once used
             if g is None:
                 continue
-            for params, gs, sq in self._per_sample(c, g, n, target):
-                names = tuple(self._names[id(p)] for p in params)
-                for k, gk in zip(names, gs):
-                    if writes.get(k):
+            for params, gs in self._per_sample(c, g, n, target):
+                unit = tuple(names[id(p)] for p in params)
+                for k, gk in zip(unit, gs):
+                    if k in writes:
                         views[k].add_(gk)
-                    elif gk is not views[k]:
-                        views[k].copy_(gk)
-                    writes[k] = writes.get(k, 0) + 1
-                units.append((names, sq.to(dt)))
-        # a parameter written by several calls: its norm is the norm of the summed gradient
-        redo = {k for k, w in writes.items() if w > 1}
-        final = [(names, sq) for names, sq in units if not redo.intersection(names)]
-        final += [((k,), ref.sqnorm(views[k], n, arena.device, dt)) for k in views if k in redo]
+                    else:
+                        if gk is not views[k]:
+                            views[k].copy_(gk)
+                        writes.add(k)
+                units[unit] = None
         for k in views:
             if k not in writes:   # the loss does not reach it: a zero gradient
                 views[k].zero_()
-        return PerSampleGrads(views, final, n, arena, ghosts)
+        return PerSampleGrads(views, list(units), n, arena, ghosts)
 
     def _ghost_eligible(self, c: _Call, n: int, times_called: dict[int, int]) -> bool:
         m = c.module
         return (type(m) is nn.Linear and times_called[id(m)] == 1 and c.x.shape[0] == n
                 and c.x.numel() == n * m.in_features
-                and all(p.requires_grad for p in m.parameters(recurse=False)))
+                and all(p.requires_grad for p in m._parameters.values() if p is not None))
 
     def _ghost(self, c: _Call, g: torch.Tensor, n: int) -> GhostLinear:
         m = c.module
@@ -367,36 +320,48 @@ class PerSampleGradEngine:
         return GhostLinear(names, x, gg, sqs)
 
     def _per_sample(self, c: _Call, g: torch.Tensor, n: int, target=lambda p: None):
-        """Yield (parameters, their per-sample gradients (N, *shape), their joint squared norm (N,))
-        per unit of one recorded call; the norms come from the kernel functions. target(p): the
-        buffer p's per-sample gradient is to be written into (its arena view), or None."""
+        """Yield (parameters, their per-sample gradients (N, *shape)) per unit of one recorded call.
+        target(p): the buffer p's per-sample gradient is to be written into (its arena view), or None.
+        On the torch backend the LoRA and Linear closed forms call the reference directly: the
+        engine builds their inputs (shapes, devices, dtypes, N | rows checked in backward), so the
+        public functions' argument checks would only add Python time per layer."""
         m = c.module
+        torch_path = self._backend == "torch"
         if isinstance(m, LoRALinear):
             a_on, b_on = m.lora_A.requires_grad, m.lora_B.requires_grad
             which = "both" if (a_on and b_on) else ("A" if a_on else "B")
             out_A = target(m.lora_A) if a_on else None
             out_B = target(m.lora_B) if b_on else None
             if c.group is not None:   # each sample with its own client's factors (grouped.py)
-                r = grouped_lora_per_sample_grads(_rows(c.x), _rows(g), c.group, m.scaling, _rows(c.u),
-                                                  self._backend, which, out_A=out_A, out_B=out_B)
+                r = lora_per_sample_grads(_rows(c.x), _rows(g), c.group.A.detach(), c.group.B.detach(),
+                                          m.scaling, n, u=_rows(c.u), backend=self._backend, which=which,
+                                          client_index=c.group.client_index, out_A=out_A, out_B=out_B)
+                gA, gB = r.grad_A, r.grad_B
+            elif torch_path:
+                gA, gB = ref.lora_per_sample_grads(_rows(c.x), _rows(g), m.lora_A, m.lora_B, float(m.scaling), n,
+                                                   _rows(c.u), which, out_A, out_B, v=_rows(c.v))
             else:
                 r = lora_per_sample_grads(_rows(c.x), _rows(g), m.lora_A.detach(), m.lora_B.detach(),
                                           m.scaling, n, u=_rows(c.u), backend=self._backend, which=which,
                                           out_A=out_A, out_B=out_B)
+                gA, gB = r.grad_A, r.grad_B
             if a_on:
-                yield (m.lora_A,), (r.grad_A,), r.sqnorm_A
+                yield (m.lora_A,), (gA,)
             if b_on:
-                yield (m.lora_B,), (r.grad_B,), r.sqnorm_B
+                yield (m.lora_B,), (gB,)
         elif isinstance(m, nn.Linear):
             w_on, b_on = m.weight.requires_grad, m.bias is not None and m.bias.requires_grad
             if w_on:
-                r = linear_per_sample_grads(_rows(c.x), _rows(g), n, bias=b_on, backend=self._backend,
-                                            out_weight=target(m.weight),
-                                            out_bias=target(m.bias) if b_on else None)
-                yield ((m.weight, m.bias) if b_on else (m.weight,)), (r.grad_weight, r.grad_bias), r.sqnorm
+                out_w, out_b = target(m.weight), (target(m.bias) if b_on else None)
+                if torch_path:
+                    gw, gb = ref.linear_per_sample_grads(_rows(c.x), _rows(g), n, b_on, out_w, out_b)
+                else:
+                    r = linear_per_sample_grads(_rows(c.x), _rows(g), n, bias=b_on, backend=self._backend,
+                                                out_weight=out_w, out_bias=out_b)
+                    gw, gb = r.grad_weight, r.grad_bias
+                yield ((m.weight, m.bias) if b_on else (m.weight,)), (gw, gb)
             elif b_on:   # only the bias trains: G_b,i = sum of g over sample i's rows
-                gb = ref.per_sample_view(g, n).to(ref.acc_dtype(g.dtype)).sum(1)
-                yield (m.bias,), (gb,), ref.sqnorm(gb, n, gb.device, gb.dtype)
+                yield (m.bias,), (ref.per_sample_view(g, n).to(ref.acc_dtype(g.dtype)).sum(1),)
         elif isinstance(m, nn.LayerNorm):
             dt = ref.acc_dtype(c.x.dtype)
             shape = tuple(m.normalized_shape)
@@ -410,7 +375,7 @@ class PerSampleGradEngine:
                 params.append(m.bias)
                 grads.append(gs.sum(1))
             if params:
-                yield tuple(params), tuple(grads), sum(ref.sqnorm(t, n, t.device, dt) for t in grads)
+                yield tuple(params), tuple(grads)
         elif isinstance(m, nn.Embedding):
             dt = ref.acc_dtype(g.dtype)
             ids = c.x.reshape(n, -1)                          # (N, L) token ids
@@ -420,8 +385,7 @@ class PerSampleGradEngine:
             flat = (ids + torch.arange(n, device=ids.device).unsqueeze(1) * m.num_embeddings).reshape(-1)
             out = torch.zeros(n * m.num_embeddings, m.embedding_dim, dtype=dt, device=g.device)
             out.index_add_(0, flat, gs.reshape(-1, m.embedding_dim))
-            out = out.reshape(n, m.num_embeddings, m.embedding_dim)
-            yield (m.weight,), (out,), ref.sqnorm(out, n, out.device, dt)
+            yield (m.weight,), (out.reshape(n, m.num_embeddings, m.embedding_dim),)
 
 
 def _trainable(model: nn.Module):
@@ -429,11 +393,19 @@ def _trainable(model: nn.Module):
     the noise order; a shared parameter is listed once, under its first name), and for every module
     (name, module, its own trainable parameters), in one walk over the modules. The engine is built
     and entered every DP step: named_parameters() plus parameters(recurse=False) per module cost
-    about 1 ms more on the small Swin of benchmarks/dp_step.py."""
+    about 1 ms more on the small Swin of benchmarks/dp_step.py. The walk is named_modules()'s
+    (pre-order, each module once) with an explicit stack instead of its nested generators (one
+    frame per level per module): 75 vs 95 us on that Swin's 109 modules."""
     params: dict[str, nn.Parameter] = {}
     owners = []
     seen: set[int] = set()
-    for name, m in model.named_modules():
+    visited: set[int] = set()
+    stack = [("", model)]
+    while stack:
+        name, m = stack.pop()
+        if id(m) in visited:
+            continue
+        visited.add(id(m))
         own = []
         for k, p in m._parameters.items():
             if p is None:
@@ -444,6 +416,9 @@ def _trainable(model: nn.Module):
                     params[f"{name}.{k}" if name else k] = p
             seen.add(id(p))
         owners.append((name, m, own))
+        if m._modules:   # children pushed last-first, so they pop in registration order
+            stack.extend((f"{name}.{k}" if name else k, c) for k, c in reversed(m._modules.items())
+                         if c is not None)
     return params, owners
 
 

@@ -33,7 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ClientGroup", "client_groups", "segment_rows", "slice_samples", "grouped_lora_per_sample_grads"]
+from .lora import LoRALinear
+from .per_sample import GhostLinear, PerSampleGrads
+
+__all__ = ["ClientGroup", "client_groups", "segment_rows", "slice_samples"]
 
 
 @dataclass
@@ -108,8 +111,6 @@ def client_groups(model: nn.Module, sizes: Sequence[int] | None = None,
     stacks: parameter name -> (M, *param.shape) tensor for every LoRA factor and every nn.Linear
     parameter to take per client (names as in model.named_parameters()); None: the model's own.
     """
-    from .lora import LoRALinear
-
     stacks = dict(stacks or {})
     m = len(sizes) if sizes is not None else 1
     if stacks and sizes is None:
@@ -168,23 +169,9 @@ def _grouped_linear_hook(sizes, weight, bias):
     return hook
 
 
-def grouped_lora_per_sample_grads(x, grad_out, group: ClientGroup, scale: float, u, backend: str, which: str,
-                                  out_A=None, out_B=None):
-    """api.lora_per_sample_grads with each sample's own client's factors (client_index per sample);
-    out_A / out_B: arena views written in place, as in the ungrouped call."""
-    from .api import lora_per_sample_grads
-
-    return lora_per_sample_grads(x, grad_out, group.A.detach(), group.B.detach(), scale, sum(group.sizes),
-                                 u=u, backend=backend, which=which, client_index=group.client_index,
-                                 out_A=out_A, out_B=out_B)
-
-
-def slice_samples(psg, start: int, stop: int):
+def slice_samples(psg: PerSampleGrads, start: int, stop: int) -> PerSampleGrads:
     """The PerSampleGrads of samples start..stop-1 (views, no copy): one client's rows."""
-    from .engine import GhostLinear, PerSampleGrads
-
     ghost = [GhostLinear(gl.names, gl.x[start:stop], gl.g[start:stop], tuple(s[start:stop] for s in gl.sqnorms))
              for gl in psg.ghost]
-    return PerSampleGrads({k: v[start:stop] for k, v in psg.grads.items()},
-                          [(names, sq[start:stop]) for names, sq in psg.units], stop - start,
+    return PerSampleGrads({k: v[start:stop] for k, v in psg.grads.items()}, list(psg.unit_names), stop - start,
                           None if psg.arena is None else psg.arena[start:stop], ghost)

@@ -27,35 +27,59 @@ def per_sample_view(t: torch.Tensor, num_samples: int) -> torch.Tensor:
     return t.reshape(num_samples, rows_per_sample, t.shape[-1])
 
 
-def lora_per_sample_grads(x, grad_out, A, B, scale, num_samples, u=None, which="both", out_A=None, out_B=None):
-    """Per-sample G_A,i = v_i^T x_i (v = s * g B) and G_B,i = s * g_i^T u_i (u = x A^T), with squared
-    Frobenius norms. Inputs already validated; returns fp32 (fp64 for fp64 inputs) tensors.
-    out_A (N, r, n) / out_B (N, m, r): optional buffers of that dtype (e.g. strided views into the
-    engine's arena) that receive the gradients (see _bmm_into)."""
+def lora_per_sample_grads(x, grad_out, A, B, scale, num_samples, u=None, which="both", out_A=None, out_B=None,
+                          v=None):
+    """Per-sample G_A,i = v_i^T x_i (v = s * g B) and G_B,i = s * g_i^T u_i (u = x A^T). Inputs already
+    validated; returns fp32 (fp64 for fp64 inputs) tensors. out_A (N, r, n) / out_B (N, m, r): optional
+    buffers of that dtype (e.g. strided views into the engine's arena) that receive the gradients.
+
+    Every product is taken with the rank r as its ROW dimension (v^T = s B^T g^T as one (r x m)(m x NL)
+    matmul, G_B^T = u_i^T g_i per sample): CPU BLAS is 4x slower on the transposed shapes, whose output
+    has only r = 8 columns (small Swin, stage-1 qkv, 32 samples x 64 rows: g B 220 us vs B^T g^T 57 us,
+    g^T u 224 us vs u^T g 55 us, one thread). G_B^T is transposed while it is stored (the copy into the
+    arena is needed anyway). v: optional s g B (R, [T,] r) already computed (the engine takes it from
+    autograd, which computes dL/du for the layers below anyway)."""
     dt = acc_dtype(x.dtype)
     xs = per_sample_view(x, num_samples).to(dt)
     gs = per_sample_view(grad_out, num_samples).to(dt)
     grad_A = grad_B = None
-    # bmm on transposed views, not einsum: einsum makes contiguous copies of the permuted operands,
-    # which cost more than the small per-sample products themselves on the CPU
     if which in ("both", "A"):
-        v = _scaled(gs @ B.to(dt), scale)                 # (N, L, r)
-        grad_A = _bmm_into(v.transpose(1, 2), xs, out_A)              # (N, r, n)
+        if v is not None:
+            vT = per_sample_view(v, num_samples).to(dt).transpose(1, 2)
+        else:
+            vT = _rank_rows(_scaled(B.to(dt), scale).T, gs)             # (N, r, L): s B^T g_i^T
+        grad_A = _bmm_into(vT, xs, out_A)                                 # (N, r, n)
     if which in ("both", "B"):
-        us = per_sample_view(u, num_samples).to(dt) if u is not None else xs @ A.to(dt).T
-        grad_B = _bmm_into(gs.transpose(1, 2), us, out_B, scale)      # (N, m, r)
+        uT = per_sample_view(u, num_samples).to(dt).transpose(1, 2) if u is not None else _rank_rows(A.to(dt), xs)
+        grad_B = _transposed_into(torch.bmm(uT, gs), out_B, scale)        # (N, m, r)
     return grad_A, grad_B
 
 
-def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
-    """scale * bmm(a, b), into `out` when given. A contiguous `out` is computed into directly; a strided
-    one (a view into the engine's (N, P) arena) receives a copy of a fresh product, because torch's CPU
+def _rank_rows(M: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """(r, c) @ ys_i^T for every sample as ONE (r x c)(c x N L) matmul: (N, L, c) -> (N, r, L) (a view)."""
+    n, L, c = ys.shape
+    return torch.mm(M, ys.reshape(n * L, c).T).view(M.shape[0], n, L).transpose(0, 1)
+
+
+def _transposed_into(t: torch.Tensor, out: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
+    """scale * t^T per sample, (N, a, b) -> (N, b, a), into `out` (a new contiguous tensor when None):
+    one strided copy does the transpose and the store (then the scale, in place, unless it is 1)."""
+    if out is None:
+        out = t.new_empty(t.shape[0], t.shape[2], t.shape[1])
+    src = t.transpose(1, 2)
+    out.copy_(src)
+    return out if scale == 1.0 else out.mul_(scale)
+
+
+def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """bmm(a, b), into `out` when given. A contiguous `out` is computed into directly; a strided one
+    (a view into the engine's (N, P) arena) receives a copy of a fresh product, because torch's CPU
     bmm with a non-contiguous out= takes a slower path: measured on the small Swin's LoRA shapes,
-    bmm(out=arena view) 96 us vs bmm + copy_ 61 us (G_B, 32 x (96x64)(64x8)) and 50 vs 24 us (G_A).
+    bmm(out=arena view) 50 us vs bmm + copy_ 24 us (G_A, 32 x (8x64)(64x32)).
     Same values bit for bit either way (the same per-matrix products)."""
     if out is not None and out.is_contiguous():
-        return _scaled_(torch.bmm(a, b, out=out), scale)
-    t = _scaled_(torch.bmm(a, b), scale)
+        return torch.bmm(a, b, out=out)
+    t = torch.bmm(a, b)
     return t if out is None else out.copy_(t)
 
 
@@ -64,42 +88,43 @@ def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
     return t if scale == 1.0 else scale * t
 
 
-def _scaled_(t: torch.Tensor, scale: float) -> torch.Tensor:
-    """t.mul_(scale), skipped for scale == 1 (exact, see _scaled)."""
-    return t if scale == 1.0 else t.mul_(scale)
-
-
 def grouped_lora_per_sample_grads(x, grad_out, A, B, scale, num_samples, u, which, client_index,
                                   out_A=None, out_B=None):
     """lora_per_sample_grads with client stacks A (M, r, n), B (M, m, r): sample i uses its client's
-    factors (gathered per sample: (N, m, r), small next to the activations), one bmm for all."""
+    factors (gathered per sample: (N, r, m), small next to the activations), one bmm for all, with r
+    as the row dimension as in lora_per_sample_grads."""
     dt = acc_dtype(x.dtype)
     xs = per_sample_view(x, num_samples).to(dt)
     gs = per_sample_view(grad_out, num_samples).to(dt)
     grad_A = grad_B = None
     if which in ("both", "A"):
-        v = _scaled_(torch.bmm(gs, B.to(dt).index_select(0, client_index)), scale)   # (N, L, r)
-        grad_A = _bmm_into(v.transpose(1, 2), xs, out_A)                             # (N, r, n)
+        Bt = _scaled(B.to(dt), scale).transpose(1, 2).index_select(0, client_index)   # (N, r, m)
+        vT = torch.bmm(Bt, gs.transpose(1, 2))                                       # (N, r, L)
+        grad_A = _bmm_into(vT, xs, out_A)                                            # (N, r, n)
     if which in ("both", "B"):
         if u is not None:
-            us = per_sample_view(u, num_samples).to(dt)
+            uT = per_sample_view(u, num_samples).to(dt).transpose(1, 2)
         else:
-            us = torch.bmm(xs, A.to(dt).index_select(0, client_index).transpose(1, 2))
-        grad_B = _bmm_into(gs.transpose(1, 2), us, out_B, scale)                     # (N, m, r)
+            uT = torch.bmm(A.to(dt).index_select(0, client_index), xs.transpose(1, 2))
+        grad_B = _transposed_into(torch.bmm(uT, gs), out_B, scale)                  # (N, m, r)
     return grad_A, grad_B
 
 
 def linear_per_sample_grads(x, grad_out, num_samples, bias=True, out_weight=None, out_bias=None):
     """Per-sample G_W,i = g_i^T x_i (m, n) and G_b,i = sum_t g_i,t (m,); out_weight / out_bias:
-    optional buffers computed into (as out_A in lora_per_sample_grads)."""
+    optional buffers computed into (as out_A in lora_per_sample_grads). With fewer inputs than outputs
+    (n < m, e.g. PEFT's lora_B with n = r) G_W^T = x_i^T g_i is the product taken, with the short side
+    as rows (see lora_per_sample_grads), and transposed as it is stored."""
     dt = acc_dtype(x.dtype)
     xs = per_sample_view(x, num_samples).to(dt)
     gs = per_sample_view(grad_out, num_samples).to(dt)
-    grad_weight = _bmm_into(gs.transpose(1, 2), xs, out_weight)   # (N, m, n)
+    if xs.shape[-1] < gs.shape[-1]:
+        grad_weight = _transposed_into(torch.bmm(xs.transpose(1, 2), gs), out_weight)   # (N, m, n)
+    else:
+        grad_weight = _bmm_into(gs.transpose(1, 2), xs, out_weight)                   # (N, m, n)
     grad_bias = None
     if bias:
-        grad_bias = gs.sum(dim=1)
-        grad_bias = grad_bias if out_bias is None else out_bias.copy_(grad_bias)
+        grad_bias = gs.sum(dim=1) if out_bias is None else torch.sum(gs, dim=1, out=out_bias)
     return grad_weight, grad_bias
 
 

@@ -8,12 +8,21 @@ clipped on the wrong unit: one sample can then contribute more than C, and no er
 
 :func:`verify_clipping_unit` checks the engine on the model itself, with two samples of a probe batch:
 
+0. *completeness*: the engine's per-sample gradients of the pair, summed, equal autograd's gradient
+   of the pair's summed loss. They differ when a trainable parameter is used by its module AND
+   outside it (``F.linear(x, layer.weight)``, a weight read by another module's forward): the hooks
+   see only the module's part, so the functional part would escape clipping. A wrong clipping unit
+   does not show here (every row is still counted once), so this check names that cause alone:
+   :class:`UnattributedGradientError`.
 1. *per-sample loop*: the engine's per-sample gradients of the pair equal the gradients of each
    sample run alone (a microbatch of one), parameter by parameter;
 2. *isolation*: replacing sample 1 (by sample 2 of the batch, or by sample 0 when there are only
    two) leaves sample 0's per-sample gradient unchanged.
 
-On failure it raises :class:`ClippingUnitError` naming the parameter (hence the layer). The probe
+On failure of 1 or 2 it raises :class:`ClippingUnitError` naming the parameter (hence the layer):
+its rows are not one sample each (sequence-first input to the layer, a forward that reorders or
+mixes the batch). Cost: on two samples, three engine passes, one batch backward and two
+one-sample backwards (dp_gradient runs it on the schedule of checks.py, not every step). The probe
 runs in eval mode (no dropout) with the RNG state forked, writes no ``.grad`` and releases nothing.
 This module imports only torch: the per-sample function is passed in, e.g. the engine's
 ``per_sample_fn(model, loss_fn, batch) -> object with .grads {name: (N, *shape)}`` (or that dict).
@@ -25,11 +34,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["ClippingUnitError", "verify_clipping_unit", "take_samples"]
+__all__ = ["ClippingUnitError", "UnattributedGradientError", "verify_clipping_unit", "take_samples"]
 
 
 class ClippingUnitError(ValueError):
     """The engine's per-sample gradients are not per *sample* on this model."""
+
+
+class UnattributedGradientError(ClippingUnitError):
+    """Part of a trainable parameter's gradient does not pass through the module the engine hooks
+    (mixed module + functional use): the per-sample gradients miss it."""
 
 
 def _leading(batch: Any) -> int:
@@ -98,6 +112,7 @@ def verify_clipping_unit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], t
     try:
         with torch.random.fork_rng(devices=[]):
             engine = _grads(per_sample_fn(model, loss_fn, pair))
+            batch_grad = _loop_grads(model, loss_fn, pair, params)   # autograd, the pair jointly
             engine_swapped = _grads(per_sample_fn(model, loss_fn, swapped))
             loop = [_loop_grads(model, loss_fn, take_samples(pair, [i], 2), params) for i in (0, 1)]
     finally:
@@ -112,6 +127,14 @@ def verify_clipping_unit(model: nn.Module, loss_fn: Callable[[nn.Module, Any], t
         if g.shape[0] != 2:
             raise ClippingUnitError(f"parameter {name!r}: the engine returned {g.shape[0]} per-sample "
                                     "gradients for 2 samples")
+        if not _close(g.sum(0), batch_grad[name], atol, rtol):
+            raise UnattributedGradientError(
+                f"parameter {name!r} is used both by its module and outside it (functional use such as "
+                "F.linear(x, layer.weight), or a weight read by another module's forward): the engine's "
+                f"per-sample gradients sum to a tensor {float((g.sum(0).double() - batch_grad[name]).norm()):.3g} "
+                f"away from autograd's batch gradient (norm {float(batch_grad[name].norm()):.3g}), so the "
+                "functional part would escape clipping. Call the module instead of reading its weight, "
+                "tie the weights through modules (both hooked), or freeze the parameter")
         for i in (0, 1):
             if not _close(g[i], loop[i][name], atol, rtol):
                 raise ClippingUnitError(

@@ -21,6 +21,8 @@ import argparse
 import json
 import math
 import sys
+import time
+from pathlib import Path
 
 
 def _float_or_inf(text: str) -> float:
@@ -30,13 +32,25 @@ def _float_or_inf(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r} (use 'inf' for no DP)") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def register(subparsers) -> None:
     from lalora.federated.methods import METHODS
     from lalora.privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 
     p = subparsers.add_parser("run", help="run one federated LoRA experiment (resumable, cached)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, help="task name (see `lalora run --list-tasks`)")
+    p.add_argument("--task", required=True,
+                   help="task name, e.g. digits-swin, lfw-swin, topics-minilm (offline); a wrong name "
+                        "prints the full list")
     p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
     p.add_argument("--epsilon", type=_float_or_inf, default=3.0, help="target ε per client (inf: no DP)")
     p.add_argument("--delta", type=float, default=1e-5)
@@ -84,7 +98,7 @@ def register(subparsers) -> None:
                    help="continue an interrupted run from its checkpoint (default on)")
     p.add_argument("--force", action="store_true", help="recompute even if the run is finished")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--threads", type=_positive_int, help="torch intra-op threads (>= 1)")
     p.add_argument("--json", action="store_true", help="also print final.json to stdout")
     p.add_argument("--engine", choices=["inprocess", "flower"], default="inprocess",
                    help="inprocess (default) or flower: Flower's Ray simulation (lalora[flower], "
@@ -101,8 +115,68 @@ def _task_options(items: list[str]) -> dict:
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
-            out[key] = value
+            out[key] = value   # a bare word is a string (model_path=/x/y); its type is checked below
     return out
+
+
+# What a task factory's annotation allows, for the types a --task-option can carry (JSON values).
+_JSON_TYPES = {"int": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+               "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+               "str": ("a string", lambda v: isinstance(v, str)),
+               "Path": ("a path", lambda v: isinstance(v, str)),
+               "bool": ("true or false", lambda v: isinstance(v, bool)),
+               "dict": ("a JSON object", lambda v: isinstance(v, dict)),
+               "None": ("null", lambda v: v is None)}
+
+
+def _task_option_problem(task: str, options: dict) -> str | None:
+    """The first --task-option the task's factory does not take, or whose value has the wrong type
+    (one line naming it and what is expected), else None. Why: the factory raised a TypeError
+    deep inside for ``max_train_samples={bad``."""
+    import inspect
+
+    from lalora.tasks import TASKS
+
+    params = {name: p for name, p in inspect.signature(TASKS[task]).parameters.items()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    for key, value in options.items():
+        if key not in params:
+            return (f"--task-option {key}: {task} takes no option {key!r}; it takes: "
+                    f"{', '.join(sorted(params))}")
+        annotation = params[key].annotation
+        if not isinstance(annotation, str):   # unannotated: the factory checks it
+            continue
+        names = [n.strip() for n in annotation.split("|")]
+        if not all(n in _JSON_TYPES for n in names):   # a type JSON cannot carry: the factory checks it
+            continue
+        if not any(_JSON_TYPES[n][1](value) for n in names):
+            expected = " or ".join(_JSON_TYPES[n][0] for n in names)
+            return f"--task-option {key}: expected {expected}, got {json.dumps(value)}"
+    return None
+
+
+def _writable_folder_problem(flag: str, folder) -> str | None:
+    """None when ``folder`` exists and accepts a new file, or can be created; else one line.
+    Probed with a temporary file (deleted at once) in the nearest existing folder, so nothing is
+    left behind and the answer is right for root and read-only mounts alike (os.access is not)."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(folder).expanduser()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "" if probe == path else f" ({probe} is a file)"
+        return f"{flag} {str(path)!r} is not a folder{where}; give a folder to write into"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        return f"{flag} {str(path)!r} is not writable ({err.strerror}); give a folder you can write to"
+    return None
 
 
 def _paper_path_problem(args: argparse.Namespace, task_overrides: dict) -> str | None:
@@ -146,7 +220,16 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lalora run: error: {err}", file=sys.stderr)
         return 2
-    problem = _paper_path_problem(args, task_overrides)
+    problem = (_task_option_problem(args.task, task_overrides)
+               or _paper_path_problem(args, task_overrides))
+    if problem:
+        print(f"lalora run: error: {problem}", file=sys.stderr)
+        return 2
+    from lalora.tasks.pretrain import cache_dir
+
+    # before any pretraining or σ calibration: both write there, minutes in
+    problem = (_writable_folder_problem("--runs-dir", args.runs_dir)
+               or _writable_folder_problem("LALORA_CACHE", cache_dir()))
     if problem:
         print(f"lalora run: error: {problem}", file=sys.stderr)
         return 2
@@ -179,6 +262,7 @@ def main(args: argparse.Namespace) -> int:
     if getattr(args, "engine", "inprocess") == "flower" and cfg.dp_mode != "dp":
         print("lalora run: error: dp_mode 'as-released' runs only with --engine inprocess", file=sys.stderr)
         return 2
+    started = time.time()
     try:   # settings that do not fit the task's model or data fail here, in the first seconds
         if getattr(args, "engine", "inprocess") == "flower":
             from lalora.flower import run_flower
@@ -190,6 +274,8 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lalora run: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_interrupted_message(args, started)) from None
     final = result.final
     if args.json:
         print(json.dumps(final, indent=2, sort_keys=True))
@@ -205,3 +291,25 @@ def main(args: argparse.Namespace) -> int:
     print(f"{cfg.method} on {cfg.task}: accuracy {acc_text} | {privacy_text} | "
           f"wall {final['wall_time_s']:.1f}s | run {result.run_dir}{cached}")
     return 0
+
+
+def _interrupted_message(args: argparse.Namespace, started: float) -> str:
+    """What Ctrl-C leaves: the round the run folder written by this command reached (its
+    config.json is rewritten when training starts, so it is the one newer than ``started``)."""
+    from lalora.results import CONFIG_FILE, read_jsonl
+
+    if getattr(args, "engine", "inprocess") == "flower":
+        return "interrupted (the Flower engine does not resume: the same command starts the run again)"
+    folders = [p.parent for p in Path(args.runs_dir).glob(f"{args.task}/{args.method}/*/{CONFIG_FILE}")
+               if p.stat().st_mtime >= started - 1]
+    if not folders:
+        return "interrupted before the first round; run the same command again to start it"
+    run = max(folders, key=lambda p: (p / CONFIG_FILE).stat().st_mtime)
+    try:
+        rounds = json.loads((run / CONFIG_FILE).read_text()).get("rounds")
+    except (OSError, ValueError):
+        rounds = None
+    done = max((int(r.get("round", 0)) for r in read_jsonl(run / "metrics.jsonl")), default=0)
+    of = f" of {rounds}" if rounds else ""
+    return (f"interrupted at round {done + 1}{of} ({done} finished, saved in {run}); "
+            "run the same command again to resume")

@@ -10,7 +10,7 @@ bandwidth is compared with a measured device-to-device copy (read + write bytes 
 CPU mode (no CUDA): the same code at SMALL shapes, with the torch reference backend. These numbers
 say nothing about GPU performance; the output says so.
 
-Run:  .venv/bin/python benchmarks/kernels.py [--out benchmarks/out] [--iters 10] [--skip-opacus]
+Run:  .venv/bin/python benchmarks/kernels_bench.py [--out benchmarks/out] [--iters 10] [--skip-opacus]
 Writes <out>/kernels_<cpu|gpu>.csv and .md (atomically).
 """
 
