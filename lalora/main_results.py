@@ -11,6 +11,7 @@ import os
 import time
 from typing import Any, Sequence
 
+from lalora.curves import run_curves
 from lalora.notebooks import accuracy_table, experiment_base, run_grid
 from lalora.plotting import method_label
 from lalora.verdicts import (as_epsilon, claim_verdicts, fmt_diff, fmt_eps, paired_difference, t_halfwidth,
@@ -171,6 +172,7 @@ def write_results(output_dir: str | os.PathLike, name: str, profile: str, *, rec
         "table": list(table), "ranking": verdicts, "summary": summary,
         "claims": claim_verdicts(records),
         "runs": [{k: v for k, v in r.items() if k != "curve"} for r in records],
+        "curves": run_curves(records),   # per-round test accuracy and training loss (lalora.curves)
         "seconds": time.perf_counter() - started,
     })
 

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-PROFILES = ("ci", "offline", "offline-full", "paper", "paper-smoke")
+PROFILES = ("ci", "offline", "offline-full", "evidence", "paper", "paper-smoke")
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.py$")
 KERNEL_NAME = "python3"
 # Parameters every notebook declares; the runner always injects them.
@@ -464,6 +464,8 @@ def register(subparsers) -> None:
     p.add_argument("--profile", choices=PROFILES, default="offline",
                    help="parameter profile: ci (seconds), offline (CPU main job, make reproduce), offline-full (the evidence: "
                         "the DP-bites regime, 5 paired seeds, ~80 min on 2 cores in two processes, results committed), "
+                        "evidence (every arm tuned on a public validation split, the paper's eps grid, K = 20: "
+                        "docs/EVIDENCE_PLAN.md), "
                         "paper (GPU, data on disk), "
                         "paper-smoke (paper models on generated inputs, 1-2 rounds)")
     p.add_argument("--only", action="append", metavar="NAME",

@@ -15,6 +15,7 @@ METHOD_LABELS: dict[str, str] = {
     "fedavg-lora": "FedAvg-LoRA (no DP)",
     "dp-lora": "DP-LoRA",
     "dp-lora+filter": "DP-LoRA + filter",
+    "dp-lora-half-lr": "DP-LoRA ½ lr",   # the control of notebook 14 (lalora.tuning.DERIVED_ARMS)
     "ffa-lora": "FFA-LoRA",
     "rolora": "RoLoRA",
     "la-lora-filter": "LA-LoRA − filter",
@@ -31,6 +32,7 @@ _PALETTE_INDEX = {
     "fedavg-lora": 7,        # grey: the non-private reference
     "dp-lora": 0,            # blue
     "dp-lora+filter": 9,     # light blue: DP-LoRA's variant
+    "dp-lora-half-lr": 6,    # pink: none of the main arms' colours (bars carry no marker)
     "ffa-lora": 2,           # green
     "rolora": 4,             # purple
     "la-lora-filter": 5,     # brown: LA-LoRA's variant
@@ -40,8 +42,8 @@ _PALETTE_INDEX = {
     "flora": 3,              # red
     "centralized-dp-lora": 7,
 }
-_MARKERS = {"fedavg-lora": "X", "dp-lora": "o", "dp-lora+filter": "v", "ffa-lora": "s", "rolora": "D",
-            "la-lora-filter": "P", "la-lora": "^", "fedsa-lora": "*", "sam-lora": "h", "flora": "p"}
+_MARKERS = {"fedavg-lora": "X", "dp-lora": "o", "dp-lora+filter": "v", "dp-lora-half-lr": "<", "ffa-lora": "s",
+            "rolora": "D", "la-lora-filter": "P", "la-lora": "^", "fedsa-lora": "*", "sam-lora": "h", "flora": "p"}
 
 # Single-column-ish figure sizes (inches) that stay readable at the saved size.
 FIGSIZE = (6.4, 4.0)

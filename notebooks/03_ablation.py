@@ -60,6 +60,7 @@ import pandas as pd
 
 from lalora.notebooks import accuracy_table, experiment_base, run_grid
 from lalora.plotting import FIGSIZE, grouped_bars, legend_outside, method_label, savefig, use_style
+from lalora.curves import run_curves
 from lalora.results import atomic_write_json
 
 use_style()
@@ -123,6 +124,7 @@ atomic_write_json(f"{output_dir}/03_ablation.json", {
     "notebook": "03_ablation", "profile": profile, "metric": "test accuracy (%)",
     "table": table, "effects": effects, "summary": summary,
     "runs": [{k: v for k, v in r.items() if k != "curve"} for r in records],
+    "curves": run_curves(records),   # per-round test accuracy and training loss of every run (lalora.curves)
     "seconds": time.perf_counter() - started,
 })
 summary

@@ -54,6 +54,7 @@ import pandas as pd
 from lalora.main_results import paired_gaps, with_ci95
 from lalora.notebooks import accuracy_table, experiment_base, run_grid
 from lalora.plotting import FIGSIZE_WIDE, legend_outside, lines_vs, method_label, savefig, use_style
+from lalora.curves import run_curves
 from lalora.results import atomic_write_json
 
 use_style()
@@ -138,6 +139,7 @@ atomic_write_json(f"{output_dir}/04_privacy_utility.json", {
     "notebook": "04_privacy_utility", "profile": profile, "metric": "test accuracy (%)",
     "table": table, "summary": summary,
     "runs": [{k: v for k, v in r.items() if k != "curve"} for r in records],
+    "curves": run_curves(records),   # per-round test accuracy and training loss of every run (lalora.curves)
     "seconds": time.perf_counter() - started,
 })
 summary

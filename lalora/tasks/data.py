@@ -74,6 +74,41 @@ def stratified_split(
     return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
 
 
+# --------------------------------------------------------------------------- public validation split
+EVAL_SPLITS = ("test", "validation")
+
+
+def check_eval_split(eval_split: str, validation_fraction: float) -> None:
+    """One-line errors for the two task options that select what a run is evaluated on."""
+    if eval_split not in EVAL_SPLITS:
+        raise ValueError(f"eval_split must be one of {', '.join(EVAL_SPLITS)}; got {eval_split!r}")
+    if isinstance(validation_fraction, bool) or not isinstance(validation_fraction, (int, float)) \
+            or not 0 <= validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be a number in [0, 1), got {validation_fraction!r}")
+    if eval_split == "validation" and validation_fraction == 0:
+        raise ValueError("eval_split='validation' needs validation_fraction > 0 (there is no validation split)")
+
+
+def carve_validation(indices: np.ndarray, labels: np.ndarray, count_fraction: float, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(validation, rest): ``count_fraction`` of ``indices`` (indices into ``labels``), stratified by
+    class and seeded, and the remainder; both sorted, disjoint, covering ``indices``.
+
+    Why a second split and not one more part of the first: the first split's public / test / private
+    indices stay exactly what they were, so a run with a validation split trains on the same private
+    data and is scored on the same test images as one without (only the carved-from part shrinks).
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    if not 0 < count_fraction < 1:
+        raise ValueError(f"the validation split must take a fraction in (0, 1) of its source split, "
+                         f"got {count_fraction!r}")
+    val_pos, rest_pos = stratified_split(np.asarray(labels)[indices], [count_fraction, 1 - count_fraction], seed)
+    if len(val_pos) == 0 or len(rest_pos) == 0:
+        raise ValueError(f"validation_fraction leaves an empty split ({len(val_pos)} validation, "
+                         f"{len(rest_pos)} left of {len(indices)})")
+    return indices[val_pos], indices[rest_pos]
+
+
 # --------------------------------------------------------------------------- images read per item
 # The paper's 224² tasks cannot be held as tensors (Tiny-ImageNet's 100k images at 224² in
 # float32 are 60 GB), so their datasets keep only what the files hold (CIFAR's uint8 pickles, a

