@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine with only Python 3.11+:
-#   make reproduce   set up .venv, then run every notebook in the offline profile
+#   make reproduce   set up .venv, then run every notebook in the offline profile (JOBS=N at once)
 #   make test        set up .venv, then run the test suite (slow and GPU tests excluded)
 PYTHON ?= python3
 VENV   := .venv
@@ -35,8 +35,10 @@ test-slow: setup
 test-all: setup
 	$(BIN)/python -m pytest -q
 
+# JOBS notebooks at once, each in its own kernel (default: every core); the results do not depend on it.
+JOBS ?= $(shell nproc 2>/dev/null || echo 1)
 reproduce: setup
-	$(BIN)/lalora notebooks --profile $(PROFILE)
+	$(BIN)/lalora notebooks --profile $(PROFILE) --jobs $(JOBS)
 
 # A real Flower deployment on 127.0.0.1: SuperLink + 3 SuperNodes (own state folders), `flwr run`
 flower-demo: setup

@@ -12,7 +12,7 @@ import time
 from typing import Any, Sequence
 
 from lalora.curves import run_curves
-from lalora.notebooks import accuracy_table, experiment_base, run_grid
+from lalora.nbtools import accuracy_table, experiment_base, run_grid
 from lalora.plotting import method_label
 from lalora.verdicts import (as_epsilon, claim_verdicts, fmt_diff, fmt_eps, paired_difference, t_halfwidth,
                              ranking_verdicts as judged_rankings)

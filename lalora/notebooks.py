@@ -21,11 +21,13 @@ downloads; ``LALORA_SMOKE_SIZE=cpu`` shrinks it for a CPU) is a folder
    ``<output_dir>/<name>.json``, and scrubs the stored outputs (no warnings, no absolute
    temporary/venv/home paths: :func:`clean_executed_notebook`).
 
-The module also holds the small helpers the result notebooks share (``experiment_base``,
-``make_config``, ``run_grid``, ``accuracy_table``): a grid of federated runs through
-``lalora.federated.runs.run_experiment`` (cached by config hash) and the mean ± std table
-over seeds that ``lalora.report`` reads. Variant labels such as ``dp-lora+filter`` map to a method
-plus config overrides (``VARIANTS``).
+With ``--jobs N`` (default: the cores this process may use) up to N notebooks execute at once,
+each in its own kernel, report notebooks after all the others; every run trains to the same bits
+as with ``--jobs 1`` (one intra-op thread per kernel either way; a run two notebooks ask for is
+trained by one of them and read from the run cache by the other).
+
+The helpers the result notebooks call (``experiment_base``, ``run_grid``, ``accuracy_table``)
+live in :mod:`lalora.nbtools`.
 
 Why the runner and not plain ``papermill`` calls: the three profiles, the shared run cache
 (``runs_dir``; identical federated configs are trained once for all notebooks) and the
@@ -41,6 +43,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from lalora.nbtools import experiment_base
 
 PROFILES = ("ci", "offline", "offline-full", "evidence", "paper", "paper-smoke")
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[A-Za-z0-9_]+\.py$")
@@ -68,6 +72,8 @@ class RunSummary:
     # so that committed results name what made them (issue 15)
     command: str = ""
     code: dict = field(default_factory=dict)
+    jobs: int = 1             # notebooks executed at once (--jobs)
+    wall_seconds: float = 0.0  # start to end; less than the notebooks' sum when jobs > 1
 
     @property
     def failed(self) -> list[NotebookOutcome]:
@@ -79,6 +85,7 @@ class RunSummary:
             "command": self.command,
             "code": self.code,
             "total_seconds": round(sum(o.seconds for o in self.outcomes), 2),
+            "jobs": self.jobs, "wall_seconds": self.wall_seconds,
             "notebooks": [asdict(o) for o in self.outcomes],
         }
 
@@ -226,20 +233,134 @@ def _short_error(err: BaseException) -> str:
     return text if len(text) < 800 else text[:800] + " ..."
 
 
+def default_jobs() -> int:
+    """The cores this process may use: ``lalora notebooks``' default ``--jobs``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:   # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class _Execution:
+    """What every notebook of one ``run_notebooks`` call shares (picklable: sent to the workers)."""
+
+    profile: str
+    root: Path
+    params_dir: Path
+    executed_dir: Path
+    injected: dict
+    kernel: str
+    prepare_only: bool
+    quiet: bool
+    log_output: bool
+    execution_timeout: int | None
+
+
+def _execute(job: _Execution, source: Path, echo=print) -> NotebookOutcome:
+    """Parameterise, execute and clean one notebook; a failure becomes the outcome, never an exception."""
+    import papermill as pm
+
+    root, name = job.root, source.stem
+    out_path = job.executed_dir / f"{name}.ipynb"
+    start = time.perf_counter()
+    try:
+        nb = read_notebook(source)
+        add_provenance_cell(nb, name)
+        params, params_path = load_params(job.params_dir, job.profile, name)
+        if params_path is None and not job.quiet:
+            echo(f"[{name}] no params/{job.profile}/{name}.yaml: using the notebook's defaults")
+        parameters = resolve_parameters(nb, source, params, params_path, job.injected)
+        echo(f"[{name}] {'preparing' if job.prepare_only else 'running'} ({job.profile}) -> "
+             f"{out_path.relative_to(root) if out_path.is_relative_to(root) else out_path}")
+        engine_kwargs = {}
+        if job.execution_timeout:
+            engine_kwargs["execution_timeout"] = job.execution_timeout
+        pm.execute_notebook(nb, str(out_path), parameters=parameters, prepare_only=job.prepare_only,
+                            kernel_name=job.kernel, language="python", progress_bar=not job.quiet,
+                            log_output=job.log_output, cwd=str(root), **engine_kwargs)
+        status, error = ("prepared" if job.prepare_only else "ok"), ""
+    except Exception as err:  # noqa: BLE001 -- one failing notebook must not stop the others
+        status, error = "failed", _short_error(err)
+    try:
+        if out_path.exists():
+            clean_executed_notebook(out_path, root)
+    except Exception as err:  # noqa: BLE001 -- cleaning must not hide the run's own outcome
+        status, error = "failed", error or f"cleaning outputs: {_short_error(err)}"
+    seconds = time.perf_counter() - start
+    shown = out_path.relative_to(root) if out_path.is_relative_to(root) else out_path   # no machine path
+    return NotebookOutcome(name, status, round(seconds, 2), str(shown), error)
+
+
+def _execute_in_worker(job: _Execution, source: Path) -> NotebookOutcome:
+    """A worker's progress lines go straight to its stdout (the terminal); the outcome goes back to the
+    parent, which reports it through the caller's ``echo``."""
+    return _execute(job, source, echo=lambda line: print(line, flush=True))
+
+
+def _echo_outcome(outcome: NotebookOutcome, echo) -> None:
+    if outcome.status == "failed":
+        echo(f"[{outcome.name}] FAILED: {outcome.error}\n[{outcome.name}] see {outcome.output_path}")
+    else:
+        echo(f"[{outcome.name}] {outcome.status} in {outcome.seconds:.1f} s")
+
+
+def _execute_all(job: _Execution, sources: Sequence[Path], jobs: int, keep_going: bool, echo
+                 ) -> tuple[list[NotebookOutcome], bool]:
+    """Execute ``sources`` with up to ``jobs`` notebooks at once; (outcomes in source order, stopped).
+
+    Each notebook runs in its own kernel either way, with the same environment (one intra-op
+    thread unless the user set OMP_NUM_THREADS), so a run trains to the same bits whichever
+    notebook trains it; notebooks asking for the same run share it through the run folder's lock
+    (RunDir.exclusive: the second waits, then reads the finished run)."""
+    if jobs <= 1 or len(sources) <= 1:
+        outcomes = []
+        for source in sources:
+            outcomes.append(_execute(job, source, echo))
+            _echo_outcome(outcomes[-1], echo)
+            if outcomes[-1].status == "failed" and not keep_going:
+                return outcomes, True
+        return outcomes, False
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    # spawn, not fork: the parent may hold threads (a test runner, torch) that fork would copy mid-state
+    by_source: dict[Path, NotebookOutcome] = {}
+    stopped = False
+    with ProcessPoolExecutor(max_workers=min(jobs, len(sources)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(_execute_in_worker, job, source): source for source in sources}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                source = pending.pop(future)
+                if future.cancelled():
+                    continue
+                by_source[source] = future.result()
+                _echo_outcome(by_source[source], echo)
+                if by_source[source].status == "failed" and not keep_going and not stopped:
+                    stopped = True
+                    for other in pending:   # notebooks already running finish; queued ones never start
+                        other.cancel()
+    return [by_source[s] for s in sources if s in by_source], stopped
+
+
 def run_notebooks(profile: str, *, only: Iterable[str] | None = None, root: Path | str | None = None,
                   output_dir: Path | str | None = None, runs_dir: Path | str | None = None,
                   prepare_only: bool = False, quiet: bool | None = None, log_output: bool = False,
-                  execution_timeout: int | None = None, keep_going: bool = True,
+                  execution_timeout: int | None = None, keep_going: bool = True, jobs: int = 1,
                   echo=print) -> RunSummary:
     """Execute (or, with ``prepare_only``, only parameterise) the notebooks of one profile.
 
     ``output_dir`` defaults to ``results/<profile>`` and ``runs_dir`` to ``runs`` (both relative
-    to the repository root, which is also the kernel's cwd). Returns a summary; it is also
-    written to ``<output_dir>/notebooks/runner_summary.json``.
+    to the repository root, which is also the kernel's cwd). ``jobs`` notebooks run at once (each
+    in its own kernel); report notebooks start after every other notebook has finished. Returns a
+    summary; it is also written to ``<output_dir>/notebooks/runner_summary.json``.
     """
     if profile not in PROFILES:
         raise ValueError(f"profile: {profile!r} is not one of {', '.join(PROFILES)}")
-    import papermill as pm
+    if int(jobs) < 1:
+        raise ValueError(f"jobs: expected a whole number >= 1, got {jobs!r}")
 
     root = Path(root).resolve() if root else find_repo_root()
     notebooks_dir = root / "notebooks"
@@ -259,7 +380,9 @@ def run_notebooks(profile: str, *, only: Iterable[str] | None = None, root: Path
     # One intra-op thread per kernel unless the user says otherwise: the offline models are tiny,
     # so a second thread gains little on an idle 2-core machine (measured: a digits run 17.1 s
     # with 1 thread vs 15.0 s with 2), while OpenMP threads that spin against any other busy
-    # process slowed runs by 10-20x here (a 13 s run took over 4 minutes).
+    # process slowed runs by 10-20x here (a 13 s run took over 4 minutes). The cores are used by
+    # running notebooks side by side instead (``jobs``), which keeps every run's arithmetic the
+    # same as in a one-notebook-at-a-time run.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # tqdm.auto warns in every kernel that ipywidgets is missing (we never draw widget bars); the
     # warning carried the build machine's venv path into every committed notebook (issue 20).
@@ -273,47 +396,24 @@ def run_notebooks(profile: str, *, only: Iterable[str] | None = None, root: Path
     kernel = KERNEL_NAME if prepare_only else ensure_kernel()
     from lalora.provenance import git_info
 
+    # --jobs is not part of the command: it changes how long the results take, not the results
     summary = RunSummary(profile=profile, code=git_info(root),
                          command=" ".join(["lalora notebooks", f"--profile {profile}",
                                            *(f"--only {p.stem}" for p in sources if only)]))
-    injected_common = {"profile": profile, "output_dir": str(output_dir), "runs_dir": str(runs_dir)}
-
-    for source in sources:
-        name = source.stem
-        out_path = executed_dir / f"{name}.ipynb"
-        start = time.perf_counter()
-        try:
-            nb = read_notebook(source)
-            add_provenance_cell(nb, name)
-            params, params_path = load_params(params_dir, profile, name)
-            if params_path is None and not quiet:
-                echo(f"[{name}] no params/{profile}/{name}.yaml: using the notebook's defaults")
-            parameters = resolve_parameters(nb, source, params, params_path, injected_common)
-            echo(f"[{name}] {'preparing' if prepare_only else 'running'} ({profile}) -> "
-                 f"{out_path.relative_to(root) if out_path.is_relative_to(root) else out_path}")
-            engine_kwargs = {}
-            if execution_timeout:
-                engine_kwargs["execution_timeout"] = execution_timeout
-            pm.execute_notebook(nb, str(out_path), parameters=parameters, prepare_only=prepare_only,
-                                kernel_name=kernel, language="python", progress_bar=not quiet,
-                                log_output=log_output, cwd=str(root), **engine_kwargs)
-            status, error = ("prepared" if prepare_only else "ok"), ""
-        except Exception as err:  # noqa: BLE001 -- one failing notebook must not stop the others
-            status, error = "failed", _short_error(err)
-        try:
-            if out_path.exists():
-                clean_executed_notebook(out_path, root)
-        except Exception as err:  # noqa: BLE001 -- cleaning must not hide the run's own outcome
-            status, error = "failed", error or f"cleaning outputs: {_short_error(err)}"
-        if status == "failed":
-            echo(f"[{name}] FAILED: {error}\n[{name}] see {out_path}")
-        seconds = time.perf_counter() - start
-        shown = out_path.relative_to(root) if out_path.is_relative_to(root) else out_path   # no machine path
-        summary.outcomes.append(NotebookOutcome(name, status, round(seconds, 2), str(shown), error))
-        if status != "failed":
-            echo(f"[{name}] {status} in {seconds:.1f} s")
-        elif not keep_going:
+    job = _Execution(profile=profile, root=root, params_dir=params_dir, executed_dir=executed_dir,
+                     injected={"profile": profile, "output_dir": str(output_dir), "runs_dir": str(runs_dir)},
+                     kernel=kernel, prepare_only=prepare_only, quiet=bool(quiet), log_output=log_output,
+                     execution_timeout=execution_timeout)
+    # Parameterising is instant: only executed notebooks are worth a process each.
+    parallel = 1 if prepare_only else int(jobs)
+    start = time.perf_counter()
+    stopped = False
+    for stage in ([s for s in sources if not is_report(s.stem)], [s for s in sources if is_report(s.stem)]):
+        if stopped:
             break
+        outcomes, stopped = _execute_all(job, stage, parallel, keep_going, echo)
+        summary.outcomes += outcomes
+    summary.jobs, summary.wall_seconds = parallel, round(time.perf_counter() - start, 2)
 
     _write_json_atomic(executed_dir / ("prepare_summary.json" if prepare_only else "runner_summary.json"),
                        summary.to_dict())
@@ -407,7 +507,9 @@ def clean_executed_notebook(path: Path | str, root: Path | str | None = None) ->
 def format_summary(summary: RunSummary) -> str:
     lines = [f"== lalora notebooks --profile {summary.profile}: "
              f"{len(summary.outcomes) - len(summary.failed)}/{len(summary.outcomes)} succeeded, "
-             f"{sum(o.seconds for o in summary.outcomes):.1f} s =="]
+             f"{sum(o.seconds for o in summary.outcomes):.1f} s"
+             + (f" in {summary.wall_seconds:.1f} s wall with {summary.jobs} at once" if summary.jobs > 1 else "")
+             + " =="]
     for o in summary.outcomes:
         lines.append(f"  {o.status:8s} {o.seconds:8.1f} s  {o.name}" + (f"  -- {o.error}" if o.error else ""))
     if summary.failed:
@@ -424,7 +526,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 def profile_paths(params: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(task, data_root, weights_path) of every task one notebook's parameters name, resolved the
-    way :func:`experiment_base` passes them to the task factory."""
+    way :func:`lalora.nbtools.experiment_base` passes them to the task factory."""
     tasks = params.get("tasks") or ([params["task"]] if params.get("task") else [])
     out = []
     for task in tasks:
@@ -478,12 +580,27 @@ def register(subparsers) -> None:
                    help="no progress bars (default when CI=true)")
     p.add_argument("--log-output", action="store_true", help="stream cell output to the terminal")
     p.add_argument("--execution-timeout", type=int, default=None, help="seconds per cell")
+    p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+                   help="notebooks executed at once, each in its own kernel (default: the number of cores; "
+                        "results are the same for any N)")
     p.add_argument("--stop-on-failure", action="store_true", help="stop at the first failing notebook")
     p.add_argument("--list", action="store_true", help="list the notebooks and exit")
     p.add_argument("--check", action="store_true",
                    help="check every data/weights path of the profile and its layout, train nothing; exit 2 "
                         "on a problem (the paper profile also runs this check before executing)")
     p.set_defaults(func=_main)
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def _main(args) -> int:
@@ -504,142 +621,6 @@ def _main(args) -> int:
     summary = run_notebooks(args.profile, only=args.only, root=root, output_dir=args.output_dir,
                             runs_dir=args.runs_dir, prepare_only=args.prepare_only, quiet=args.quiet,
                             log_output=args.log_output, execution_timeout=args.execution_timeout,
-                            keep_going=not args.stop_on_failure)
+                            keep_going=not args.stop_on_failure,
+                            jobs=args.jobs if args.jobs is not None else default_jobs())
     return 1 if summary.failed else 0
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers the notebooks call: a grid of federated runs -> per-seed records -> mean ± std table
-# --------------------------------------------------------------------------------------------
-# A variant label that is not a method id maps to (method, RunConfig overrides): the ablation's
-# arms are DP-LoRA and LA-LoRA with the low-pass filter switched on or off.
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "dp-lora+filter": ("dp-lora", {"filter": True}),
-    "la-lora-filter": ("la-lora", {"filter": False}),
-}
-
-
-def make_config(base: dict[str, Any], **changes: Any):
-    """A RunConfig from a dict of fields; ``method`` may be a variant label (see VARIANTS)."""
-    from lalora.config import RunConfig
-
-    fields = {**base, **changes}
-    label = fields.get("method")
-    if label in VARIANTS:
-        method, overrides = VARIANTS[label]
-        fields = {**fields, **overrides, "method": method}
-    return RunConfig(**fields)
-
-
-def experiment_base(task: str, *, task_overrides: dict[str, Any] | None = None, data_root: str | None = None,
-                    weights_path: str | None = None, **fields: Any) -> dict[str, Any]:
-    """RunConfig fields shared by a notebook's grid; ``None`` means "the task's default".
-
-    ``task_overrides`` may be keyed by task name ({"digits-swin": {...}}) or flat; ``data_root``
-    and ``weights_path`` (paper profile) are passed to the task factory when given.
-    """
-    overrides = dict(task_overrides or {})
-    if overrides and all(isinstance(v, dict) for v in overrides.values()):
-        overrides = dict(overrides.get(task, {}))
-    if data_root is not None:
-        overrides["data_root"] = data_root
-    if weights_path is not None:
-        overrides["weights_path"] = weights_path
-    base = {k: v for k, v in fields.items() if v is not None}
-    return {"task": task, **base, "task_overrides": overrides}
-
-
-def run_grid(base: dict[str, Any], grid: list[dict[str, Any]], seeds: Sequence[int], runs_dir: str | os.PathLike,
-             *, progress: bool | None = None, echo=print) -> list[dict[str, Any]]:
-    """Run ``base`` updated by each entry of ``grid``, once per seed; one record per run.
-
-    Identical resolved configs share one cached run folder (``run_experiment``), so notebooks
-    that ask for the same run do not train it twice. A record holds the label (``method``, which
-    may be a variant such as ``dp-lora+filter``), the grid's own keys, the seed, the final test
-    accuracy in %, the ε the most-used client spent, the target ε and the accuracy curve.
-    """
-    import math
-
-    from lalora.federated.runs import run_experiment
-
-    if progress is None:
-        progress = os.environ.get("LALORA_QUIET", "") != "1"
-    records = []
-    total = len(grid) * len(seeds)
-    for i, point in enumerate(grid):
-        for seed in seeds:
-            cfg = make_config(base, **point, seed=int(seed))
-            start = time.perf_counter()
-            result = run_experiment(cfg, runs_dir=runs_dir, progress=progress)
-            final = result.final
-            acc = final.get("accuracy")
-            rec = {k: v for k, v in point.items()}
-            rec.update({
-                "task": cfg.task, "method": point.get("method", cfg.method), "seed": int(seed),
-                "epsilon": _eps(point.get("epsilon", cfg.epsilon)),
-                "accuracy": 100.0 * float(acc) if acc is not None else math.nan,
-                "epsilon_spent": _num(final.get("epsilon_spent")),
-                "target_epsilon": _num(final.get("target_epsilon")),
-                "noise_multiplier": _num(final.get("noise_multiplier")),
-                "private": bool(final.get("private")),
-                "accountant": final.get("accountant", result.config.accountant),
-                "config": result.config.to_dict(),   # what `lalora verify-results` re-runs
-                "cached": bool(result.cached), "wall_time_s": _num(final.get("wall_time_s")),
-                # a real path: notebook 06 loads the checkpoint from it. Committed results are produced with
-                # a repository-relative runs dir (test_notebook_outputs checks they hold no absolute path)
-                "run_dir": str(result.run_dir),
-                # evidence bookkeeping: the mechanism (as-released is NOT DP), the bar "did not train"
-                # is judged against, and how fedsa-lora was scored
-                "dp_mode": cfg.dp_mode, "majority_baseline": 100.0 * _num(final.get("majority_baseline")),
-                **{k: final[k] for k in ("privacy", "fedsa_scoring") if k in final},
-                "curve": [[m["round"], 100.0 * m["test_accuracy"]] for m in result.metrics
-                          if m.get("test_accuracy") is not None],
-            })
-            records.append(rec)
-            if echo:
-                state = "cached" if result.cached else f"{time.perf_counter() - start:.0f} s"
-                echo(f"[{len(records)}/{total}] {cfg.task} {rec['method']} ε={rec['epsilon']} seed={seed}: "
-                     f"acc {rec['accuracy']:.1f}%  ε spent {rec['epsilon_spent']:.3g}  ({state})")
-    return records
-
-
-def _num(value) -> float:
-    import math
-
-    if value is None:
-        return math.nan
-    return float(value)  # "inf" strings (strict JSON) become inf
-
-
-def _eps(value) -> float | str:
-    v = _num(value)
-    return "inf" if v == float("inf") else v
-
-
-def accuracy_table(records: Sequence[dict[str, Any]], by: Sequence[str] = ("task", "method", "epsilon")
-                   ) -> list[dict[str, Any]]:
-    """Mean ± sample std (ddof=1; 0 for one seed) of the accuracy over seeds, per ``by`` group.
-
-    ``epsilon_spent`` is the largest over the group's seeds (and clients): the number to hold
-    against the target.
-    """
-    import numpy as np
-
-    groups: dict[tuple, list[dict]] = {}
-    for rec in records:
-        groups.setdefault(tuple(rec.get(k) for k in by), []).append(rec)
-    rows = []
-    for key, recs in groups.items():
-        acc = np.array([r["accuracy"] for r in recs], dtype=float)
-        row = dict(zip(by, key))
-        row.update({
-            "accuracy_mean": float(acc.mean()),
-            "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-            "n_seeds": len(recs),
-            "accuracies": [float(a) for a in acc],
-            "epsilon_spent": float(max(r["epsilon_spent"] for r in recs)),
-            "target_epsilon": recs[0]["target_epsilon"],
-            "noise_multiplier": float(np.mean([r["noise_multiplier"] for r in recs])),
-        })
-        rows.append(row)
-    return rows

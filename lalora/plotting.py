@@ -131,7 +131,7 @@ def savefig(fig, output_dir: str | os.PathLike, name: str, *, close: bool = Fals
 
 
 # ----------------------------------------------------------------------------------------------
-# Plots the result notebooks share (rows as written by lalora.notebooks.accuracy_table)
+# Plots the result notebooks share (rows as written by lalora.nbtools.accuracy_table)
 # ----------------------------------------------------------------------------------------------
 def _as_float(v) -> float:
     return float("inf") if v in ("inf", None) else float(v)

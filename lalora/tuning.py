@@ -22,7 +22,7 @@ tuned (``DERIVED_ARMS``): DP-LoRA at half DP-LoRA's lr is the control for LA-LoR
 alternation halves how often each factor moves. The paper protocol runs every arm at ``paper_lr``
 (derived arms at their factor of it) with the same test seeds.
 
-Both phases are one :func:`lalora.notebooks.run_grid` call each, so every run of a phase can be
+Both phases are one :func:`lalora.nbtools.run_grid` call each, so every run of a phase can be
 trained in parallel by the runner, and identical configs share one cached run folder (a tuned pick
 equal to the paper's lr is trained once for both protocols).
 """
@@ -107,7 +107,7 @@ def _run_points(base: dict, points: list[tuple[str, dict]], seeds: Sequence[int]
 
     run_grid returns its records point-major, seed-minor (one per seed per point); the labels are
     attached by that order and checked against each record's seed and ε."""
-    from lalora.notebooks import run_grid
+    from lalora.nbtools import run_grid
 
     records = run_grid(base, [p for _, p in points], seeds, runs_dir, **kw)
     if len(records) != len(points) * len(seeds):

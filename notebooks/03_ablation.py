@@ -58,7 +58,7 @@ import time
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from lalora.notebooks import accuracy_table, experiment_base, run_grid
+from lalora.nbtools import accuracy_table, experiment_base, run_grid
 from lalora.plotting import FIGSIZE, grouped_bars, legend_outside, method_label, savefig, use_style
 from lalora.curves import run_curves
 from lalora.results import atomic_write_json

@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from lalora.main_results import paired_gaps, with_ci95
-from lalora.notebooks import accuracy_table, experiment_base, run_grid
+from lalora.nbtools import accuracy_table, experiment_base, run_grid
 from lalora.plotting import FIGSIZE_WIDE, legend_outside, lines_vs, method_label, savefig, use_style
 from lalora.curves import run_curves
 from lalora.results import atomic_write_json

@@ -59,7 +59,7 @@ import seaborn as sns
 
 from lalora.config import RunConfig
 from lalora.main_results import paired_gaps, with_ci95
-from lalora.notebooks import accuracy_table, experiment_base, run_grid
+from lalora.nbtools import accuracy_table, experiment_base, run_grid
 from lalora.plotting import FIGSIZE_WIDE, lines_vs, method_label, savefig, use_style
 from lalora.results import atomic_write_json
 from lalora.tasks import get_task, label_histograms, partition

@@ -69,7 +69,7 @@ import torch
 
 from lalora import plotting
 from lalora.analysis.probe import evaluation_batches, load_global_model, sharpness
-from lalora.notebooks import experiment_base, make_config, run_grid
+from lalora.nbtools import experiment_base, make_config, run_grid
 from lalora.results import atomic_write_json
 from lalora.verdicts import fmt_diff, sharpness_comparison, sharpness_reason
 

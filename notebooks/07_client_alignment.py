@@ -59,7 +59,7 @@ import torch
 from lalora import plotting
 from lalora.analysis.alignment import summarize_alignment
 from lalora.analysis.probe import alignment_trace
-from lalora.notebooks import experiment_base, make_config
+from lalora.nbtools import experiment_base, make_config
 from lalora.results import atomic_write_json
 
 

@@ -58,7 +58,7 @@ import pandas as pd
 import torch
 
 from lalora import plotting
-from lalora.notebooks import experiment_base, run_grid
+from lalora.nbtools import experiment_base, run_grid
 from lalora.results import atomic_write_json
 
 torch.set_num_threads(1)  # small models on a shared 2-core machine

@@ -80,7 +80,7 @@ import pandas as pd
 
 from lalora.curves import curves_figure, run_curves
 from lalora.main_results import with_ci95
-from lalora.notebooks import accuracy_table, experiment_base
+from lalora.nbtools import accuracy_table, experiment_base
 from lalora.plotting import FIGSIZE, grouped_bars, legend_outside, method_label, savefig, use_style
 from lalora.report import claim_verdicts, fmt_diff
 from lalora.results import atomic_write_json

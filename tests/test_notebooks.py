@@ -66,8 +66,10 @@ def test_unknown_parameter_names_file_and_key(tmp_path):
 def test_runner_keeps_going_and_names_the_failure(tmp_path):
     root = _fake_repo(tmp_path)
     lines: list[str] = []
+    # two notebooks at once (the one-at-a-time path runs in test_jobs_2_gives_the_results_of_jobs_1):
+    # the report notebook still starts only after all the others finished
     summary = nbr.run_notebooks("ci", root=root, output_dir="out/ci", runs_dir="cache/runs", quiet=True,
-                                echo=lines.append)
+                                jobs=2, echo=lines.append)
     status = {o.name: o.status for o in summary.outcomes}
     assert status == {"01_first": "ok", "02_broken": "failed", "03_third": "ok", "00_z_report": "ok"}
     [failed] = summary.failed
@@ -89,6 +91,81 @@ def test_runner_keeps_going_and_names_the_failure(tmp_path):
     # what made the results: the command and the code version (committed results name them)
     assert produced["command"].startswith("lalora notebooks --profile ci")
     assert set(produced["code"]) == {"commit", "dirty"}
+
+
+# Two notebooks training tiny federated runs through run_grid, both starting with the same runs: with
+# both at once, a shared run is trained by whichever gets its lock first and read by the other.
+GRID_NB = NB_HEADER + textwrap.dedent('''
+    grid = []
+
+    # %%
+    import json, pathlib, sys
+    sys.path.insert(0, "@TESTS@")
+    from test_federated import tiny_task
+    from lalora.nbtools import run_grid
+    from lalora.tasks import TASKS
+    TASKS.setdefault("tiny", lambda **kw: tiny_task())
+    base = {"task": "tiny", "rounds": 2, "epsilon": 3.0, "task_overrides": {}}
+    records = run_grid(base, [{"method": m} for m in grid], [0, 1], runs_dir, echo=None)
+    pathlib.Path(output_dir).mkdir(parents=True, exist_ok=True)
+    json.dump(records, open(f"{output_dir}/@NAME@.json", "w"))
+    ''')
+
+
+def _grid_repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    (root / "lalora").mkdir(parents=True)
+    nbdir = root / "notebooks"
+    (nbdir / "params" / "ci").mkdir(parents=True)
+    grids = {"01_a": ["la-lora", "dp-lora"], "02_b": ["la-lora", "ffa-lora"]}
+    for name, grid in grids.items():
+        (nbdir / f"{name}.py").write_text(GRID_NB.replace("@TESTS@", str(REPO / "tests")).replace("@NAME@", name))
+        (nbdir / "params" / "ci" / f"{name}.yaml").write_text(f"grid: {json.dumps(grid)}\n")
+    return root
+
+
+def _without_timing(obj):
+    """Drop what measures time or names a folder: everything else must be bitwise equal."""
+    volatile = {"cached", "wall_time_s", "round_s", "elapsed_s", "run_dir", "provenance", "seconds"}
+    if isinstance(obj, dict):
+        return {k: _without_timing(v) for k, v in obj.items() if k not in volatile}
+    if isinstance(obj, list):
+        return [_without_timing(v) for v in obj]
+    return obj
+
+
+def _run_folders(runs: Path) -> dict[str, object]:
+    from lalora.results import read_jsonl
+
+    out = {}
+    for final in sorted(runs.rglob("final.json")):
+        folder = final.parent
+        out[str(folder.relative_to(runs))] = _without_timing({
+            "final": json.loads(final.read_text()), "config": json.loads((folder / "config.json").read_text()),
+            "metrics": read_jsonl(folder / "metrics.jsonl")})
+    return out
+
+
+def test_jobs_2_gives_the_results_of_jobs_1(tmp_path):
+    """Issue 30: notebooks executed side by side (--jobs 2) produce, bit for bit, the runs and the
+    records one-at-a-time execution produces; runs two notebooks share are trained once."""
+    root = _grid_repo(tmp_path)
+    results = {}
+    for jobs in (1, 2):
+        summary = nbr.run_notebooks("ci", root=root, output_dir=f"out{jobs}", runs_dir=f"runs{jobs}", quiet=True,
+                                    jobs=jobs, echo=lambda *_: None)
+        assert not summary.failed, nbr.format_summary(summary)
+        assert [o.name for o in summary.outcomes] == ["01_a", "02_b"] and summary.jobs == jobs
+        written = json.loads((root / f"out{jobs}/notebooks/runner_summary.json").read_text())
+        assert written["jobs"] == jobs and written["wall_seconds"] > 0
+        records = {name: json.loads((root / f"out{jobs}/{name}.json").read_text()) for name in ("01_a", "02_b")}
+        folders = _run_folders(root / f"runs{jobs}")
+        results[jobs] = (_without_timing(records), folders)
+        assert len(folders) == 3 * 2   # 3 methods x 2 seeds, each trained once however many notebooks asked
+        # every record of the shared runs names one folder, the one the finished run is in
+        trained = {r["run_dir"] for recs in records.values() for r in recs}
+        assert len(trained) == 6 and all((root / d / "final.json").is_file() for d in trained)
+    assert results[2] == results[1]
 
 
 def test_cli_exit_code(tmp_path, monkeypatch):
@@ -113,20 +190,39 @@ def test_ensure_kernel_points_at_this_interpreter():
 
 
 # ------------------------------------------------------------------------------------------------
-# The real notebooks, ci profile, executed once (module-scoped)
+# The real notebooks, ci profile, executed once per test session
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ci_results(tmp_path_factory):
+# The analysis notebooks' assertions live in test_notebooks_analysis.py; they share this one execution:
+# one run cache (the runs 11 shares with 01-05 train once) and the notebooks side by side on every core
+# (this was the default suite's longest part: 12 notebooks, each analysis notebook in its own runner call).
+ANALYSIS = ["06_sharpness", "07_client_alignment", "08_noise_amplification", "09_theorem_checks",
+            "11_reviewer_questions", "12_privacy_audit"]
+CI_NOTEBOOKS = MINE + ANALYSIS
+_CI_RUN: dict = {}
+
+
+def ci_run(tmp_path_factory) -> tuple:
+    """(summary, results folder) of the ci profile's CI_NOTEBOOKS, executed at the first call."""
+    if "run" in _CI_RUN:
+        return _CI_RUN["run"]
     reuse = os.environ.get("LALORA_TEST_REUSE_CI_RESULTS")
     if reuse:  # debugging the assertions: read an earlier `lalora notebooks --profile ci` output
         out = Path(reuse)
         data = json.loads((out / "notebooks" / "runner_summary.json").read_text())
-        summary = nbr.RunSummary("ci", [nbr.NotebookOutcome(**o) for o in data["notebooks"] if o["name"] in MINE])
-        return summary, out
-    tmp = tmp_path_factory.mktemp("nb_ci")
-    out = tmp / "results" / "ci"
-    summary = nbr.run_notebooks("ci", root=REPO, only=MINE, output_dir=out, runs_dir=tmp / "runs", quiet=True)
-    return summary, out
+        summary = nbr.RunSummary("ci", [nbr.NotebookOutcome(**o) for o in data["notebooks"]
+                                        if o["name"] in CI_NOTEBOOKS])
+    else:
+        tmp = tmp_path_factory.mktemp("nb_ci")
+        out = tmp / "results" / "ci"
+        summary = nbr.run_notebooks("ci", root=REPO, only=CI_NOTEBOOKS, output_dir=out, runs_dir=tmp / "runs",
+                                    quiet=True, jobs=nbr.default_jobs())
+    _CI_RUN["run"] = (summary, out)
+    return _CI_RUN["run"]
+
+
+@pytest.fixture(scope="module")
+def ci_results(tmp_path_factory):
+    return ci_run(tmp_path_factory)
 
 
 def _load(out: Path, name: str) -> dict:
@@ -156,9 +252,10 @@ def _params(name: str) -> dict:
 
 def test_ci_all_notebooks_succeed(ci_results):
     summary, out = ci_results
-    assert [o.name for o in summary.outcomes] == MINE
+    assert sorted(o.name for o in summary.outcomes) == sorted(CI_NOTEBOOKS)
+    assert summary.outcomes[-1].name == "10_report"   # the report notebook ran after the others
     assert not summary.failed, nbr.format_summary(summary)
-    for name in MINE:
+    for name in CI_NOTEBOOKS:
         assert (out / "notebooks" / f"{name}.ipynb").exists()
 
 

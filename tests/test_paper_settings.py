@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from lalora.notebooks import experiment_base, make_config
+from lalora.nbtools import experiment_base, make_config
 from lalora.tasks import get_task
 from lalora.tasks.paper import noise_multipliers, paper_task_defaults
 

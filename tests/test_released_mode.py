@@ -115,7 +115,7 @@ def test_grid_records_and_figure_carry_the_label(tmp_path, monkeypatch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lalora import notebooks as nbr
+    from lalora import nbtools as nbr
     from lalora.plotting import grouped_bars
     from lalora.tasks import TASKS
 

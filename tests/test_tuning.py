@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-import lalora.notebooks
+import lalora.nbtools
 from lalora import tuning
 
 LRS = [0.0125, 0.025, 0.05, 0.1, 0.2]
@@ -68,7 +68,7 @@ def _fake_curves(records):
 
 def test_run_tuned_protocol_tunes_on_validation_and_tests_both_protocols(monkeypatch):
     fake = FakeRunGrid()
-    monkeypatch.setattr(lalora.notebooks, "run_grid", fake)
+    monkeypatch.setattr(lalora.nbtools, "run_grid", fake)
     monkeypatch.setattr(tuning, "run_curves", _fake_curves)
     base = {"task": "digits-swin", "rounds": 2, "task_overrides": {"validation_fraction": 0.1}}
     arms = ["dp-lora", "la-lora", "dp-lora-half-lr"]
@@ -113,7 +113,7 @@ def test_verdicts_pair_arms_across_their_own_tuned_lrs(monkeypatch):
     """The tuned arms have different lrs; the verdict must still pair them (lr is not a setting)."""
     from lalora.report import claim_verdicts
 
-    monkeypatch.setattr(lalora.notebooks, "run_grid", FakeRunGrid())
+    monkeypatch.setattr(lalora.nbtools, "run_grid", FakeRunGrid())
     monkeypatch.setattr(tuning, "run_curves", _fake_curves)
     out = tuning.run_tuned_protocol({"task": "digits-swin", "task_overrides": {"validation_fraction": 0.1}},
                                     ["dp-lora", "la-lora"], [1.0], lrs=LRS, tuning_seeds=[100, 101],
@@ -135,7 +135,7 @@ def test_run_tuned_protocol_refuses_a_base_without_validation():
 
 def test_count_runs_matches_what_the_protocol_asks_for(monkeypatch):
     fake = FakeRunGrid()
-    monkeypatch.setattr(lalora.notebooks, "run_grid", fake)
+    monkeypatch.setattr(lalora.nbtools, "run_grid", fake)
     monkeypatch.setattr(tuning, "run_curves", _fake_curves)
     arms, eps = ["dp-lora", "la-lora", "dp-lora-half-lr"], [1.0, 2.0]
     kw = dict(lrs=LRS, clip_norms=[1.0, 2.0], tuning_seeds=[100, 101], test_seeds=[0, 1, 2])

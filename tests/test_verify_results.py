@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lalora import verify
-from lalora.notebooks import experiment_base, run_grid
+from lalora.nbtools import experiment_base, run_grid
 from lalora.provenance import stamp_result_json
 
 
