@@ -18,7 +18,11 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from lalora.methods import METHODS, get_method
 from lalora.privacy.accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT
+
+# torch, lalora.lora and lalora.tasks are imported inside the functions that need them: heavy
+# (torch; importing lalora.tasks registers every task) and a config must be cheap to build and check.
 
 # Fallbacks for fields that neither the user nor the task set (the paper's vision setting, SPEC §4).
 FALLBACKS: dict[str, Any] = {
@@ -122,8 +126,6 @@ class RunConfig:
     def resolve(self, task_defaults: dict | None = None) -> "RunConfig":
         """Fill every ``None`` field from the task defaults, then the fallbacks, then the method
         (``filter``). The result is what gets hashed and stored."""
-        from lalora.federated.methods import get_method
-
         task_defaults = dict(task_defaults or {})
         changes: dict[str, Any] = {}
         for name, fallback in FALLBACKS.items():
@@ -148,14 +150,10 @@ class RunConfig:
     @property
     def private(self) -> bool:
         """True when the run clips and noises (a private method and a finite epsilon)."""
-        from lalora.federated.methods import get_method
-
         return get_method(self.method).private and math.isfinite(self.epsilon)
 
     # ------------------------------------------------------------------ validation
     def validate(self, resolved: bool = False) -> None:
-        from lalora.federated.methods import METHODS
-
         if not isinstance(self.task, str) or not self.task:
             raise ValueError(f"task must be a non-empty string, got {self.task!r}")
         if self.method not in METHODS:

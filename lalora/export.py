@@ -82,11 +82,12 @@ def _finished_run(run_dir):
 
 
 def _task_of(cfg, raw: dict, task):
-    from lalora.federated.simulation import _load_task, task_fingerprint
+    from lalora.federated.runs import task_fingerprint
+    from lalora.tasks import task_for_config
 
     if task is None:
         try:
-            task = _load_task(cfg)
+            task = task_for_config(cfg)
         except (ValueError, KeyError, FileNotFoundError, ImportError) as err:
             raise ExportError(f"cannot rebuild task {cfg.task!r} of the run: {err}") from None
     want = raw.get("task_fingerprint")

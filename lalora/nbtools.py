@@ -2,7 +2,7 @@
 
 ``experiment_base`` and ``make_config`` build a notebook's RunConfigs (a variant label such as
 ``dp-lora+filter`` maps to a method plus config overrides, ``VARIANTS``); ``run_grid`` runs them
-through ``lalora.federated.simulation.run_experiment`` (cached by config hash, so notebooks that
+through ``lalora.federated.runs.run_experiment`` (cached by config hash, so notebooks that
 ask for the same run share it); ``accuracy_table`` is the mean ± std table over seeds that
 ``lalora.report`` reads. The papermill runner that executes the notebooks is ``lalora.notebooks``.
 """
@@ -61,7 +61,7 @@ def run_grid(base: dict[str, Any], grid: list[dict[str, Any]], seeds: Sequence[i
     """
     import math
 
-    from lalora.federated.simulation import run_experiment
+    from lalora.federated.runs import run_experiment
 
     if progress is None:
         progress = os.environ.get("LALORA_QUIET", "") != "1"

@@ -239,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     from lalora.config import RunConfig
-    from lalora.federated.simulation import run_experiment
+    from lalora.federated.runs import run_experiment
 
     try:
         cfg = RunConfig(

@@ -185,7 +185,7 @@ def _rerun_main(argv: list[str]) -> int:
     if a._threads:
         torch.set_num_threads(a._threads)
     from lalora.config import RunConfig
-    from lalora.federated.simulation import run_experiment
+    from lalora.federated.runs import run_experiment
     from lalora.results import atomic_write_json
 
     cfg = RunConfig.from_dict(json.loads(a._rerun))

@@ -52,7 +52,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from lalora.config import RunConfig
-from lalora.federated.simulation import run_experiment
+from lalora.federated.runs import run_experiment
 from lalora.plotting import method_color, method_label, savefig, use_style
 from lalora.results import atomic_write_json
 
@@ -64,7 +64,8 @@ started = time.perf_counter()
 #
 # The σ every paper run calibrates for ε = 1, 2, 3 at δ = 1e-5 follows from the settings alone
 # (500 samples per client, batch 16, K = 20, 100 rounds, 4 of 8 clients per round; GLUE split
-# over 20 clients), so it is printed before anything trains.
+# over 20 clients), so it is printed before anything trains: the run plan (`lalora.privacy.plan.RunPlan`,
+# the runs' own schedule, sizes and PRV accountant) gives it without a model or data.
 
 # %%
 if profile == "paper":

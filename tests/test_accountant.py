@@ -6,7 +6,7 @@ import pytest
 from opacus.accountants.utils import get_noise_multiplier
 
 from lalora.privacy.accountant import (PrivacyLedger, epsilon_for, epsilon_for_history,
-                                       noise_multiplier_for, noise_multiplier_for_clients)
+                                       noise_multiplier_for, calibrate_sigma)
 
 DELTA = 1e-5
 Q = 16 / 500  # the paper's vision setting: batch 16 of 500 examples per client
@@ -78,10 +78,15 @@ def test_epsilon_for_rejects_negative_sigma():
 
 
 def test_one_sigma_for_all_clients_is_the_largest_needed():
-    clients = [(0.064, 50), (Q, 150)]
-    sigma = noise_multiplier_for_clients(1.0, DELTA, clients)
+    clients = [(0.064, 50), (Q, 150), (Q, 0)]   # a client with no steps releases nothing
+    sigma = calibrate_sigma(1.0, DELTA, clients)
     assert sigma == max(noise_multiplier_for(1.0, DELTA, q, s) for q, s in clients)
     assert all(epsilon_for(sigma, DELTA, q, s) <= 1.0 for q, s in clients)
+    assert calibrate_sigma(1.0, DELTA, [(Q, 0)]) == 0.0
+    with pytest.raises(ValueError, match="epsilon"):   # validated even when no client takes a step
+        calibrate_sigma(-1.0, DELTA, [(Q, 0)])
+    with pytest.raises(ValueError, match="sample_rate"):
+        calibrate_sigma(1.0, DELTA, [(1.5, 10)])
 
 
 # --------------------------------------------------------------------------- PrivacyLedger
@@ -142,13 +147,11 @@ def test_default_accountant_is_prv_everywhere():
     import inspect
 
     from lalora.config import RunConfig
-    from lalora.privacy.config import DPConfig
 
     assert RunConfig(task="t", method="la-lora").accountant == "prv"
-    for fn in (epsilon_for, noise_multiplier_for, epsilon_for_history, noise_multiplier_for_clients):
+    for fn in (epsilon_for, noise_multiplier_for, epsilon_for_history, calibrate_sigma):
         assert inspect.signature(fn).parameters["accountant"].default == "prv"
     assert PrivacyLedger().accountant == "prv"
-    assert {f.name: f.default for f in __import__("dataclasses").fields(DPConfig)}["accountant"] == "prv"
 
 
 def test_memoized_rdp_epsilon_equals_opacus_accountant():

@@ -37,7 +37,7 @@ def test_alignment_trace_shapes_and_rolora_nans(task):
 
 
 def test_load_global_model_and_sharpness(task, tmp_path):
-    from lalora.federated.simulation import run_experiment
+    from lalora.federated.runs import run_experiment
 
     cfg = RunConfig(task="toy", method="dp-lora", epsilon=math.inf, rounds=2)
     res = run_experiment(cfg, runs_dir=tmp_path, task=task, progress=False)

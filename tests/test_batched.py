@@ -25,7 +25,7 @@ from dplora_kernels.dp import dp_gradient, grouped_dp_gradient
 from dplora_kernels.grouped import client_groups
 from dplora_kernels.lora import LoRALinear
 from lalora.federated.batched import stack_client_states
-from lalora.federated.methods import METHODS
+from lalora.methods import METHODS
 from lalora.federated.simulation import Simulator
 from lalora.federated.state import ParamGroups
 

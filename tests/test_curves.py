@@ -66,7 +66,7 @@ def test_curves_figure_draws_one_column_per_epsilon(tmp_path):
 @pytest.mark.slow
 def test_a_real_runs_curve_matches_its_final_accuracy(tmp_path, monkeypatch):
     from lalora.config import RunConfig
-    from lalora.federated.simulation import run_experiment
+    from lalora.federated.runs import run_experiment
 
     monkeypatch.setenv("LALORA_CACHE", str(tmp_path / "cache"))
     cfg = RunConfig(task="digits-swin", method="dp-lora", epsilon=3.0, rounds=2, local_steps=2,

@@ -20,7 +20,7 @@ import pytest
 
 @pytest.mark.slow
 def test_superlink_and_three_supernodes_with_a_node_restart(tmp_path, monkeypatch):
-    from lalora.federated.simulation import client_schedule
+    from lalora.privacy.plan import client_schedule
     from lalora.flower.demo import run_demo
     from lalora.privacy.accountant import PrivacyLedger
 

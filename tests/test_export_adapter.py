@@ -22,7 +22,7 @@ from test_federated import tiny_task  # noqa: E402
 from lalora.cli import main  # noqa: E402
 from lalora.config import RunConfig  # noqa: E402
 from lalora.export import ExportError, base_model, export_adapter, run_model  # noqa: E402
-from lalora.federated.simulation import run_experiment  # noqa: E402
+from lalora.federated.runs import run_experiment  # noqa: E402
 from lalora.results import RunDir  # noqa: E402
 from lalora.tasks import TASKS  # noqa: E402
 

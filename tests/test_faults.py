@@ -194,7 +194,7 @@ def tiny():
 
 
 def test_full_disk_at_final_json_leaves_run_unfinished(tmp_path, monkeypatch, tiny):
-    from lalora.federated.simulation import run_experiment
+    from lalora.federated.runs import run_experiment
 
     task, cfg_of = tiny
     cfg = cfg_of("la-lora", rounds=2, local_steps=2)
@@ -217,7 +217,7 @@ def test_full_disk_at_final_json_leaves_run_unfinished(tmp_path, monkeypatch, ti
 
 
 def test_resume_from_corrupted_checkpoint_stops_with_clear_error(tmp_path, tiny):
-    from lalora.federated.simulation import run_experiment
+    from lalora.federated.runs import run_experiment
 
     task, cfg_of = tiny
     cfg = cfg_of("dp-lora", rounds=2, local_steps=2)

@@ -15,9 +15,11 @@ import torch
 from torch import nn
 
 from lalora.config import RunConfig
-from lalora.federated.methods import METHODS
+from lalora.methods import METHODS
 from lalora.federated.server import ClientUpdate, aggregate
-from lalora.federated.simulation import Simulator, client_schedule, run_experiment
+from lalora.federated.runs import run_experiment
+from lalora.federated.simulation import Simulator
+from lalora.privacy.plan import client_schedule
 from lalora.lora import inject_lora
 from lalora.tasks.data import TensorDictDataset, stack_collate
 from lalora.tasks.registry import Task
@@ -294,8 +296,8 @@ def test_every_method_runs_end_to_end(tmp_path):
 
 def test_fast_rdp_epsilon_equals_the_accountant():
     """The memoised per-round ε (one-step RDP curve x steps) is the accountant's number exactly."""
-    from lalora.federated.simulation import _epsilon_for, _sigma_for
-    from lalora.privacy.accountant import PrivacyLedger, epsilon_for
+    from lalora.privacy.accountant import PrivacyLedger, calibrate_sigma, epsilon_for
+    from lalora.privacy.accountant import cached_epsilon_for as _epsilon_for
 
     for sigma, q, steps in [(1.3, 0.1, 40), (2.0, 0.05, 7)]:
         assert _epsilon_for(sigma, 1e-5, q, steps, "rdp") == epsilon_for(sigma, 1e-5, q, steps, "rdp")
@@ -305,6 +307,6 @@ def test_fast_rdp_epsilon_equals_the_accountant():
         assert _epsilon_for(sigma, 1e-5, q, steps, "rdp") == ledger.epsilon(0)
     # σ for several clients: every pair meets ε, and the binding one is within the tolerance
     pairs = ((0.1, 40), (0.2, 20), (0.05, 80))
-    sigma = _sigma_for(3.0, 1e-5, pairs, "rdp")
+    sigma = calibrate_sigma(3.0, 1e-5, pairs, "rdp")
     eps = [epsilon_for(sigma, 1e-5, q, s, "rdp") for q, s in pairs]
     assert max(eps) <= 3.0 and max(eps) > 2.95

@@ -41,7 +41,7 @@ def test_a_run_folder_is_all_0644_under_umask_022(tmp_path, umask):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_federated import tiny_config, tiny_task
 
-    from lalora.federated.simulation import run_experiment
+    from lalora.federated.runs import run_experiment
 
     umask(0o022)
     res = run_experiment(tiny_config(rounds=1), runs_dir=tmp_path, progress=False, task=tiny_task())

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from lalora.federated.methods import METHODS  # noqa: E402
+from lalora.methods import METHODS  # noqa: E402
 from lalora.federated.simulation import Simulator  # noqa: E402
 from lalora.flower.client_app import LaLoraClient, make_client_app  # noqa: E402
 from lalora.flower.encoding import KEYS, downlink_groups, payload_bytes  # noqa: E402

@@ -19,10 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lalora.config import RunConfig
-from lalora.privacy import DPConfig, epsilon_for
+from lalora.privacy import epsilon_for
 
-HOSTILE = [0, -1, -0.0, 1e-300, 1e300, math.nan, math.inf, -math.inf, "abc", "", True, None, 2 ** 63,
-           [1], 0.5, 1, 3, 64]   # DPConfig must handle all of these
 INT_FIELDS = ["rounds", "local_steps", "batch_size", "clients", "clients_per_round", "r", "eval_every"]
 FLOAT_FIELDS = ["epsilon", "delta", "clip_norm", "lr", "alpha", "beta", "weight_decay", "lr_decay",
                 "lr_B_ratio"]
@@ -71,18 +69,6 @@ def test_runconfig_rejects_non_numbers_naming_the_field(field, value):
         RunConfig(task="tiny", method="la-lora", **{field: value})
 
 
-@FAST
-@given(field=st.sampled_from(["epsilon", "delta", "clip_norm", "noise_multiplier", "clipping", "accountant",
-                              "mode"]),
-       value=st.one_of(st.sampled_from(HOSTILE), st.floats(allow_nan=True, allow_infinity=True),
-                       st.text(max_size=5)))
-def test_dpconfig_rejects_bad_values_naming_the_field(field, value):
-    try:
-        DPConfig(**{field: value})
-    except ValueError as err:
-        assert field in str(err), f"error for {field}={value!r} does not name the field: {err}"
-
-
 @settings(max_examples=15, deadline=None)
 @given(eps=st.one_of(st.sampled_from([0.0, -1.0, math.nan, math.inf, 1e-9, 0.3, 1.0, 3.0, 8.0, 1e3])),
        q=st.sampled_from([0.0, 1.5, math.nan, -0.1, 0.01, 0.1, 1.0]),   # q in (0.3, 0.9): slow RDP
@@ -108,7 +94,7 @@ def _tiny():
 
 
 def _run(tmp_path, task, cfg):
-    from lalora.federated.simulation import run_experiment
+    from lalora.federated.runs import run_experiment
 
     return run_experiment(cfg, runs_dir=tmp_path, task=task, progress=False)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lalora.federated.methods import METHODS, get_method
+from lalora.methods import METHODS, get_method
 
 K = 6
 

@@ -129,7 +129,7 @@ def test_readme_adapter_snippet_classifies_a_test_item(tmp_path, monkeypatch, ca
 
     from lalora.config import RunConfig
     from lalora.export import export_adapter, run_model
-    from lalora.federated.simulation import run_experiment
+    from lalora.federated.runs import run_experiment
     from lalora.tasks import TASKS
 
     monkeypatch.setenv("LALORA_CACHE", str(tmp_path / "cache"))

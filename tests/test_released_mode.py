@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_federated import tiny_config, tiny_task  # noqa: E402
 
 from lalora.config import NOT_DP, RunConfig  # noqa: E402
-from lalora.federated.simulation import Simulator, run_experiment  # noqa: E402
+from lalora.federated.runs import run_experiment
+from lalora.federated.simulation import Simulator  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py

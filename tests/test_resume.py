@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lalora.federated.simulation import KILL_ENV, run_experiment
+from lalora.federated.runs import KILL_ENV, run_experiment
 from lalora.results import CheckpointCorruptedError, RunDir, load_checkpoint
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -26,7 +26,7 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {str(TESTS_DIR)!r})
 from test_federated import tiny_task, tiny_config
-from lalora.federated.simulation import run_experiment
+from lalora.federated.runs import run_experiment
 cfg = tiny_config("la-lora", rounds=5, batch_size=8, epsilon=1.0, eval_every=1,
                   client_batching=sys.argv[2] == "1")
 res = run_experiment(cfg, runs_dir=sys.argv[1], task=tiny_task(num_train=320), progress=False)

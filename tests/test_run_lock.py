@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from lalora.federated.simulation import run_experiment
+from lalora.federated.runs import run_experiment
 from lalora.results import RunDir, read_jsonl
 from test_federated import tiny_config, tiny_task
 

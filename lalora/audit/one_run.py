@@ -25,8 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..lora import LoRALinear, set_active_factors
+from ..privacy.accountant import calibrate_sigma, epsilon_for
+from ..privacy.dp_step import dp_gradient   # planted bugs patch names inside it: still seen at call time
+from ..privacy.sampling import poisson_sample
 from . import stats
-from .canary import _dp_gradient, single_thread
+from .canary import single_thread
 
 __all__ = ["OneRunResult", "audit_one_run"]
 
@@ -66,8 +69,6 @@ def audit_one_run(epsilon: float = 8.0, *, delta: float = 1e-5, canaries: int = 
                   planted: str | None = None) -> OneRunResult:
     """Run the one-run audit (module docstring). `guesses` = r = k+ + k- (half each), fixed in advance.
     method "dp-lora" trains A and B every step; "la-lora" alternates B (odd steps) and A (even)."""
-    from ..privacy import epsilon_for, noise_multiplier_for, poisson_sample
-
     if method not in ("dp-lora", "la-lora"):
         raise ValueError(f"method must be 'dp-lora' or 'la-lora'; got {method!r}")
     if not 2 <= guesses <= canaries:
@@ -95,7 +96,7 @@ def audit_one_run(epsilon: float = 8.0, *, delta: float = 1e-5, canaries: int = 
     y = torch.cat([yr, yc[member]])
     n = len(y)
 
-    sigma = noise_multiplier_for(epsilon, delta, sample_rate, steps)
+    sigma = calibrate_sigma(epsilon, delta, [(sample_rate, steps)])
     acc_eps = epsilon_for(sigma, delta, sample_rate, steps)
 
     def loss_fn(mod, batch):
@@ -114,7 +115,7 @@ def audit_one_run(epsilon: float = 8.0, *, delta: float = 1e-5, canaries: int = 
             before = model.lora_A.detach()[:, cols].clone().double()
         idx = poisson_sample(n, sample_rate, g)
         batch = {"x": x[idx], "labels": y[idx]}
-        _dp_gradient(model, loss_fn, batch, clip_norm=clip_norm, noise_multiplier=sigma,
+        dp_gradient(model, loss_fn, batch, clip_norm=clip_norm, noise_multiplier=sigma,
                      expected_batch_size=sample_rate * n, generator=g)
         with torch.no_grad():
             for p in (model.lora_A, model.lora_B):

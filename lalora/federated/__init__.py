@@ -1,11 +1,12 @@
 """lalora.federated: the federated simulation engine (SPEC §2–§3).
 
-  methods.py     the six methods as data (MethodSchedule): what trains at step k of round t
+  (the methods table, MethodSchedule, is lalora.methods: pure data next to lalora.config)
   filters.py     the [1,4,6,4,1]/16 low-pass filter on the noised LoRA gradient
   state.py       LoRA A / B / head parameter groups; swap a client's state in and out
   client.py      the one client loop (Poisson sampling, DP step, filter, optimizer)
   server.py      the one aggregator (mean of the sampled clients) and ClientUpdate
-  simulation.py  Simulator (the API Flower and the notebooks use) and run_experiment (run folders)
+  simulation.py  Simulator: one run's rounds in memory (the API Flower and the notebooks use), plan_run
+  runs.py        run_experiment: run folders, resume, results, fingerprints
   cli.py         `lalora run`
 
 Names are imported lazily so `import lalora.federated` stays cheap.
@@ -15,8 +16,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "METHODS": "methods", "MethodSchedule": "methods", "get_method": "methods",
-    "Simulator": "simulation", "RunResult": "simulation", "run_experiment": "simulation",
+    "Simulator": "simulation", "plan_run": "simulation", "RunResult": "runs", "run_experiment": "runs",
     "ClientUpdate": "server", "aggregate": "server",
 }
 

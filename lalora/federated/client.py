@@ -34,10 +34,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from dplora_kernels.dp import autocast_for
 
 from lalora.federated.filters import filter_gradients_
-from lalora.federated.methods import MethodSchedule
 from lalora.federated.state import ParamGroups
+from lalora.methods import MethodSchedule
+from lalora.privacy import dp_step   # dp_step.<name> at call time: tests and audits patch the DP step
+from lalora.privacy.sampling import poisson_sample
 
 
 @dataclass
@@ -105,8 +108,6 @@ def make_optimizer(groups: ParamGroups, cfg: LocalTraining, t: int) -> torch.opt
 
 
 def poisson_positions(n: int, q: float, generator: torch.Generator) -> torch.Tensor:
-    from lalora.privacy.sampling import poisson_sample
-
     return poisson_sample(n, q, generator).cpu()   # indices gather examples held on the CPU
 
 
@@ -152,22 +153,18 @@ def local_train(model: torch.nn.Module, groups: ParamGroups, schedule: MethodSch
         batch = to_device(data.batch(positions), device)
         batch_sizes.append(int(positions.numel()))
         if released:
-            from lalora.privacy.dp_step import as_released_gradient
-
-            as_released_gradient(model, per_sample_loss, batch, noise_multiplier=cfg.noise_multiplier,
-                                 generator=noise_generator)
+            dp_step.as_released_gradient(model, per_sample_loss, batch, noise_multiplier=cfg.noise_multiplier,
+                                         generator=noise_generator)
         elif cfg.private:
-            from lalora.privacy.dp_step import dp_gradient
-
             # verify_unit=False: the same model check (clipping unit and mixed module/functional
             # use) ran once before training, with every factor and the head trainable
             # (Simulator.verify_clipping_unit; a deployed node runs its own). The in-step schedule
             # would call per_sample_loss on extra samples (they would enter train_loss) and, being
             # per process, again after a resume: train_loss would then depend on where a run resumed.
-            dp_gradient(model, per_sample_loss, batch, clip_norm=cfg.clip_norm,
-                        noise_multiplier=cfg.noise_multiplier, expected_batch_size=expected_batch,
-                        generator=noise_generator, clipping=cfg.clipping, precision=cfg.precision,
-                        verify_unit=False)
+            dp_step.dp_gradient(model, per_sample_loss, batch, clip_norm=cfg.clip_norm,
+                                noise_multiplier=cfg.noise_multiplier, expected_batch_size=expected_batch,
+                                generator=noise_generator, clipping=cfg.clipping, precision=cfg.precision,
+                                verify_unit=False)
         else:
             _plain_gradient(model, per_sample_loss, batch, expected_batch, cfg.precision)
         if cfg.use_filter:
@@ -184,8 +181,6 @@ def local_train(model: torch.nn.Module, groups: ParamGroups, schedule: MethodSch
 
 def _plain_gradient(model, loss_fn, batch, expected_batch: float, precision: str = "fp32") -> None:
     """Non-private gradient with the DP step's normalisation: sum of per-sample grads / q·|D_i|."""
-    from dplora_kernels.dp import autocast_for
-
     trainable = [p for p in model.parameters() if p.requires_grad]
     if batch["labels"].shape[0] == 0:
         for p in trainable:

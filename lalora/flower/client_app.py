@@ -11,8 +11,9 @@ different worker processes), so nothing a client must remember lives in Python o
   (simulation); every request passes the pre-data checks of lalora.flower.terms (the app, the
   fields, the operator's terms) before the task is built, and every train request
   ``NodeGuard.admit`` (schedule, replay, budget) under the state folder's exclusive lock;
-- the heavy part (task data, frozen base model, σ calibration) is a per-process cache keyed by the
-  run config; it holds no per-client state.
+- the heavy part (task data, frozen base model) is a per-process cache keyed by the run config;
+  it holds no per-client state. The setup query checks the server's σ against this node's own run
+  plan (``plan_run``: the task's labels, the partition, schedule and σ) before any model is built.
 
 Two modes (``make_client_app(deployment=...)``):
 
@@ -54,6 +55,7 @@ import numpy as np
 import torch
 
 from lalora.config import RunConfig
+from lalora.federated.simulation import Simulator, plan_run
 from lalora.flower.encoding import KEYS, record_to_state, state_to_record
 
 __all__ = ["LaLoraClient", "make_client_app", "app"]
@@ -90,15 +92,25 @@ class LaLoraClient:
         self.deployment = deployment
         self.origin = APP_NAME if task is None and partitions is None else "custom-task"
         self._cache: dict[str, tuple] = {}   # config JSON -> (Simulator, initial generator states)
+        self._plans: dict[str, tuple] = {}   # config JSON -> plan_run's (cfg, task, partitions, RunPlan)
+
+    # ------------------------------------------------------------------ the run plan (no model)
+    def plan(self, config_json: str) -> tuple:
+        """(resolved cfg, task, partitions, RunPlan) of a run: schedule and σ from the task's labels
+        alone, no model (lalora.privacy.plan). Call only for a config the terms accepted."""
+        hit = self._plans.get(config_json)
+        if hit is None:
+            self._plans.clear()   # one run per process at a time
+            hit = self._plans[config_json] = plan_run(RunConfig.from_dict(json.loads(config_json)),
+                                                      task=self.task, partitions=self.partitions)
+        return hit
 
     # ------------------------------------------------------------------ per-process simulator cache
     def simulator(self, config_json: str):
         hit = self._cache.get(config_json)
         if hit is None:
-            from lalora.federated.simulation import Simulator
-
-            sim = Simulator(RunConfig.from_dict(json.loads(config_json)), task=self.task,
-                            partitions=self.partitions)
+            cfg, task, partitions, _ = self.plan(config_json)   # the task and split the plan used
+            sim = Simulator(cfg, task=task, partitions=partitions)
             initial = ([g.get_state() for g in sim.sampling_generators],
                        [g.get_state() for g in sim.noise_generators],
                        [g.get_state() for g in sim.dropout_generators])
@@ -143,7 +155,7 @@ class LaLoraClient:
     def query(self, msg, context):
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        from lalora.flower.terms import SETUP_KEYS, check_app, known_keys
+        from lalora.flower.terms import SETUP_KEYS, accept_config, check_app, known_keys
 
         check_app(context.node_config, deployment=self.deployment, origin=self.origin)
         known_keys(msg.content, frozenset({KEYS.CONFIG}), "setup query")
@@ -151,10 +163,15 @@ class LaLoraClient:
         known_keys(setup, SETUP_KEYS, "setup query")
         sigma = float(setup["noise_multiplier"])
         cid = partition_id(context)
-        sim, _ = self._accepted(str(setup["config"]), context, noise_multiplier=sigma)
-        if not math.isclose(sim.noise_multiplier, sigma, rel_tol=1e-9, abs_tol=0.0):
-            raise RuntimeError(f"noise_multiplier calibrated here ({sim.noise_multiplier!r}) differs "
+        # the terms first (no data read), then this node's own run plan (labels only, no model): the
+        # server's σ is checked before a model is built or probed
+        accept_config(str(setup["config"]), self._guard(context).policy, deployment=self.deployment,
+                      noise_multiplier=sigma)
+        _, _, _, plan = self.plan(str(setup["config"]))
+        if not math.isclose(plan.noise_multiplier, sigma, rel_tol=1e-9, abs_tol=0.0):
+            raise RuntimeError(f"noise_multiplier calibrated here ({plan.noise_multiplier!r}) differs "
                                f"from the server's ({sigma!r}): different lalora/opacus versions?")
+        sim, _ = self._accepted(str(setup["config"]), context, noise_multiplier=sigma)
         n = context.node_config.get("num-partitions")
         if n is not None and int(n) != sim.cfg.clients:
             raise ValueError(f"num-partitions={n} but the config has clients={sim.cfg.clients}")

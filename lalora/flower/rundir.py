@@ -51,7 +51,7 @@ def write_run_folder(runs_dir, strategy, final: dict) -> str:
     cfg = strategy.sim.cfg
     extra = {}
     try:    # the in-process engine hashes the task's data/model fingerprint too; mirror it
-        from lalora.federated.simulation import task_fingerprint
+        from lalora.federated.runs import task_fingerprint
     except ImportError:
         task_fingerprint = None
     if task_fingerprint is not None:

@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from lalora.federated.simulation import Simulator, plan_run
 from lalora.flower.encoding import (KEYS, downlink_groups, payload_bytes, record_to_state,
                                     state_to_record)
 
@@ -57,40 +58,40 @@ def _check_replies(replies, expected: int, what: str) -> list:
     return replies
 
 
-def discover_clients(grid, sim, *, timeout: float = 600.0) -> dict[int, int]:
-    """Send the setup query to every node; return {client id: node id}. Waits for all
-    ``cfg.clients`` nodes to connect (a deployment's SuperNodes may come up late)."""
+def discover_clients(grid, cfg, noise_multiplier: float, *, timeout: float = 600.0) -> dict[int, int]:
+    """Send the setup query (resolved ``cfg``, the plan's σ) to every node; return {client id: node
+    id}. Waits for all ``cfg.clients`` nodes to connect (a deployment's SuperNodes may come up late)."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
     deadline = time.monotonic() + timeout
-    while len(list(grid.get_node_ids())) < sim.cfg.clients:
+    while len(list(grid.get_node_ids())) < cfg.clients:
         if getattr(grid, "_stop", None) is not None and grid._stop.is_set():
             raise RuntimeError("Flower run aborted while waiting for SuperNodes")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(list(grid.get_node_ids()))} of {sim.cfg.clients} "
+            raise RuntimeError(f"only {len(list(grid.get_node_ids()))} of {cfg.clients} "
                                f"SuperNodes connected within {timeout:.0f}s")
         time.sleep(0.5)
-    node_of = setup_nodes(grid, sim, sorted(grid.get_node_ids()), timeout=timeout)
-    missing = sorted(set(range(sim.cfg.clients)) - set(node_of))
+    node_of = setup_nodes(grid, cfg, noise_multiplier, sorted(grid.get_node_ids()), timeout=timeout)
+    missing = sorted(set(range(cfg.clients)) - set(node_of))
     if missing:
         raise ValueError(f"no SuperNode serves partition-id(s) {missing}")
     return node_of
 
 
-def setup_nodes(grid, sim, node_ids, *, timeout: float) -> dict[int, int]:
+def setup_nodes(grid, cfg, noise_multiplier: float, node_ids, *, timeout: float) -> dict[int, int]:
     """Send the setup query (run config, σ) to ``node_ids``; return {partition id: node id}."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    setup = ConfigRecord({"config": json.dumps(sim.cfg.to_dict()),
-                          "noise_multiplier": float(sim.noise_multiplier)})
+    setup = ConfigRecord({"config": json.dumps(cfg.to_dict()),
+                          "noise_multiplier": float(noise_multiplier)})
     messages = [Message(RecordDict({KEYS.CONFIG: setup}), dst_node_id=n,
                         message_type=MessageType.QUERY, group_id="setup") for n in node_ids]
     replies = _check_replies(grid.send_and_receive(messages, timeout=timeout), len(node_ids), "setup")
     node_of: dict[int, int] = {}
     for r in replies:
         cid = int(r.content[KEYS.CONFIG]["partition-id"])
-        if not 0 <= cid < sim.cfg.clients or cid in node_of:
-            raise ValueError(f"partition-id {cid} is out of range 0..{sim.cfg.clients - 1} or used "
+        if not 0 <= cid < cfg.clients or cid in node_of:
+            raise ValueError(f"partition-id {cid} is out of range 0..{cfg.clients - 1} or used "
                              "by two SuperNodes")
         node_of[cid] = r.metadata.src_node_id
     return node_of
@@ -167,7 +168,8 @@ class LaLoraStrategy(_strategy_base()):
             live = set(grid.get_node_ids())
             new = sorted(live - set(self.node_of.values()))
             if new:
-                for cid, node in setup_nodes(grid, self.sim, new, timeout=self.timeout).items():
+                for cid, node in setup_nodes(grid, self.sim.cfg, self.sim.noise_multiplier, new,
+                                             timeout=self.timeout).items():
                     self.node_of[cid] = node          # the latest registration serves the partition
             stale = [c for c in clients if self.node_of[c] not in live]
             if not stale or not wait:
@@ -357,8 +359,6 @@ def make_server_app(cfg, *, holder: dict | None = None, task=None, partitions=No
     the event ``holder["stop"]`` aborts a run waiting for replies."""
     from flwr.serverapp import ServerApp
 
-    from lalora.federated.simulation import Simulator
-
     server_app = ServerApp()
     holder = holder if holder is not None else {}
     stop = holder.setdefault("stop", threading.Event())
@@ -366,8 +366,10 @@ def make_server_app(cfg, *, holder: dict | None = None, task=None, partitions=No
     @server_app.main()
     def main(grid, context) -> None:
         grid = StoppableGrid(grid, stop)
-        sim = Simulator(cfg, task=task, partitions=partitions)
-        node_of = discover_clients(grid, sim, timeout=timeout)
+        # schedule and σ from the run plan (labels only); the model is built once the nodes agreed
+        run_cfg, run_task, parts, plan = plan_run(cfg, task=task, partitions=partitions)
+        node_of = discover_clients(grid, run_cfg, plan.noise_multiplier, timeout=timeout)
+        sim = Simulator(run_cfg, task=run_task, partitions=parts)
         strategy = LaLoraStrategy(sim, node_of, timeout=timeout, progress=progress)
         strategy.run(grid)
         holder["strategy"] = strategy
@@ -413,13 +415,13 @@ def _make_deployment_app():
 
     @deployment_app.main()
     def main(grid, context) -> None:
-        from lalora.federated.simulation import Simulator
         from lalora.flower.rundir import final_summary, write_run_folder
 
         cfg, runs_dir = config_from_run_config(context.run_config)
         t0 = time.perf_counter()
-        sim = Simulator(cfg)
-        strategy = LaLoraStrategy(sim, discover_clients(grid, sim))
+        run_cfg, task, parts, plan = plan_run(cfg)   # σ and schedule before the model
+        node_of = discover_clients(grid, run_cfg, plan.noise_multiplier)
+        strategy = LaLoraStrategy(Simulator(run_cfg, task=task, partitions=parts), node_of)
         strategy.run(grid)
         if runs_dir:
             write_run_folder(runs_dir, strategy, final_summary(strategy, time.perf_counter() - t0))

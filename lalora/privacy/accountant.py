@@ -10,9 +10,12 @@ and ε from an Opacus accountant whose `history` is set to [(σ, q, steps), ...]
 Poisson-subsampled Gaussian mechanism with add/remove-one adjacency, i.e. batches drawn by
 `lalora.privacy.sampling.poisson_sample` (SPEC §3).
 
-    noise_multiplier_for(epsilon, delta, sample_rate, steps, accountant="prv") -> σ
+    calibrate_sigma(epsilon, delta, [(q_i, steps_i), ...], accountant="prv") -> the ONE σ of a run:
+        every (q_i, steps_i) meets ε (the Simulator, Flower, the paper σ table all reach it through
+        lalora.privacy.plan.RunPlan; audits call it for their one mechanism)
+    noise_multiplier_for(epsilon, delta, sample_rate, steps, accountant="prv") -> σ for one (q, steps):
+        the bisection calibrate_sigma is built on
     epsilon_for(noise_multiplier, delta, sample_rate, steps, accountant="prv") -> ε
-    noise_multiplier_for_clients(epsilon, delta, [(q_i, steps_i), ...]) -> one σ meeting ε for all
     PrivacyLedger  -- per-client spent ε in a federated run (API in its docstring)
 
 Edge cases: epsilon=inf -> σ=0 (the non-DP reference); σ=0 with steps>0 -> ε=inf; steps=0 -> σ=0, ε=0.
@@ -29,6 +32,12 @@ from collections.abc import Hashable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+from lalora.announce import announce, calibration_eta
+from lalora.provenance import library_versions, source_hash
+
+# opacus is imported inside the functions that use it (heavy, and lalora.config imports this module
+# for ACCOUNTANTS); lalora.results likewise (it imports torch) where the σ cache is written.
 
 ACCOUNTANTS = ("rdp", "prv")
 DEFAULT_ACCOUNTANT = "prv"
@@ -72,6 +81,13 @@ def _check_steps(steps: int, name: str = "steps") -> int:
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"{name} must be an int >= 0, got {steps!r}")
     return int(steps)
+
+
+def _check_epsilon(epsilon: float) -> float:
+    epsilon = _num("epsilon", epsilon)
+    if math.isnan(epsilon) or epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0 (inf means no noise), got {epsilon}")
+    return epsilon
 
 
 def _check_noise_multiplier(noise_multiplier: float) -> float:
@@ -159,9 +175,7 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
     """Smallest σ (to Opacus' bisection tolerance) with ε(σ, q, steps) ≤ `epsilon`."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    epsilon = _num("epsilon", epsilon)
-    if math.isnan(epsilon) or epsilon <= 0:
-        raise ValueError(f"epsilon must be > 0 (inf means no noise), got {epsilon}")
+    epsilon = _check_epsilon(epsilon)
     delta = _check_delta(delta)
     q = _check_sample_rate(sample_rate)
     steps = _check_steps(steps)
@@ -178,8 +192,6 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
     if cached is not None:
         _SIGMA_CACHE[key] = cached
         return cached
-    from lalora.announce import announce, calibration_eta
-
     announce(f"calibrating the noise multiplier for epsilon={epsilon}, delta={delta}, q={q:.4g}, "
              f"{steps} steps", why=f"first use of this budget: a bisection over the {accountant} "
              "accountant", eta=calibration_eta(steps, q, accountant), cached_in=str(_sigma_cache_file(key)))
@@ -213,8 +225,6 @@ def _sigma_cache_file(key: tuple):
     import os
     from pathlib import Path
 
-    from lalora.provenance import library_versions, source_hash
-
     code = (library_versions()["opacus"], source_hash(__name__))
     root = Path(os.environ.get("LALORA_CACHE") or Path.home() / ".cache" / "lalora") / "sigma"
     digest = hashlib.sha256(repr((key, code)).encode()).hexdigest()[:20]
@@ -243,17 +253,6 @@ def _store_cached_sigma(key: tuple, sigma: float) -> None:
         atomic_write_json(_sigma_cache_file(key), {"key": list(key), "sigma": sigma})
     except OSError:  # a read-only or full cache dir only costs time
         pass
-
-
-def noise_multiplier_for_clients(epsilon: float, delta: float,
-                                 clients: Iterable[tuple[float, int]],
-                                 accountant: str = DEFAULT_ACCOUNTANT) -> float:
-    """One σ for every client: each (sample_rate_i, steps_i) must meet `epsilon`, so take the
-    largest per-client σ (SPEC §3: the client with the most steps -- or the largest q -- binds)."""
-    pairs = {(_check_sample_rate(q), _check_steps(s)) for q, s in clients}
-    if not pairs:
-        raise ValueError("clients must list at least one (sample_rate, steps) pair")
-    return max(noise_multiplier_for(epsilon, delta, q, s, accountant) for q, s in pairs)
 
 
 # --------------------------------------------------------------------------- the ledger
@@ -402,9 +401,24 @@ class PrivacyLedger:
                 f"clients={len(self._clients)})")
 
 
-# --------------------------------------------------------------------------- federated calibration
-# (moved here from federated/simulation.py: one place for accounting)
-def binding_pairs(pairs: Iterable[tuple[float, int]]) -> tuple:
+# --------------------------------------------------------------------------- the one σ of a run
+def calibrate_sigma(epsilon: float, delta: float, clients: Iterable[tuple[float, int]],
+                    accountant: str = DEFAULT_ACCOUNTANT) -> float:
+    """The one σ with which every client's (sample_rate, steps) meets ``epsilon`` (SPEC §3: the
+    client with the most steps -- or the largest q -- binds), up to the bisection tolerance.
+
+    The only place a run's σ is calibrated (lalora.privacy.plan.RunPlan calls it; so do the audits
+    for their single mechanism). Pairs with 0 steps release nothing and are ignored; with none
+    left, σ = 0."""
+    epsilon, delta, accountant = _check_epsilon(epsilon), _check_delta(delta), _check_accountant(accountant)
+    checked = ((_check_sample_rate(q), _check_steps(s)) for q, s in clients)
+    pairs = _binding_pairs(p for p in checked if p[1] > 0)
+    if not pairs:
+        return 0.0
+    return _sigma_for_binding_pairs(epsilon, delta, pairs, accountant)
+
+
+def _binding_pairs(pairs: Iterable[tuple[float, int]]) -> tuple:
     """(q, steps) pairs not dominated by another (larger-or-equal q and steps needs at least as much
     noise), sorted: the only ones that can set σ for a federated run."""
     pairs = sorted(set(pairs))
@@ -413,11 +427,10 @@ def binding_pairs(pairs: Iterable[tuple[float, int]]) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def sigma_for_pairs(epsilon: float, delta: float, pairs: tuple, accountant: str) -> float:
-    """One σ with which every (q, steps) pair meets ``epsilon`` (the largest per-pair σ, up to the
-    bisection tolerance). The accountant's bisection costs seconds, so bisect only for the pair
-    most likely to bind (largest q·√steps) and merely check the others, re-bisecting for any that
-    still exceeds ε (σ only grows, so earlier checks stay valid). Memoised per config."""
+def _sigma_for_binding_pairs(epsilon: float, delta: float, pairs: tuple, accountant: str) -> float:
+    """The largest per-pair σ, cheaply: the accountant's bisection costs seconds, so bisect only for
+    the pair most likely to bind (largest q·√steps) and merely check the others, re-bisecting for any
+    that still exceeds ε (σ only grows, so earlier checks stay valid). Memoised per run."""
     ordered = sorted(pairs, key=lambda p: p[0] * math.sqrt(p[1]), reverse=True)
     sigma = noise_multiplier_for(epsilon, delta, ordered[0][0], ordered[0][1], accountant)
     for q, steps in ordered[1:]:

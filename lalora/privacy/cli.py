@@ -13,7 +13,7 @@ import json
 import math
 import sys
 
-from .accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT, epsilon_for, noise_multiplier_for
+from .accountant import ACCOUNTANTS, DEFAULT_ACCOUNTANT, calibrate_sigma, epsilon_for
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
              f"steps={args.steps}  (Poisson sampling, Opacus)"]
     try:
         if args.epsilon is not None:
-            sigma = noise_multiplier_for(args.epsilon, args.delta, args.sample_rate, args.steps,
-                                         args.accountant)
+            sigma = calibrate_sigma(args.epsilon, args.delta, [(args.sample_rate, args.steps)], args.accountant)
             achieved = epsilon_for(sigma, args.delta, args.sample_rate, args.steps, args.accountant)
             out.update(target_epsilon=args.epsilon, noise_multiplier=sigma, epsilon=achieved)
             lines.append(f"noise multiplier for epsilon <= {args.epsilon:g}: sigma = {sigma:.4f}")

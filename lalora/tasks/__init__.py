@@ -7,7 +7,8 @@ RoBERTa-base; local paths as parameters) and the smoke tasks (``smoke-swin-t``, 
 downloaded.
 """
 from .partition import SCHEMES, label_histograms, partition
-from .registry import TASKS, Task, get_task, list_tasks, register
+from .registry import TASKS, Task, client_partitions, get_task, list_tasks, register, task_for_config
 from . import paper, smoke, text, vision  # noqa: F401  (registers tasks)
 
-__all__ = ["Task", "TASKS", "get_task", "list_tasks", "register", "partition", "label_histograms", "SCHEMES"]
+__all__ = ["Task", "TASKS", "get_task", "list_tasks", "register", "partition", "label_histograms", "SCHEMES",
+           "task_for_config", "client_partitions"]

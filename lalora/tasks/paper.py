@@ -30,6 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from lalora.privacy.accountant import DEFAULT_ACCOUNTANT
+from lalora.privacy.plan import RunPlan
+
 from .data import CifarPickleImages, ImageDataset, ImageFiles, stack_collate, to_rgb
 from .registry import Task, register
 from .text import LANGUAGE_DEFAULTS, load_encoder_and_tokenizer, make_text_task
@@ -64,26 +68,36 @@ def paper_task_defaults(task: str) -> dict:
     raise ValueError(f"task {task!r} is not a paper task")
 
 
-def noise_multipliers(defaults: dict, epsilons, *, seed: int = 0, delta: float = 1e-5, accountant: str = "rdp",
+def paper_plan(defaults: dict, epsilon: float, *, seed: int = 0, delta: float = 1e-5,
+               accountant: str = DEFAULT_ACCOUNTANT, client_sizes=None, train_size: int | None = None) -> RunPlan:
+    """The RunPlan (schedule, steps, q, the one σ) of a run with these resolved ``defaults``, without
+    building the task: the run's own rule (lalora.privacy.plan), so σ here is the σ a run calibrates.
+
+    ``client_sizes``: each client's |D_i|. Default: ``samples_per_client`` for every client (exact
+    for the vision profile: the released scheme draws that many per client), else
+    ``train_size // clients`` for every client -- an approximation for the language profile, whose
+    Dirichlet split needs the labels; a run plans on its real partition."""
+    clients = defaults["clients"]
+    if client_sizes is None:
+        n_i = defaults.get("samples_per_client")
+        if n_i is None:
+            if train_size is None:
+                raise ValueError("train_size is needed when samples_per_client is not set")
+            n_i = train_size // clients
+        client_sizes = [n_i] * clients
+    return RunPlan.create(seed=seed, clients=clients, clients_per_round=defaults["clients_per_round"],
+                          rounds=defaults["rounds"], local_steps=defaults["local_steps"],
+                          batch_size=defaults["batch_size"], client_sizes=client_sizes, epsilon=epsilon,
+                          delta=delta, accountant=accountant)
+
+
+def noise_multipliers(defaults: dict, epsilons, *, seed: int = 0, delta: float = 1e-5,
+                      accountant: str = DEFAULT_ACCOUNTANT, client_sizes=None,
                       train_size: int | None = None) -> dict[float, float]:
-    """σ per ε that a run with these (resolved) defaults calibrates, without building the task.
-
-    The same arithmetic as the Simulator: the seed's client schedule gives each client's number
-    of DP steps (K × rounds it is sampled), q = batch / |D_i| with |D_i| = samples_per_client (or
-    train_size // clients), and one σ makes the binding client meet ε (lalora.federated.simulation).
-    """
-    from lalora.federated.simulation import _binding_pairs, _sigma_for, client_schedule
-
-    n_i = defaults.get("samples_per_client")
-    if n_i is None:
-        if train_size is None:
-            raise ValueError("train_size is needed when samples_per_client is not set")
-        n_i = train_size // defaults["clients"]
-    q = min(1.0, defaults["batch_size"] / n_i)
-    schedule = client_schedule(defaults["clients"], defaults["clients_per_round"], defaults["rounds"], seed)
-    steps = [defaults["local_steps"] * sum(c in s for s in schedule) for c in range(defaults["clients"])]
-    pairs = _binding_pairs((q, k) for k in steps if k > 0)
-    return {float(e): _sigma_for(float(e), float(delta), pairs, accountant) for e in epsilons}
+    """σ per ε that a run with these (resolved) defaults calibrates (:func:`paper_plan`)."""
+    return {float(e): paper_plan(defaults, float(e), seed=seed, delta=delta, accountant=accountant,
+                                 client_sizes=client_sizes, train_size=train_size).noise_multiplier
+            for e in epsilons}
 
 
 # Labelled training rows of the GLUE train.tsv files (the GLUE release; MNLI train has no "-" label);
@@ -92,23 +106,22 @@ GLUE_TRAIN_ROWS = {"sst2": 67_349, "qnli": 104_743, "mnli": 392_702}
 
 
 def paper_noise_table(epsilons=(1.0, 2.0, 3.0), seeds=(0, 1, 2), delta: float = 1e-5,
-                      accountant: str = "rdp") -> str:
+                      accountant: str = DEFAULT_ACCOUNTANT) -> str:
     """Markdown table of the σ the paper profile's runs calibrate for each ε (notebook 00, README).
 
     Vision: 8 clients × 500 samples, q = 16/500, K = 20, 100 rounds with 4 of 8 clients per round;
     σ depends on the seed only through the busiest client's number of rounds. Language: GLUE
-    train sets split over 20 clients (seed 0)."""
+    train sets split evenly over 20 clients (seed 0; a run's Dirichlet split is uneven, its σ is
+    planned on the real sizes). The accountant is the runs' default (PRV; until issue 28 this
+    table used RDP and so printed a larger σ than the runs calibrate)."""
     rows = ["| setting | seed | busiest client's DP steps | q | " + " | ".join(f"σ at ε = {e:g}" for e in epsilons)
             + " |", "|---|---|---|---|" + "---|" * len(epsilons)]
 
     def row(label, defaults, seed, train_size=None):
-        from lalora.federated.simulation import client_schedule
-
-        sched = client_schedule(defaults["clients"], defaults["clients_per_round"], defaults["rounds"], seed)
-        steps = defaults["local_steps"] * max(sum(c in s for s in sched) for c in range(defaults["clients"]))
-        n_i = defaults.get("samples_per_client") or train_size // defaults["clients"]
-        sig = noise_multipliers(defaults, epsilons, seed=seed, delta=delta, accountant=accountant,
-                                train_size=train_size)
+        plans = [paper_plan(defaults, float(e), seed=seed, delta=delta, accountant=accountant,
+                            train_size=train_size) for e in epsilons]
+        steps, n_i = max(plans[0].planned_steps), plans[0].client_sizes[0]
+        sig = {float(e): p.noise_multiplier for e, p in zip(epsilons, plans)}
         rows.append(f"| {label} | {seed} | {steps} | {defaults['batch_size']}/{n_i} = "
                     f"{defaults['batch_size'] / n_i:.4g} | " + " | ".join(f"{sig[float(e)]:.3f}" for e in epsilons) + " |")
 

@@ -8,6 +8,12 @@ docs/CONTRACTS.md; fields after ``defaults`` are additive extras (they all have 
 
 Factories are registered with :func:`register` by the modules that define them (``vision``,
 ``text``, ``paper``); ``lalora.tasks`` imports them all so ``get_task`` sees every name.
+
+What a run config asks of the registry (the config is read by attribute: ``lalora.config`` sits
+above the tasks)::
+
+    task = task_for_config(cfg)              # cfg.task built with the run's seed, r, alpha
+    parts = client_partitions(cfg, task)     # a resolved cfg: each client's training indices
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from typing import Any, Callable
 import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
+
+from .partition import partition
 
 
 @dataclass
@@ -72,3 +80,23 @@ def get_task(name: str, **overrides: Any) -> Task:
                 f"unknown override(s) {unknown} for task {name!r}; accepted: {sorted(params)}"
             )
     return factory(**overrides)
+
+
+def task_for_config(cfg) -> Task:
+    """Build ``cfg.task``; the run's seed and an explicit r/alpha go to the task factory when it
+    takes them (the LoRA init and head init then follow the run seed), unless task_overrides
+    sets them."""
+    overrides = dict(cfg.task_overrides)
+    factory = TASKS.get(cfg.task)
+    if factory is not None:
+        params = inspect.signature(factory).parameters
+        for name, value in (("seed", cfg.seed), ("r", cfg.r), ("alpha", cfg.alpha)):
+            if value is not None and name in params and name not in overrides:
+                overrides[name] = value
+    return get_task(cfg.task, **overrides)
+
+
+def client_partitions(cfg, task: Task) -> list[np.ndarray]:
+    """Each client's training indices for a resolved ``cfg`` (labels only: no model, no images)."""
+    return partition(np.asarray(task.train_labels), cfg.clients, cfg.partition, cfg.beta, cfg.seed,
+                     cfg.samples_per_client)
