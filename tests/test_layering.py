@@ -36,8 +36,6 @@ ALLOWED = {
     ("lalora.flower.ledger", "lalora.flower.node"):
         "ledger <-> node circle (lazy RequestRefused import), new with the node ledger split: move "
         "RequestRefused below both",
-    ("dplora_kernels.checks", "dplora_kernels.dp"):
-        "checks <-> dp circle (the model check calls per_sample_gradients lazily): pass it in instead",
 }
 
 
