@@ -42,6 +42,8 @@ def _fake_repo(tmp_path: Path) -> Path:
     (nbdir / "00_zreport.py").rename(nbdir / "00_z_report.py")
     (nbdir / "notes.py").write_text("raise SystemExit('not a notebook')\n")
     (nbdir / "params" / "ci" / "01_first.yaml").write_text("x: 41\n")
+    for name in ("02_broken", "03_third", "00_z_report"):   # a profile runs the notebooks it names
+        (nbdir / "params" / "ci" / f"{name}.yaml").write_text("{}\n")
     (nbdir / "params" / "paper" / "01_first.yaml").write_text("x: 7\ntypo_param: 3\n")
     return root
 
@@ -100,7 +102,9 @@ GRID_NB = NB_HEADER + textwrap.dedent('''
 
     # %%
     import json, pathlib, sys
-    sys.path.insert(0, "@TESTS@")
+    # the fake repo's empty lalora/ folder (find_repo_root needs one) sits in the kernel's cwd and
+    # would be imported as a namespace package ahead of an editable install: the real one first
+    sys.path[:0] = ["@REPO@", "@TESTS@"]
     from test_federated import tiny_task
     from lalora.nbtools import run_grid
     from lalora.tasks import TASKS
@@ -119,7 +123,7 @@ def _grid_repo(tmp_path: Path) -> Path:
     (nbdir / "params" / "ci").mkdir(parents=True)
     grids = {"01_a": ["la-lora", "dp-lora"], "02_b": ["la-lora", "ffa-lora"]}
     for name, grid in grids.items():
-        (nbdir / f"{name}.py").write_text(GRID_NB.replace("@TESTS@", str(REPO / "tests")).replace("@NAME@", name))
+        (nbdir / f"{name}.py").write_text(GRID_NB.replace("@TESTS@", str(REPO / "tests")).replace("@REPO@", str(REPO)).replace("@NAME@", name))
         (nbdir / "params" / "ci" / f"{name}.yaml").write_text(f"grid: {json.dumps(grid)}\n")
     return root
 
@@ -342,3 +346,20 @@ def test_paper_profiles_prepare(tmp_path):
         assert yaml_path.exists(), f"{name} has no paper profile"
         nb = json.loads((tmp_path / "paper/notebooks" / f"{name}.ipynb").read_text())
         assert any("injected-parameters" in c["metadata"].get("tags", []) for c in nb["cells"])
+
+
+def test_a_profile_runs_only_the_notebooks_it_names(tmp_path):
+    """A notebook without a parameter file in a profile that has them (14 in offline-full) is skipped
+    by name, not run at its own defaults; a profile with no parameter file at all runs everything."""
+    root = _fake_repo(tmp_path)
+    (root / "notebooks" / "params" / "ci" / "03_third.yaml").unlink()
+    lines: list[str] = []
+    summary = nbr.run_notebooks("ci", root=root, output_dir="out/ci", runs_dir="runs", quiet=True,
+                                prepare_only=True, echo=lines.append)
+    assert [o.name for o in summary.outcomes] == ["01_first", "02_broken", "00_z_report"]
+    assert any("[03_third] not in the ci profile" in line for line in lines)
+    for yaml in (root / "notebooks" / "params" / "paper").glob("*.yaml"):
+        yaml.unlink()
+    summary = nbr.run_notebooks("paper", root=root, output_dir="out/p", runs_dir="runs", quiet=True,
+                                prepare_only=True, echo=lines.append)
+    assert len(summary.outcomes) == 4

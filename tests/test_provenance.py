@@ -125,7 +125,7 @@ def test_sigma_cache_file_changes_with_the_accountant_source(monkeypatch):
 
     key = (3.0, 1e-5, 0.1, 10, "prv", 0.01)
     before = accountant._sigma_cache_file(key)
-    monkeypatch.setattr(prov, "source_hash", lambda *m: "0" * 64)
+    monkeypatch.setattr(accountant, "source_hash", lambda *m: "0" * 64)   # imported by name at the top
     assert accountant._sigma_cache_file(key) != before
 
 

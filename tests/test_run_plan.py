@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import pytest
+from threadpoolctl import threadpool_limits
 
 from lalora.config import RunConfig
 from lalora.federated.simulation import Simulator, plan_run
@@ -42,9 +43,13 @@ def _committed_runs(notebook: str, **match) -> dict:
 def test_plan_reproduces_the_committed_sigma_and_epsilon(notebook, match):
     """σ and the binding client's ε of the plan equal what the committed run recorded (bitwise)."""
     run = _committed_runs(notebook, **match)
-    cfg, _, parts, plan = plan_run(RunConfig.from_dict(run["config"]))
-    assert plan.noise_multiplier == run["noise_multiplier"]
-    assert max(plan.planned_epsilons) == run["epsilon_spent"]
+    # The committed runs ran on one thread (the notebook runner sets OMP_NUM_THREADS=1); PRV's
+    # composition rounds differently in the last bits with more BLAS threads (seen: 7.995266434368763
+    # vs ...766 with 2), so the plan is asked under the same limit.
+    with threadpool_limits(1):   # ε is computed lazily: read it inside
+        cfg, _, parts, plan = plan_run(RunConfig.from_dict(run["config"]))
+        assert plan.noise_multiplier == run["noise_multiplier"]
+        assert max(plan.planned_epsilons) == run["epsilon_spent"]
     assert plan.client_sizes == tuple(len(p) for p in parts)
 
 
