@@ -252,7 +252,7 @@ def failed_step(guard, state, sim, cid: int, t: int, err: BaseException):
     type, parameter name or message. The detail goes to the node's own log only."""
     import logging
 
-    from lalora.flower.node import RequestRefused
+    from lalora.flower.errors import RequestRefused
 
     logging.getLogger("lalora.flower.node").error("round %d: the DP step failed on private data "
                                                   "(not sent to the server): %r", t, err)

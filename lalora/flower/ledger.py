@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from lalora.flower.errors import RequestRefused
 from lalora.results import CheckpointCorruptedError
 
 __all__ = ["StateTamperedError", "exclusive", "node_secret", "seal", "unseal", "read_seen", "write_seen",
@@ -55,7 +56,6 @@ class StateTamperedError(CheckpointCorruptedError):
 @contextlib.contextmanager
 def exclusive(state_dir: str | os.PathLike, *, timeout: float = 900.0, poll_s: float = 0.05):
     """Hold the node's exclusive lock (across processes) for the body; wait up to ``timeout``."""
-    from lalora.flower.node import RequestRefused
 
     folder = Path(state_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from lalora.flower.errors import RequestRefused   # re-exported: callers name it here
+
 __all__ = ["NodePolicy", "NodeStore", "NodeState", "NodeGuard", "RequestRefused", "NOISE_SOURCES",
            "run_key"]
 
@@ -47,10 +49,6 @@ NOISE_SOURCES = ("os-entropy", "seeded")
 STATE_FILE = "node-state.pt"
 _STATE_KEY = "lalora.node"        # Context.state record of a simulated node
 _log = logging.getLogger("lalora.flower.node")
-
-
-class RequestRefused(RuntimeError):
-    """The node refuses a request (replay, unscheduled round, unagreed config, budget)."""
 
 
 def run_key(cfg) -> str:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 
+from lalora.flower.errors import RequestRefused
+
 __all__ = ["APP_NAME", "SETUP_KEYS", "TRAIN_KEYS", "check_app", "known_keys", "accept_config",
            "is_deployed_node"]
 
@@ -30,8 +32,6 @@ _DEPLOYMENT_KEYS = ("state-dir", "epsilon", "delta", "client-app")
 
 
 def _refused(msg: str):
-    from lalora.flower.node import RequestRefused
-
     return RequestRefused(msg)
 
 
