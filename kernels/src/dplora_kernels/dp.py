@@ -425,17 +425,10 @@ def _non_finite(psg: PerSampleGrads) -> str:
 
 
 def _write(params, names, summed, expected_batch_size, norms, factors, n) -> DPStepResult:
-    """p.grad = sum / expected_batch_size, and the same values (own storage) in the result."""
-    e = float(expected_batch_size)
-    ps = [params[k] for k in names]
-    if all(g.dtype == p.dtype and g.device == p.device for g, p in zip(summed, ps)):
-        # the common case: two multi-tensor ops instead of a division, a cast and a clone per tensor
-        out = torch._foreach_div(summed, e)
-        for p, g in zip(ps, torch._foreach_div(summed, e)):
-            p.grad = g
-        return DPStepResult(dict(zip(names, out)), norms, factors, n)
     grads = {}
-    for k, g, p in zip(names, summed, ps):
-        grads[k] = (g / e).to(dtype=p.dtype, device=p.device)
-        p.grad = grads[k].clone()
+    for k, g in zip(names, summed):
+        p = params[k]
+        grads[k] = (g / float(expected_batch_size)).to(dtype=p.dtype, device=p.device)
+    for k in names:
+        params[k].grad = grads[k].clone()
     return DPStepResult(grads, norms, factors, n)
