@@ -206,3 +206,31 @@ def test_probed_step_is_bitwise_the_unprobed_step():
         assert model.training
     for k in out[0]:
         assert torch.equal(out[0][k], out[1][k])
+
+
+def _autocast_loss(model, batch):
+    """A loss_fn that autocasts its own forward to bf16 (Hugging Face style); fp32 parameters."""
+    x, y = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    return F.cross_entropy(out.float(), y, reduction="none")
+
+
+def test_a_loss_fn_that_autocasts_itself_is_not_refused():
+    """fp32 weights, bf16 autocast inside loss_fn: engine and autograd differ by bf16 rounding only,
+    which must not read as a misuse (it did at the fp32 tolerance: the GPU check's bf16 bench)."""
+    model, batch = BatchFirstLoRA(torch.float32), batch_of(4, torch.float32)
+    res = dk.dp_gradient(model, _autocast_loss, batch, clip_norm=1.0, noise_multiplier=0.0,
+                         expected_batch_size=4.0, generator=None)
+    assert res.batch_size == 4 and model.fc.lora_A.grad is not None
+
+
+def test_misuse_under_a_self_autocasting_loss_fn_is_still_refused():
+    model, batch = MixedUse(torch.float32), batch_of(4, torch.float32, seq=False)
+    with pytest.raises(UnattributedGradientError, match=r"'head\.weight'"):
+        dk.dp_gradient(model, _autocast_loss, batch, clip_norm=1.0, noise_multiplier=0.0,
+                       expected_batch_size=4.0, generator=None)
+    model, batch = SequenceFirstLoRA(torch.float32), batch_of(4, torch.float32)
+    with pytest.raises(ClippingUnitError):
+        dk.dp_gradient(model, _autocast_loss, batch, clip_norm=1.0, noise_multiplier=0.0,
+                       expected_batch_size=4.0, generator=None)

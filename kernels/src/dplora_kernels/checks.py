@@ -33,6 +33,7 @@ from torch import nn
 __all__ = ["UNIT_CHECK_EVERY", "unit_check_due", "mark_unit_checked", "run_unit_check"]
 
 UNIT_CHECK_EVERY = 1000
+_LOW = (torch.bfloat16, torch.float16)
 
 _state: "weakref.WeakKeyDictionary[nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
 
@@ -98,6 +99,30 @@ def run_unit_check(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.T
         mark_unit_checked(model, params)
         return
 
-    low = any(p.dtype in (torch.bfloat16, torch.float16) for p in params.values())
-    verify_clipping_unit(model, loss_fn, batch, per_sample_fn, num_samples=num_samples, rtol=5e-2 if low else 1e-3)
+    from .unit_probe import ClippingUnitError
+
+    low = any(p.dtype in _LOW for p in params.values())
+    # A loss_fn may autocast its own forward (``with torch.autocast(..., bfloat16)`` inside it, as
+    # Hugging Face code often does): the parameters are fp32, but the engine's fp32 products and
+    # autograd's bf16 ones then differ by ~1e-2, which the fp32 tolerance would call a misuse. A
+    # module-forward hook sees whether any module produced a bf16/fp16 output during the check; only
+    # then is a failure at the fp32 tolerance re-checked at the bf16 one (the misuses this check
+    # exists for are 30-140% errors: still caught).
+    seen_low: list[bool] = []
+
+    def _note_low(_module, _inputs, out):
+        if isinstance(out, torch.Tensor) and out.dtype in _LOW:
+            seen_low.append(True)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(_note_low)
+    try:
+        verify_clipping_unit(model, loss_fn, batch, per_sample_fn, num_samples=num_samples,
+                             rtol=5e-2 if low else 1e-3)
+    except ClippingUnitError:
+        if low or not seen_low:
+            raise
+        hook.remove()
+        verify_clipping_unit(model, loss_fn, batch, per_sample_fn, num_samples=num_samples, rtol=5e-2)
+    finally:
+        hook.remove()
     mark_unit_checked(model, params)
