@@ -3,34 +3,18 @@ ordinary autograd), and small model builders shared by the test files."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
-
-def slice_batch(batch, i: int):
-    """Sample i of a batch (dict, tensor or tuple), keeping the batch dimension (size 1)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[i:i + 1]
-    if isinstance(batch, dict):
-        return {k: v[i:i + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return type(batch)(v[i:i + 1] if isinstance(v, torch.Tensor) else v for v in batch)
-
-
-def loop_per_sample_grads(model: nn.Module, loss_fn, batch, n: int) -> dict[str, torch.Tensor]:
-    """{name: (N, *shape)} per-sample gradients of the trainable parameters, one backward per sample."""
-    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    out = {k: [] for k in params}
-    for i in range(n):
-        loss = loss_fn(model, slice_batch(batch, i)).sum()
-        gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for (k, p), g in zip(params.items(), gs):
-            out[k].append(torch.zeros_like(p) if g is None else g)
-    return {k: torch.stack(v) for k, v in out.items()}
-
-
-def flat_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
-    n = next(iter(grads.values())).shape[0]
-    return torch.sqrt(sum(g.reshape(n, -1).double().pow(2).sum(1) for g in grads.values()))
+# The float64 loop and its comparison helpers are the kernels' (kernels/tests/engine_loops.py, which
+# imports nothing of lalora): one reference for both packages' tests. pytest puts that folder on the
+# path only when it collects a file there, so a run of lalora's tests alone adds it here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels" / "tests"))
+from engine_loops import (assert_close_rel, flat_norms, freeze_all, loop_per_sample_grads,  # noqa: E402,F401
+                          slice_batch)
 
 
 def randomize_lora_B(model: nn.Module, seed: int = 0, scale: float = 0.1) -> None:
@@ -41,15 +25,3 @@ def randomize_lora_B(model: nn.Module, seed: int = 0, scale: float = 0.1) -> Non
         for m in lora_modules(model).values():
             _, B, _ = lora_factors(m)
             B.copy_(torch.randn(B.shape, generator=g, dtype=B.dtype) * scale)
-
-
-def freeze_all(model: nn.Module) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
-
-
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
-    """max |a - e| <= rtol * max |e| (relative to the tensor's scale, robust to exact zeros)."""
-    scale = expected.abs().max().clamp_min(1e-30)
-    err = (actual.to(expected.dtype) - expected).abs().max()
-    assert err <= rtol * scale, f"{what}: max abs err {err:.3e} > {rtol:.0e} * {scale:.3e}"

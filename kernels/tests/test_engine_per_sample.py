@@ -14,43 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dplora_kernels.engine import PerSampleGradEngine
-from engine_loops import (add_lora, assert_close_rel, flat_norms, freeze_all, loop_per_sample_grads,
-                          randomize_lora_B, set_active_factors)
-
-RTOL = {torch.float64: 1e-6, torch.float32: 1e-4}
-
-
-def engine_grads(model, loss_fn, batch, n):
-    with PerSampleGradEngine(model, backend="torch") as eng:
-        psg = eng.backward(loss_fn(model, batch).sum(), n)
-    return psg
-
-
-def check_against_loop(model, loss_fn, batch, n, dtype):
-    psg = engine_grads(model, loss_fn, batch, n)
-    ref = loop_per_sample_grads(model, loss_fn, batch, n)
-    assert set(psg.grads) == set(ref) and ref, "engine and loop must cover the same trainable params"
-    for k in ref:
-        assert psg.grads[k].shape == ref[k].shape, k
-        assert_close_rel(psg.grads[k], ref[k], RTOL[dtype], k)
-        assert ref[k].abs().max() > 0, f"{k}: zero reference gradient makes the test vacuous"
-    ref_norms = flat_norms(ref)
-    eng_norms = psg.total_sqnorm().double().sqrt()
-    torch.testing.assert_close(eng_norms, ref_norms, rtol=RTOL[dtype], atol=0)
-    return psg, ref
-
-
-# ---------------------------------------------------------------- MLP
-class SeqMLP(nn.Module):
-    """MLP applied per position, mean-pooled: exercises the (N, T, d) layout."""
-
-    def __init__(self, d_in=6, d_h=8, n_cls=3):
-        super().__init__()
-        self.fc1, self.fc2, self.head = nn.Linear(d_in, d_h), nn.Linear(d_h, d_h), nn.Linear(d_h, n_cls)
-
-    def forward(self, x):
-        h = torch.tanh(self.fc2(torch.tanh(self.fc1(x))))
-        return self.head(h.mean(1) if h.dim() == 3 else h)
+from engine_loops import (RTOL, SeqMLP, add_lora, assert_close_rel, ce_loss, check_against_loop, engine_grads,
+                          flat_norms, freeze_all, loop_per_sample_grads, randomize_lora_B, set_active_factors)
 
 
 def mlp_model(dtype, seed=0):
@@ -61,10 +26,6 @@ def mlp_model(dtype, seed=0):
     model.head.requires_grad_(True)
     randomize_lora_B(model)
     return model.eval()   # dropout off: the loop must see the same function
-
-
-def ce_loss(model, batch):
-    return F.cross_entropy(model(batch["x"]), batch["labels"], reduction="none")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
