@@ -146,7 +146,7 @@ claims["theorem4_rate_below_bound"] = all(s["measured_rate"] <= s["bound"] for s
 # %%
 import functools
 
-from lalora.privacy import epsilon_for, noise_multiplier_for
+from lalora.privacy import calibrate_sigma, epsilon_for
 
 scans = {name: theory.epsilon_scan(functools.partial(epsilon_for, accountant=name), sigmas=eps_sigmas,
                                    steps=eps_steps, sample_rate=eps_sample_rate)
@@ -167,7 +167,7 @@ axes[1].set_xlabel("noise multiplier σ"); axes[1].set_ylabel("ε (δ = 1e-5)");
 axes[1].set_title(f"PRV slope {eps['slope_sigma']:.2f}, RDP {scans['rdp']['slope_sigma']:.2f}")
 fig.suptitle(f"Theorem 1: ε from the PRV and RDP accountants (q = {eps_sample_rate})")
 plotting.savefig(fig, output_dir, "09_theorem_checks_epsilon")
-sigma_by_accountant = {name: noise_multiplier_for(3.0, 1e-5, eps_sample_rate, 400, accountant=name)
+sigma_by_accountant = {name: calibrate_sigma(3.0, 1e-5, [(eps_sample_rate, 400)], accountant=name)
                        for name in ("prv", "rdp")}
 sigma_plain = sigma_by_accountant["prv"]
 for scan in scans.values():

@@ -7,7 +7,7 @@ the projection of the released noisy gradient on u, in units of C. The audit tur
 samples into an assumption-free lower bound on ε and a Gaussian-fit estimate (lalora.audit.stats;
 only the bound decides) and sets them against the accountant's ε for
 exactly this mechanism: one step, sampling rate q = 1 (the full batch, so the canary is present in
-every "in" trial), noise multiplier σ = noise_multiplier_for(ε, δ, q=1, steps=1).
+every "in" trial), noise multiplier σ = calibrate_sigma(ε, δ, [(q=1, steps=1)]).
 
 Fast AND honest -- many trials per DP call: `BlockLoRA` is one LoRALinear(T·d -> T·k) whose inputs,
 outputs and factors are split into T diagonal blocks; a sample of trial j has its input in block j
@@ -66,9 +66,9 @@ def _dp_gradient(*args, **kwargs):
 def mechanism_epsilons(epsilon: float, delta: float) -> dict:
     """σ for one full-batch step at target ε, the accountant's ε for that σ (what the audit is set
     against) and the exact ε of that Gaussian mechanism (μ = 1/σ GDP), the best any audit can reach."""
-    from ..privacy import epsilon_for, noise_multiplier_for
+    from ..privacy import calibrate_sigma, epsilon_for
 
-    sigma = noise_multiplier_for(epsilon, delta, 1.0, 1)
+    sigma = calibrate_sigma(epsilon, delta, [(1.0, 1)])   # the one calibration (one full-batch step)
     return {"noise_multiplier": sigma, "accountant_epsilon": epsilon_for(sigma, delta, 1.0, 1),
             "exact_epsilon": stats.gdp_epsilon(1.0 / sigma, delta)}
 
