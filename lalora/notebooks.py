@@ -22,9 +22,11 @@ downloads; ``LALORA_SMOKE_SIZE=cpu`` shrinks it for a CPU) is a folder
    temporary/venv/home paths: :func:`clean_executed_notebook`).
 
 With ``--jobs N`` (default: the cores this process may use) up to N notebooks execute at once,
-each in its own kernel, report notebooks after all the others; every run trains to the same bits
-as with ``--jobs 1`` (one intra-op thread per kernel either way; a run two notebooks ask for is
-trained by one of them and read from the run cache by the other).
+each in its own kernel, report notebooks after all the others, and each notebook's grid of runs
+trains up to N runs at once in worker processes (lalora.nbtools.run_grid), with at most N runs
+training machine-wide (shared slots); every run trains to the same bits as with ``--jobs 1``
+(one intra-op thread per process either way; a run two notebooks ask for is trained by one of
+them and read from the run cache by the other).
 
 The helpers the result notebooks call (``experiment_base``, ``run_grid``, ``accuracy_table``)
 live in :mod:`lalora.nbtools`.
@@ -40,6 +42,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -345,6 +348,27 @@ def _execute_all(job: _Execution, sources: Sequence[Path], jobs: int, keep_going
     return [by_source[s] for s in sources if s in by_source], stopped
 
 
+@contextmanager
+def _run_slots(jobs: int):
+    """Let each kernel's grids train up to ``jobs`` runs at once (``LALORA_JOBS``, read by
+    lalora.nbtools.run_grid) with at most ``jobs`` runs training machine-wide (``LALORA_RUN_SLOTS``:
+    the notebooks running side by side share the slots). Both are restored afterwards."""
+    import tempfile
+
+    saved = {k: os.environ.get(k) for k in ("LALORA_JOBS", "LALORA_RUN_SLOTS")}
+    with tempfile.TemporaryDirectory(prefix="lalora-slots-") as folder:
+        os.environ["LALORA_JOBS"] = str(jobs)
+        os.environ["LALORA_RUN_SLOTS"] = f"{folder}:{jobs}"
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def run_notebooks(profile: str, *, only: Iterable[str] | None = None, root: Path | str | None = None,
                   output_dir: Path | str | None = None, runs_dir: Path | str | None = None,
                   prepare_only: bool = False, quiet: bool | None = None, log_output: bool = False,
@@ -410,11 +434,12 @@ def run_notebooks(profile: str, *, only: Iterable[str] | None = None, root: Path
     parallel = 1 if prepare_only else int(jobs)
     start = time.perf_counter()
     stopped = False
-    for stage in ([s for s in sources if not is_report(s.stem)], [s for s in sources if is_report(s.stem)]):
-        if stopped:
-            break
-        outcomes, stopped = _execute_all(job, stage, parallel, keep_going, echo)
-        summary.outcomes += outcomes
+    with _run_slots(parallel):
+        for stage in ([s for s in sources if not is_report(s.stem)], [s for s in sources if is_report(s.stem)]):
+            if stopped:
+                break
+            outcomes, stopped = _execute_all(job, stage, parallel, keep_going, echo)
+            summary.outcomes += outcomes
     summary.jobs, summary.wall_seconds = parallel, round(time.perf_counter() - start, 2)
 
     _write_json_atomic(executed_dir / ("prepare_summary.json" if prepare_only else "runner_summary.json"),
