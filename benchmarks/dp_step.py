@@ -19,9 +19,11 @@ Opacus on Swin: timm's windowed attention feeds (B*nW, tokens, C) to qkv/proj, s
 unit there is the WINDOW, not the image (SPEC §3); if it runs at all its clipping is wrong. Its time is
 recorded with that note, or null with the error it raised.
 
-Method: torch.set_num_threads(threads) for every variant; `warmup` untimed steps per variant; then
-`repeats` rounds, each timing one step of every variant, round-robin in a rotating order (so drift in
-machine load hits all variants alike); medians reported, raw times kept. `<variant>_ms` is wall
+Method: torch.set_num_threads(threads) for every variant; each variant in its own process (spawned, one
+at a time busy: the driver steps them round-robin; `--same-process` builds them all in one process, the
+old method, where one variant's allocations changed another's timings by several percent); `warmup`
+untimed steps per variant; then `repeats` rounds, each timing one step of every variant, round-robin in
+a rotating order (so drift in machine load hits all variants alike); medians reported, raw times kept. `<variant>_ms` is wall
 time; `<variant>_cpu_ms` is this process's CPU time (all its threads) for the same steps, the
 steadier number when other jobs share the cores.
 Peak memory: Linux VmHWM. Before a variant's measured step: gc, malloc_trim(0), reset the high-water
@@ -247,19 +249,112 @@ def _short_error(err: BaseException) -> str:
     return text[:400]
 
 
+def _timed(step: Callable[[], None]) -> tuple[float, float]:
+    """(wall ms, this process's CPU ms) of one step."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    step()
+    return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+
+
+def _peak(step: Callable[[], None]) -> float | None:
+    before = _reset_peak()
+    step()
+    after = _proc_status_mb("VmHWM")
+    return None if before is None or after is None else round(after - before, 1)
+
+
+class _InProcess:
+    """A variant built in this process (``--same-process``)."""
+
+    def __init__(self, bench: Bench, variant: str, warmup: int):
+        self.step = make_step(variant, bench)
+        for _ in range(warmup):  # also the place where an unsupported model fails
+            self.step()
+
+    def timed(self) -> tuple[float, float]:
+        return _timed(self.step)
+
+    def peak(self) -> float | None:
+        return _peak(self.step)
+
+    def close(self) -> None:
+        pass
+
+
+def _variant_worker(conn, model: str, sizes: dict, variant: str, warmup: int, threads: int) -> None:
+    """A variant in its own process: build, warm up, then time one step per request from the driver."""
+    _quiet_libraries()
+    torch.set_num_threads(threads)
+    try:
+        bench = _build_bench(model, sizes)
+        runner = _InProcess(bench, variant, warmup)
+    except Exception as err:  # noqa: BLE001 -- reported to the driver as this variant's error
+        if os.environ.get("LALORA_BENCH_DEBUG"):
+            traceback.print_exc()
+        conn.send(("error", _short_error(err)))
+        return
+    conn.send(("ready", None))
+    while True:
+        command = conn.recv()
+        if command == "step":
+            conn.send(runner.timed())
+        elif command == "peak":
+            conn.send(runner.peak())
+        else:
+            return
+
+
+class _OwnProcess:
+    """A variant in its own process (the default): the driver steps the variants round-robin, so they
+    are still interleaved, but each has its own heap and allocator state, and its CPU time is its own."""
+
+    def __init__(self, model: str, sizes: dict, variant: str, warmup: int, threads: int):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_variant_worker, args=(child, model, sizes, variant, warmup, threads),
+                                daemon=True)
+        self.proc.start()
+        kind, payload = self.conn.recv()
+        if kind == "error":
+            self.close()
+            raise RuntimeError(payload)
+
+    def timed(self) -> tuple[float, float]:
+        self.conn.send("step")
+        return self.conn.recv()
+
+    def peak(self) -> float | None:
+        self.conn.send("peak")
+        return self.conn.recv()
+
+    def close(self) -> None:
+        try:
+            self.conn.send("stop")
+        except (OSError, EOFError):
+            pass
+        self.proc.join(30)
+
+
+def _build_bench(model: str, sizes: dict) -> Bench:
+    return (minilm_bench(sizes["batch_size"], sizes["seq_len"], sizes["rank"]) if model == "minilm"
+            else swin_bench(sizes["batch_size"], sizes["rank"]))
+
+
 def run_model(bench: Bench, variants: tuple[str, ...], repeats: int, warmup: int,
-              log=print) -> dict:
-    steps: dict[str, Callable[[], None]] = {}
+              log=print, *, isolate: dict | None = None) -> dict:
+    """Time ``variants`` interleaved. ``isolate`` ({"sizes": ..., "threads": ...}) runs each variant
+    in its own process (the default of main); None builds them all here."""
+    steps: dict[str, object] = {}
     errors: dict[str, str] = {}
     for v in variants:
         try:
-            log(f"[{bench.name}] setting up {v} ...")
-            steps[v] = make_step(v, bench)
-            for _ in range(warmup):  # also the place where an unsupported model fails
-                steps[v]()
+            log(f"[{bench.name}] setting up {v}" + (" in its own process" if isolate else "") + " ...")
+            steps[v] = (_OwnProcess(bench.name, isolate["sizes"], v, warmup, isolate["threads"]) if isolate
+                        else _InProcess(bench, v, warmup))
         except Exception as err:  # noqa: BLE001 -- recorded as null with its reason
-            errors[v] = _short_error(err)
-            steps.pop(v, None)
+            errors[v] = err.args[0] if isolate and isinstance(err, RuntimeError) and err.args else _short_error(err)
             log(f"[{bench.name}] {v} failed: {errors[v]}")
             if os.environ.get("LALORA_BENCH_DEBUG"):
                 traceback.print_exc()
@@ -270,19 +365,15 @@ def run_model(bench: Bench, variants: tuple[str, ...], repeats: int, warmup: int
     for rep in range(repeats):
         rotated = order[rep % len(order):] + order[:rep % len(order)] if order else []
         for v in rotated:
-            c0, t0 = time.process_time(), time.perf_counter()
-            steps[v]()
-            times[v].append((time.perf_counter() - t0) * 1e3)
-            cpu_times[v].append((time.process_time() - c0) * 1e3)
+            wall, cpu = steps[v].timed()
+            times[v].append(wall)
+            cpu_times[v].append(cpu)
         log(f"[{bench.name}] round {rep + 1}/{repeats}: "
             + ", ".join(f"{v} {times[v][-1]:.1f} ms" for v in order))
 
-    peaks: dict[str, float | None] = {}
+    peaks: dict[str, float | None] = {v: steps[v].peak() for v in order}
     for v in order:
-        before = _reset_peak()
-        steps[v]()
-        after = _proc_status_mb("VmHWM")
-        peaks[v] = None if before is None or after is None else round(after - before, 1)
+        steps[v].close()
 
     out: dict = {}
     for v in variants:
@@ -377,10 +468,13 @@ def main(argv=None) -> int:
     results = {}
     for name in args.models.split(","):
         env = environment(args.threads, args.repeats, args.warmup)
-        bench = (minilm_bench(args.batch_size, args.seq_len, args.rank) if name == "minilm"
-                 else swin_bench(args.batch_size, args.rank))
+        sizes = {"batch_size": args.batch_size, "seq_len": args.seq_len, "rank": args.rank}
+        bench = _build_bench(name, sizes)
+        isolate = None if args.same_process else {"sizes": sizes, "threads": args.threads}
         results[name] = run_model(bench, variants, args.repeats, args.warmup,
-                                  log=lambda s: print(s, file=sys.stderr, flush=True))
+                                  log=lambda s: print(s, file=sys.stderr, flush=True), isolate=isolate)
+        results[name]["method"] = ("every variant in this process" if args.same_process else
+                                   "each variant in its own process, stepped round-robin by the driver")
         # load average before/after: the machine is shared, so say how busy it was
         results[name]["meta"] = {**env, "loadavg_end": list(os.getloadavg())}
         for v in VARIANTS:  # fields the issue asks for are always present (null if not run)

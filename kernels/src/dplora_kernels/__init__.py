@@ -12,6 +12,7 @@ One engine, one LoRA layer (README.md, docs/CONTRACTS.md):
                                physical chunks, distributed (all-reduce, noise once)
   grouped_dp_gradient(...)     the same for M clients in one forward/backward (client stacks, grouped.py)
   client_groups(...)           context: each sample uses its own client's LoRA factors and head
+  register_per_sample_rule(...) how per-sample gradients of another layer type are computed (rules.py)
 Kernel functions: lora_per_sample_grads, linear_per_sample_grads, clip_factors, clipped_noised_sum,
 clip_and_noise, available_backends, resolve_backend.
 """
@@ -23,6 +24,7 @@ from .dp import DPStepResult, batch_size_of, dp_gradient, grouped_dp_gradient, p
 from .engine import PerSampleGradEngine, PerSampleGrads
 from .grouped import client_groups
 from .lora import LoRALinear
+from .rules import register_per_sample_rule, registered_rules
 from .unit_probe import ClippingUnitError, UnattributedGradientError
 
 __all__ = [
@@ -31,6 +33,6 @@ __all__ = [
     "LoRAPerSampleGrads", "LinearPerSampleGrads",
     "LoRALinear", "PerSampleGradEngine", "PerSampleGrads", "per_sample_gradients", "dp_gradient",
     "DPStepResult", "batch_size_of", "grouped_dp_gradient", "client_groups",
-    "ClippingUnitError", "UnattributedGradientError",
+    "ClippingUnitError", "UnattributedGradientError", "register_per_sample_rule", "registered_rules",
 ]
 __version__ = "0.2.0"

@@ -15,6 +15,11 @@ Per-sample gradients follow in closed form from (activation, grad_out) pairs:
                -> reference / api.linear_per_sample_grads
   nn.LayerNorm G_w,i = sum g_i * xhat_i, G_b,i = sum g_i
   nn.Embedding G_i = scatter of g_i into the rows of sample i's token ids  (N x V x d: small vocabularies)
+  Conv1D (HF)  G_W,i = x_i^T g_i (weight (in, out)), G_b,i = sum g_i
+  raw (1, ...) parameters broadcast over the batch by their module's forward (cls_token, pos_embed):
+               read as p.expand(N, ...) during that forward; dL/d(copy i) is sample i's gradient
+All but LoRALinear are per-layer rules (rules.py), one registration per layer type; users add theirs
+with register_per_sample_rule.
 
 Where they go: ONE (N, P) arena (fp32; float64 for a float64 model), P = the total size of the
 trainable parameters, with a (N, *shape) view per parameter (per_sample.PerSampleGrads). Squared
@@ -36,8 +41,9 @@ token layers, so the engine materialises every layer with k > 1.
 Any other trainable parameter -> ValueError listing its name (silently missing a parameter from the
 clipping norm would break the privacy guarantee). So does a trainable parameter of a supported layer
 that the loss reaches without the layer being called (functional use, e.g. nn.MultiheadAttention's
-out_proj), and a layer re-run inside the backward (activation checkpointing).  Not detectable: a
-parameter used both by its module and functionally elsewhere (e.g. a tied LM head via F.linear).
+out_proj), and a layer re-run inside the backward (activation checkpointing). Not detectable by the
+hooks, but by the default model check of dp_gradient (checks.py): a parameter used both by its module
+and functionally elsewhere (e.g. a tied LM head via F.linear), and a wrong registered rule.
 
 The clipping unit: an activation whose leading dimension is R is viewed as (N, R // N, ...), N = the
 number of samples. Rows must be sample-major (batch-first): one sequence is one unit with T tokens,
@@ -59,17 +65,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import reference as ref
 from ._backend import resolve_backend
-from .api import linear_per_sample_grads, lora_per_sample_grads
+from .api import lora_per_sample_grads
 from .lora import LoRALinear
 from .per_sample import GhostLinear, PerSampleGrads
+from .rules import broadcast_parameters, rule_for
 
 __all__ = ["PerSampleGradEngine", "PerSampleGrads", "GhostLinear", "SUPPORTED_MODULES"]
 
+# the built-in layer types; rules.register_per_sample_rule adds more (rules.registered_rules() lists them)
 SUPPORTED_MODULES = (LoRALinear, nn.Linear, nn.LayerNorm, nn.Embedding)
 
 # Tests set this to True: the arena is then allocated full of NaN, so a slot the engine forgets to
@@ -87,6 +94,10 @@ class _Call:
     group: object = None       # grouped.ClientGroup of a client-grouped LoRA call (stacked factors)
     u_graph: torch.Tensor | None = None   # u in the graph, when autograd computes v = dL/du anyway
     v: torch.Tensor | None = None         # dL/du from the backward (filled in by backward)
+    rule: object = None                   # rules.PerSampleRule of a non-LoRA module
+    param: nn.Parameter | None = None     # a raw parameter broadcast over the batch (out = its expanded copy)
+    params: tuple = ()                    # the parameters a rule's call covers (they count as "called")
+    kwargs: dict | None = None            # the forward's keyword arguments, for rules that read them
 
 
 @dataclass
@@ -128,6 +139,7 @@ class PerSampleGradEngine:
     def __enter__(self) -> "PerSampleGradEngine":
         covered: set[int] = set()
         batchnorms = []
+        refused: dict[str, str] = {}
         walk, self._walk = self._walk, None
         if walk is None or not _flags_unchanged(walk[2]):
             walk = _trainable(self.model)   # ONE walk: parameters, BatchNorm check and hooks
@@ -135,20 +147,37 @@ class PerSampleGradEngine:
         for name, m, own in owners:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
                 batchnorms.append(name)
-            if not own:
+            rule = rule_for(m)
+            if not own and (rule is None or rule.claims is None):
                 continue
             if isinstance(m, LoRALinear):
                 covered |= {id(m.lora_A), id(m.lora_B)}   # the base is a child nn.Linear, hooked on its own
                 m._capture = self._capture_lora
                 self._handles.append(_Restore(m))
-            elif isinstance(m, (nn.Linear, nn.LayerNorm, nn.Embedding)):
-                if isinstance(m, nn.LayerNorm) and not m.elementwise_affine:
-                    continue
-                if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq
-                                                    or m.sparse):
-                    continue
-                covered |= {id(p) for p in own}
-                self._handles.append(m.register_forward_hook(self._capture_module))
+                continue
+            why = rule.refuse(m) if rule is not None else None
+            if rule is not None and why is None:
+                claimed = tuple(p for p in (own if rule.claims is None else rule.claims(m)) if p.requires_grad)
+                if claimed:
+                    covered |= {id(p) for p in claimed}
+                    if rule.kwargs:
+                        self._handles.append(m.register_forward_hook(
+                            lambda mod, inputs, kwargs, output, rule=rule, claimed=claimed:
+                            self._capture_module(mod, inputs, output, rule, claimed, kwargs), with_kwargs=True))
+                    else:
+                        self._handles.append(m.register_forward_hook(
+                            lambda mod, inputs, output, rule=rule, claimed=claimed:
+                            self._capture_module(mod, inputs, output, rule, claimed)))
+                continue
+            if why is not None:
+                refused[name or type(m).__name__] = why
+            # own parameters a parent's rule did not claim (owners are walked parents first)
+            bcast = broadcast_parameters(m, [p for p in own if id(p) not in covered])
+            if bcast:   # raw parameters the module's forward broadcasts over the batch (rules.py)
+                covered |= {id(p) for _, p in bcast}
+                swap = _BroadcastSwap(m, bcast, self._record)
+                self._handles += [m.register_forward_pre_hook(swap.before, with_kwargs=True),
+                                  m.register_forward_hook(swap.after), swap]
         self.params = params
         self._names = {id(p): n for n, p in params.items()}
         if batchnorms:   # batch statistics mix samples: no per-sample gradient (nor DP) exists
@@ -159,10 +188,14 @@ class PerSampleGradEngine:
         missing = [n for n, p in self.params.items() if id(p) not in covered]
         if missing:
             self.close()
+            reasons = "".join(f"; {k}: {why}" for k, why in refused.items())
             raise ValueError(
                 "PerSampleGradEngine cannot compute per-sample gradients for trainable parameters "
-                f"{missing}: supported owners are LoRALinear, nn.Linear, nn.LayerNorm (affine) and "
-                "nn.Embedding (no max_norm/scale_grad_by_freq/sparse); freeze them or use a supported layer")
+                f"{missing}: supported owners are LoRALinear, the layer types with a per-sample rule "
+                "(nn.Linear, nn.LayerNorm (affine), nn.Embedding (no max_norm/scale_grad_by_freq/sparse), "
+                "transformers' Conv1D, and any registered with dplora_kernels.register_per_sample_rule) and "
+                "raw parameters of leading dimension 1 broadcast over the batch by their module's forward"
+                f"{reasons}; freeze them, use a supported layer or register a rule for it")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -194,10 +227,13 @@ class PerSampleGradEngine:
             self._record(_Call(module, x_dropped.detach(), out, u.detach(), group=group,
                                u_graph=u if take_v else None))
 
-    def _capture_module(self, module: nn.Module, inputs, output) -> None:
+    def _capture_module(self, module: nn.Module, inputs, output, rule, claimed, kwargs=None) -> None:
         if not isinstance(output, torch.Tensor):
             raise ValueError(f"{type(module).__name__} returned {type(output).__name__}; expected a tensor")
-        self._record(_Call(module, inputs[0].detach(), output))
+        if not inputs or not isinstance(inputs[0], torch.Tensor):
+            raise ValueError(f"{type(module).__name__} was called without a positional tensor input; its "
+                             "per-sample rule needs the activation as the first positional argument")
+        self._record(_Call(module, inputs[0].detach(), output, rule=rule, params=claimed, kwargs=kwargs))
 
     # ---- backward ------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, num_samples: int | None = None, *,
@@ -218,12 +254,6 @@ class PerSampleGradEngine:
                 raise RuntimeError(f"an activation or output of {type(c.module).__name__} was modified in "
                                    "place after the forward; per-sample gradients would be wrong "
                                    "(disable inplace=True in the layers after it)")
-            if c.x.shape[0] % n:
-                raise ValueError(f"num_samples={n} does not divide the leading dimension {c.x.shape[0]} of "
-                                 f"a {type(c.module).__name__} input {tuple(c.x.shape)}: rows must be "
-                                 "sample-major (batch-first), R = N * k. An input broadcast over the batch "
-                                 "(leading dim 1, e.g. BERT's default position_ids) mixes samples: freeze "
-                                 "that layer or pass per-sample inputs")
         grad_outs: list = []
         if loss.requires_grad:
             outs = [c.out for c in calls]
@@ -232,11 +262,20 @@ class PerSampleGradEngine:
             # Trainable parameters whose module never ran may still be used functionally (e.g.
             # nn.MultiheadAttention reads out_proj.weight without calling out_proj): ask autograd for
             # their gradient in the same pass and refuse if the loss depends on them.
-            called = {id(p) for c in calls for p in c.module._parameters.values() if p is not None}
+            called = {id(p) for c in calls for p in (c.params or c.module._parameters.values()) if p is not None}
             uncalled = [(k, p) for k, p in self.params.items() if id(p) not in called]
             res = torch.autograd.grad(loss, outs + [p for _, p in uncalled], allow_unused=True,
                                       retain_graph=retain_graph)
             grad_outs = list(res[:len(calls)])
+            for c, g in zip(calls, grad_outs):
+                # a call whose output does not reach the loss has no per-sample part (e.g. DoRA's
+                # lora_B(lora_A(eye)) for a detached weight norm): its row layout does not matter
+                if g is not None and c.x.shape[0] % n:
+                    raise ValueError(f"num_samples={n} does not divide the leading dimension {c.x.shape[0]} of "
+                                     f"a {type(c.module).__name__} input {tuple(c.x.shape)}: rows must be "
+                                     "sample-major (batch-first), R = N * k. An input broadcast over the batch "
+                                     "(leading dim 1, e.g. BERT's default position_ids) mixes samples: freeze "
+                                     "that layer or pass per-sample inputs")
             for c, v in zip(with_v, res[len(calls):len(outs)]):
                 c.v, c.u_graph = v, None
             used = [k for (k, _), g in zip(uncalled, res[len(outs):]) if g is not None]
@@ -335,7 +374,14 @@ class PerSampleGradEngine:
         public functions' argument checks would only add Python time per layer."""
         m = c.module
         torch_path = self._backend == "torch"
-        if isinstance(m, LoRALinear):
+        if c.param is not None:   # a broadcast raw parameter: dL/d(copy i) is sample i's gradient
+            yield (c.param,), (g.to(ref.acc_dtype(g.dtype)).reshape(n, *c.param.shape),)
+        elif c.rule is not None:
+            if c.rule.kwargs:
+                yield from c.rule.per_sample(m, c.x, g, n, target, self._backend, kwargs=c.kwargs)
+            else:
+                yield from c.rule.per_sample(m, c.x, g, n, target, self._backend)
+        elif isinstance(m, LoRALinear):
             a_on, b_on = m.lora_A.requires_grad, m.lora_B.requires_grad
             which = "both" if (a_on and b_on) else ("A" if a_on else "B")
             out_A = target(m.lora_A) if a_on else None
@@ -357,43 +403,6 @@ class PerSampleGradEngine:
                 yield (m.lora_A,), (gA,)
             if b_on:
                 yield (m.lora_B,), (gB,)
-        elif isinstance(m, nn.Linear):
-            w_on, b_on = m.weight.requires_grad, m.bias is not None and m.bias.requires_grad
-            if w_on:
-                out_w, out_b = target(m.weight), (target(m.bias) if b_on else None)
-                if torch_path:
-                    gw, gb = ref.linear_per_sample_grads(_rows(c.x), _rows(g), n, b_on, out_w, out_b)
-                else:
-                    r = linear_per_sample_grads(_rows(c.x), _rows(g), n, bias=b_on, backend=self._backend,
-                                                out_weight=out_w, out_bias=out_b)
-                    gw, gb = r.grad_weight, r.grad_bias
-                yield ((m.weight, m.bias) if b_on else (m.weight,)), (gw, gb)
-            elif b_on:   # only the bias trains: G_b,i = sum of g over sample i's rows
-                yield (m.bias,), (ref.per_sample_view(g, n).to(ref.acc_dtype(g.dtype)).sum(1),)
-        elif isinstance(m, nn.LayerNorm):
-            dt = ref.acc_dtype(c.x.dtype)
-            shape = tuple(m.normalized_shape)
-            gs = g.to(dt).reshape(n, -1, *shape)
-            params, grads = [], []
-            if m.weight.requires_grad:
-                xhat = F.layer_norm(c.x.to(dt), shape, None, None, m.eps)
-                params.append(m.weight)
-                grads.append((gs * xhat.reshape(n, -1, *shape)).sum(1))
-            if m.bias is not None and m.bias.requires_grad:
-                params.append(m.bias)
-                grads.append(gs.sum(1))
-            if params:
-                yield tuple(params), tuple(grads)
-        elif isinstance(m, nn.Embedding):
-            dt = ref.acc_dtype(g.dtype)
-            ids = c.x.reshape(n, -1)                          # (N, L) token ids
-            gs = g.to(dt).reshape(n, -1, m.embedding_dim)     # (N, L, d)
-            if m.padding_idx is not None:                     # PyTorch gives the padding row no gradient
-                gs = gs * (ids != m.padding_idx).unsqueeze(-1).to(dt)
-            flat = (ids + torch.arange(n, device=ids.device).unsqueeze(1) * m.num_embeddings).reshape(-1)
-            out = torch.zeros(n * m.num_embeddings, m.embedding_dim, dtype=dt, device=g.device)
-            out.index_add_(0, flat, gs.reshape(-1, m.embedding_dim))
-            yield (m.weight,), (out.reshape(n, m.num_embeddings, m.embedding_dim),)
 
 
 def _trainable(model: nn.Module):
@@ -438,6 +447,34 @@ def _flags_unchanged(flags) -> bool:
         if p.requires_grad is not f:
             return False
     return True
+
+
+class _BroadcastSwap:
+    """While ``module``'s forward runs, each raw parameter p of ``params`` reads as p.expand(N, ...)
+    (N = the leading dim of the forward's first tensor input); the expanded copy is recorded as the
+    call's output, so the backward's dL/d(copy) is the per-sample gradient (rules.broadcast_parameters).
+    The parameters are put back after the forward, and by remove() (the engine's close) if it raised."""
+
+    def __init__(self, module: nn.Module, params: list, record):
+        self.module, self.params, self.record = module, params, record
+
+    def before(self, module, args, kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+        if first is None:
+            raise ValueError(f"{type(module).__name__} owns trainable parameters broadcast over the batch "
+                             f"{[k for k, _ in self.params]} but its forward got no tensor input to read N from")
+        n = first.shape[0]
+        for k, p in self.params:
+            copy = p.expand(n, *p.shape[1:])
+            module._parameters[k] = copy   # read through nn.Module.__getattr__ during this forward only
+            self.record(_Call(module, copy.detach(), copy, param=p))
+
+    def after(self, module, args, output):
+        self.remove()
+
+    def remove(self) -> None:
+        for k, p in self.params:
+            self.module._parameters[k] = p
 
 
 class _Restore:
