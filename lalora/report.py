@@ -180,13 +180,22 @@ def tuned_claim_rows(results: Mapping[str, Any], profile: str) -> list[dict]:
 
 
 def _picks_text(data: Mapping[str, Any]) -> str:
-    by_arm: dict[tuple, list[str]] = {}
+    """"digits-swin (ε = 1/2/3): DP-LoRA 0.0125/0.025*/0.05, ...": the picked lrs per task, arm and ε."""
+    by_task: dict[str, dict[str, dict[float, str]]] = {}
     for p in data.get("picks") or []:
-        if p.get("derived_from"):
-            continue
-        by_arm.setdefault((p["task"], p["method"]), []).append(
-            f"{p['lr']:g}" + ("*" if p.get("at_grid_edge") else "") + f" at ε = {fmt_eps(as_epsilon(p['epsilon']))}")
-    return "; ".join(f"{method_label(m)} ({t}) {', '.join(v)}" for (t, m), v in by_arm.items())
+        if not p.get("derived_from"):
+            by_task.setdefault(p["task"], {}).setdefault(p["method"], {})[as_epsilon(p["epsilon"])] = (
+                f"{p['lr']:g}" + ("*" if p.get("at_grid_edge") else ""))
+    parts = []
+    for task, arms in by_task.items():
+        eps = sorted({e for lrs in arms.values() for e in lrs})
+        parts.append(f"{task} (ε = {'/'.join(fmt_eps(e) for e in eps)}): " + ", ".join(
+            f"{method_label(m)} {'/'.join(lrs.get(e, '–') for e in eps)}" for m, lrs in arms.items()))
+    return "; ".join(parts)
+
+
+def _per_task(value) -> str:
+    return ", ".join(f"{v} ({k})" for k, v in value.items()) if isinstance(value, Mapping) else str(value)
 
 
 def _tuned_summary(results: dict, profile: str) -> list[str] | None:
@@ -198,7 +207,7 @@ def _tuned_summary(results: dict, profile: str) -> list[str] | None:
     lrs = ", ".join(f"{x:g}" for x in grid.get("lrs") or [])
     rounds, steps = data.get("summary", {}).get("rounds"), data.get("summary", {}).get("local_steps")
     protocol = (f"- **Protocol** (`{profile}`, notebook {TUNED_NOTEBOOK}): the paper's federation, K = {steps} local "
-                f"steps, rounds {rounds}; **tuned**: each arm's lr picked per ε from {{{lrs}}} on a public "
+                f"steps, rounds {_per_task(rounds)}; **tuned**: each arm's lr picked per ε from {{{lrs}}} on a public "
                 f"validation split ({len(grid.get('tuning_seeds') or [])} tuning seeds, no privacy cost), then "
                 f"{len(grid.get('test_seeds') or [])} paired test seeds; picks: {_picks_text(data)} (* at the grid's "
                 f"edge). Beside it the **paper's lr** {data.get('summary', {}).get('paper_lr', 0.1):g} for every arm. "
@@ -270,10 +279,9 @@ def tuning_section(results: dict, results_root: Path, report_dir: Path) -> str:
             key = (p["task"], p["method"], fmt_eps(as_epsilon(p["epsilon"])))
             lr = f"{p['lr']:g}" + ("*" if p.get("at_grid_edge") else "") + (
                 f" (½ of {method_label(p['derived_from'])}'s)" if p.get("derived_from") else "")
-            val = p.get("validation_mean")
+            val = p.get("validation_mean")   # % like every accuracy of the run records
             rows.append([p["task"], method_label(p["method"]), key[2], lr,
-                         f"{100 * val:.1f}" if isinstance(val, (int, float)) and val <= 1 else
-                         (f"{val:.1f}" if isinstance(val, (int, float)) else "–"),
+                         f"{val:.1f}" if isinstance(val, (int, float)) else "–",
                          cell((*key, "tuned")), cell((*key, "paper"))])
         out += [f"`{profile}`:", "", md_table(["task", "arm", "ε", "picked lr", "validation acc. at pick",
                                                  "test, tuned", f"test, lr {data.get('summary', {}).get('paper_lr', 0.1):g}"],

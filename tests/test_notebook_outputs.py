@@ -9,7 +9,7 @@ import pytest
 from lalora.notebooks import clean_executed_notebook, scrub_text
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = sorted(p for profile in ("offline", "offline-full")
+COMMITTED = sorted(p for profile in ("offline", "offline-full", "evidence")
                    for p in (ROOT / "results" / profile / "notebooks").glob("*.ipynb"))
 # An absolute path of a build machine: temporary folders, home folders, virtual environments.
 MACHINE_PATH = re.compile(r"(/tmp/|/var/folders/|/private/var/|/home/[^/\s]+/|/root/|/Users/[^/\s]+/|(?<!<)site-packages)")
@@ -69,7 +69,7 @@ def test_clean_executed_notebook_rewrites_outputs_in_place(tmp_path):
     json.loads(path.read_text())
 
 
-COMMITTED_FILES = sorted(p for profile in ("offline", "offline-full") for p in (ROOT / "results" / profile).rglob("*")
+COMMITTED_FILES = sorted(p for profile in ("offline", "offline-full", "evidence") for p in (ROOT / "results" / profile).rglob("*")
                          if p.suffix in (".json", ".ipynb"))
 # an absolute path as a JSON string or inside one (a run folder, an injected runs_dir parameter)
 ABSOLUTE = re.compile(r'"(/[A-Za-z0-9_.-]+){2,}|[\s(\'"]/(work|tmp|root|home|Users|var|opt|mnt)/')
