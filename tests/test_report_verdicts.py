@@ -232,9 +232,32 @@ def test_the_mechanism_test_is_computed_from_the_committed_json():
     assert (row["ci_low"], row["ci_high"]) == pytest.approx((diffs.mean() - half, diffs.mean() + half), abs=1e-12)
     assert row["verdict"] == ("holds" if diffs.mean() - half > 0 else "reversed" if diffs.mean() + half < 0 else "unresolved")
     committed = (REPO / "paper" / "REPORT.md").read_text()
-    headline = committed.split("## ")[0]
-    assert f"LA-LoRA > DP-LoRA + filter (digits-swin, ε = 1): {verdicts.fmt_diff(row)}, n = {row['n']}, " \
-           f"**{row['verdict']}**" in headline
+    section = committed.split("## The mechanism's own test")[1].split("\n## ")[0]
+    assert f"`offline-full` / 03_ablation" in section and f"| {row['n']} | {verdicts.fmt_diff(row)} |" in section
+
+
+def test_the_headline_mechanism_test_is_the_tuned_protocols_from_the_committed_json():
+    """The summary's mechanism line speaks for the evidence profile's notebook 14, per ε and protocol,
+    each recomputed here in float64 from the per-seed runs."""
+    from lalora.result_files import collect_results
+
+    results = collect_results(REPO / "results", ["evidence"])
+    runs = results["evidence"]["14_tuned_main"]["runs"]
+    headline = (REPO / "paper" / "REPORT.md").read_text().split("## ")[0]
+    checked = 0
+    for protocol, label in (("tuned", "tuned lr"), ("paper", "paper's lr")):
+        for eps in (1.0, 2.0, 3.0):
+            acc = {m: {r["seed"]: r["accuracy"] for r in runs if r["method"] == m and r["protocol"] == protocol
+                       and r["task"] == "digits-swin" and float(r["epsilon"]) == eps}
+                   for m in ("la-lora", "dp-lora+filter")}
+            seeds = sorted(acc["la-lora"])
+            diffs = np.array([acc["la-lora"][s] - acc["dp-lora+filter"][s] for s in seeds], dtype=np.float64)
+            half = stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs))
+            row = {"mean": diffs.mean(), "ci_low": diffs.mean() - half, "ci_high": diffs.mean() + half}
+            assert len(diffs) >= 5
+            assert f"digits-swin, ε = {eps:g}, {label}: {verdicts.fmt_diff(row)}, n = {len(diffs)}" in headline
+            checked += 1
+    assert checked == 6
 
 
 def test_near_zero_alignment_gets_an_interval_not_a_yes():

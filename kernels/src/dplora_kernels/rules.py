@@ -316,8 +316,8 @@ _RULES["peft.tuners.lora.layer.Embedding"] = PerSampleRule("PEFT LoRA Embedding"
 
 # ---- raw parameters broadcast over the batch -----------------------------------------------------
 def broadcast_parameters(module: nn.Module, own: list[nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
-    """The module's own trainable parameters that no rule covers and whose leading dimension is 1
-    (timm's ``cls_token`` (1, 1, d) and ``pos_embed`` (1, L, d)): candidates for broadcasting.
+    """The module's own trainable parameters that no rule covers, with 2 or more dimensions and a leading
+    dimension of 1 (timm's ``cls_token`` (1, 1, d) and ``pos_embed`` (1, L, d)): candidates for broadcasting.
 
     While the module's forward runs, the engine replaces each by ``p.expand(N, *p.shape[1:])`` (N =
     the leading dim of the forward's first tensor input), so ``self.cls_token.expand(B, -1, -1)`` or
@@ -326,5 +326,7 @@ def broadcast_parameters(module: nn.Module, own: list[nn.Parameter]) -> list[tup
     attributes every sample's gradient to one copy: the default model check's per-sample loop sees
     that and refuses the model, naming the parameter."""
     ids = {id(p) for p in own}
+    # 2-D or more: a (1,) parameter is a scalar (a temperature, a layer scale); expanded to (N,) it would
+    # broadcast against the activation's LAST dimension, so it stays refused
     return [(k, p) for k, p in module._parameters.items()
-            if p is not None and id(p) in ids and p.dim() >= 1 and p.shape[0] == 1]
+            if p is not None and id(p) in ids and p.dim() >= 2 and p.shape[0] == 1]
