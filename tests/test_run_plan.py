@@ -41,15 +41,23 @@ def _committed_runs(notebook: str, **match) -> dict:
     ("02_main_language", dict(task="topics-minilm", epsilon=3.0)),
 ])
 def test_plan_reproduces_the_committed_sigma_and_epsilon(notebook, match):
-    """σ and the binding client's ε of the plan equal what the committed run recorded (bitwise)."""
+    """σ and the binding client's ε of the plan equal what the committed run recorded: bitwise on a CPU
+    with the committed results' float flags, else to 1e-12 (PRV's FFT composition takes other SIMD paths
+    on another CPU: seen 7.995266434368763 here, on an AMD EPYC with avx512_vp2intersect, vs ...766 on the
+    Xeon that made results/offline)."""
+    from lalora.provenance import cpu_info
+
     run = _committed_runs(notebook, **match)
+    made_on = json.loads((REPO / "results" / "offline" / f"{notebook}.json").read_text())["provenance"]
+    same_cpu = made_on["cpu"]["float_flags"] == cpu_info()["float_flags"]
+    close = (lambda a, b: a == b) if same_cpu else (lambda a, b: a == pytest.approx(b, rel=1e-12, abs=0))
     # The committed runs ran on one thread (the notebook runner sets OMP_NUM_THREADS=1); PRV's
-    # composition rounds differently in the last bits with more BLAS threads (seen: 7.995266434368763
-    # vs ...766 with 2), so the plan is asked under the same limit.
+    # composition rounds differently in the last bits with more BLAS threads, so the plan is asked
+    # under the same limit.
     with threadpool_limits(1):   # ε is computed lazily: read it inside
         cfg, _, parts, plan = plan_run(RunConfig.from_dict(run["config"]))
-        assert plan.noise_multiplier == run["noise_multiplier"]
-        assert max(plan.planned_epsilons) == run["epsilon_spent"]
+        assert close(plan.noise_multiplier, run["noise_multiplier"])
+        assert close(max(plan.planned_epsilons), run["epsilon_spent"])
     assert plan.client_sizes == tuple(len(p) for p in parts)
 
 
