@@ -13,17 +13,9 @@ pytest.importorskip("opacus")
 pytest.importorskip("peft")
 
 from dplora_kernels.hf import DPTrainer  # noqa: E402
+from engine_loops import trainer_args as args  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
-
-
-def args(tmp_path, **kw):
-    from transformers import TrainingArguments
-    base = dict(per_device_train_batch_size=6, max_steps=4, learning_rate=0.5, optim="sgd",
-                lr_scheduler_type="constant", weight_decay=0.0, warmup_steps=0, logging_steps=1,
-                save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=3)
-    base.update(kw)
-    return TrainingArguments(str(tmp_path / "out"), **base)
 
 
 def test_bf16_on_peft_minilm_within_stated_tolerance(tmp_path):

@@ -5,6 +5,7 @@ kernels' tests import nothing of lalora)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dplora_kernels import LoRALinear
@@ -120,3 +121,54 @@ class SeqMLP(nn.Module):
 
 def ce_loss(model, batch):
     return torch.nn.functional.cross_entropy(model(batch["x"]), batch["labels"], reduction="none")
+
+
+# ---- text models and Trainer arguments shared by the kernels' and lalora's tests
+class EncoderClassifier(nn.Module):
+    """A HF encoder + mean pooling over unmasked tokens + a linear head (the offline text task)."""
+
+    def __init__(self, encoder, n_cls=3):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, n_cls)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def text_loss(model, batch):
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    return F.cross_entropy(logits, batch["labels"], reduction="none")
+
+
+def text_batch(vocab, n=3, t=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[0, 4:] = 0       # padded sequences: padding must not change the unit or the gradient
+    mask[1, 2:] = 0
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(n) % 3}
+
+
+BERT_TARGETS = ["query", "key", "value", "attention.output.dense"]
+
+
+def small_bert(dtype, seed=0):
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                     vocab_size=60, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return EncoderClassifier(BertModel(cfg, add_pooling_layer=False)).to(dtype)
+
+
+def trainer_args(tmp_path, **kw):
+    from transformers import TrainingArguments
+    base = dict(per_device_train_batch_size=6, max_steps=4, learning_rate=0.5, optim="sgd",
+                lr_scheduler_type="constant", weight_decay=0.0, warmup_steps=0, logging_steps=1,
+                save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=3)
+    base.update(kw)
+    return TrainingArguments(str(tmp_path / "out"), **base)

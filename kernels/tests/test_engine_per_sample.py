@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dplora_kernels.engine import PerSampleGradEngine
-from engine_loops import (RTOL, SeqMLP, add_lora, assert_close_rel, ce_loss, check_against_loop, engine_grads,
-                          flat_norms, freeze_all, loop_per_sample_grads, randomize_lora_B, set_active_factors)
+from engine_loops import (BERT_TARGETS, RTOL, EncoderClassifier, SeqMLP, add_lora, assert_close_rel,  # noqa: F401
+                          ce_loss, check_against_loop, engine_grads, flat_norms, freeze_all, loop_per_sample_grads,
+                          randomize_lora_B, set_active_factors, small_bert, text_batch, text_loss)
 
 
 def mlp_model(dtype, seed=0):
@@ -210,45 +211,6 @@ def test_swin_windows_are_image_major_with_shift():
 
 
 # ---------------------------------------------------------------- BERT (random config) and MiniLM
-class EncoderClassifier(nn.Module):
-    """A HF encoder + mean pooling over unmasked tokens + a linear head (the offline text task)."""
-
-    def __init__(self, encoder, n_cls=3):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, n_cls)
-
-    def forward(self, input_ids, attention_mask):
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.head((h * m).sum(1) / m.sum(1))
-
-
-def text_loss(model, batch):
-    logits = model(batch["input_ids"], batch["attention_mask"])
-    return F.cross_entropy(logits, batch["labels"], reduction="none")
-
-
-def text_batch(vocab, n=3, t=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (n, t), generator=g)
-    mask = torch.ones(n, t, dtype=torch.long)
-    mask[0, 4:] = 0       # padded sequences: padding must not change the unit or the gradient
-    mask[1, 2:] = 0
-    ids[mask == 0] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(n) % 3}
-
-
-BERT_TARGETS = ["query", "key", "value", "attention.output.dense"]
-
-
-def small_bert(dtype, seed=0):
-    from transformers import BertConfig, BertModel
-    torch.manual_seed(seed)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                     vocab_size=60, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
-    return EncoderClassifier(BertModel(cfg, add_pooling_layer=False)).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

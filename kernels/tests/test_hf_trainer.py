@@ -26,6 +26,7 @@ peft = pytest.importorskip("peft")
 import dplora_kernels as dk  # noqa: E402
 from dplora_kernels.hf import (DPTrainer, PoissonBatchSampler, calibrate_noise_multiplier,  # noqa: E402
                                epsilon_after, max_steps_within)
+from engine_loops import trainer_args as args  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -64,15 +65,6 @@ class Data(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"x": self.x[i], "labels": self.y[i]}
-
-
-def args(tmp_path, **kw):
-    from transformers import TrainingArguments
-    base = dict(per_device_train_batch_size=6, max_steps=4, learning_rate=0.5, optim="sgd",
-                lr_scheduler_type="constant", weight_decay=0.0, warmup_steps=0, logging_steps=1,
-                save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=3)
-    base.update(kw)
-    return TrainingArguments(str(tmp_path / "out"), **base)
 
 
 def ce(model, batch):
