@@ -72,7 +72,7 @@ from ._backend import resolve_backend
 from .api import lora_per_sample_grads
 from .lora import LoRALinear
 from .per_sample import GhostLinear, PerSampleGrads
-from .rules import broadcast_parameters, rule_for
+from .rules import _rows, broadcast_parameters, rule_for
 
 __all__ = ["PerSampleGradEngine", "PerSampleGrads", "GhostLinear", "SUPPORTED_MODULES"]
 
@@ -485,12 +485,3 @@ class _Restore:
 
     def remove(self) -> None:
         self.module._capture = None
-
-
-def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """(R, ..., c) -> (R, L, c): the 3-D layout the kernels take (extra dims are positions)."""
-    if t is None:
-        return None
-    if t.dim() == 1:
-        return t.reshape(t.shape[0], 1)
-    return t.reshape(t.shape[0], -1, t.shape[-1]) if t.dim() > 2 else t

@@ -144,11 +144,23 @@ def _user_rule(fn: Callable) -> Callable[..., Units]:
 
 
 # ---- built-in rules ------------------------------------------------------------------------------
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
     """(R, ..., c) -> (R, L, c): the 3-D layout the kernels take (extra dims are positions)."""
+    if t is None:
+        return None
     if t.dim() == 1:
         return t.reshape(t.shape[0], 1)
     return t.reshape(t.shape[0], -1, t.shape[-1]) if t.dim() > 2 else t
+
+
+def _scatter_per_sample(ids: torch.Tensor, grads: torch.Tensor, n: int, rows: int) -> torch.Tensor:
+    """(N, rows, c): sample i's ``grads`` (N, L, c) summed into the table rows its token ``ids`` (N, L) pick
+    (an embedding's per-sample gradient), one index_add over all samples."""
+    c = grads.shape[-1]
+    flat = (ids + torch.arange(n, device=ids.device).unsqueeze(1) * rows).reshape(-1)
+    out = torch.zeros(n * rows, c, dtype=grads.dtype, device=grads.device)
+    out.index_add_(0, flat, grads.reshape(-1, c))
+    return out.reshape(n, rows, c)
 
 
 def _linear(m: nn.Linear, x, g, n, target, backend) -> Units:
@@ -206,10 +218,7 @@ def _embedding(m: nn.Embedding, x, g, n, target, backend) -> Units:
     gs = g.to(dt).reshape(n, -1, m.embedding_dim)     # (N, L, d)
     if m.padding_idx is not None:                     # PyTorch gives the padding row no gradient
         gs = gs * (ids != m.padding_idx).unsqueeze(-1).to(dt)
-    flat = (ids + torch.arange(n, device=ids.device).unsqueeze(1) * m.num_embeddings).reshape(-1)
-    out = torch.zeros(n * m.num_embeddings, m.embedding_dim, dtype=dt, device=g.device)
-    out.index_add_(0, flat, gs.reshape(-1, m.embedding_dim))
-    yield (m.weight,), (out.reshape(n, m.num_embeddings, m.embedding_dim),)
+    yield (m.weight,), (_scatter_per_sample(ids, gs, n, m.num_embeddings),)
 
 
 def _refuse_layer_norm(m: nn.LayerNorm) -> str | None:
@@ -242,15 +251,11 @@ def _peft_embedding(m: nn.Module, x, g, n, target, backend) -> Units:
     for _, A, B, s in _peft_embedding_factors(m):
         params, grads = [], []
         if A.requires_grad:
-            r, vocab = A.shape
             ga = s * (gs @ B.to(dt))                                  # dL/d(E_A[ids]) (N, L, r)
             if keep is not None:
                 ga = ga * keep
-            flat = (ids + torch.arange(n, device=ids.device).unsqueeze(1) * vocab).reshape(-1)
-            out = torch.zeros(n * vocab, r, dtype=dt, device=g.device)
-            out.index_add_(0, flat, ga.reshape(-1, r))
             params.append(A)
-            grads.append(out.reshape(n, vocab, r).transpose(1, 2))
+            grads.append(_scatter_per_sample(ids, ga, n, A.shape[1]).transpose(1, 2))
         if B.requires_grad:
             a = F.embedding(ids, A.detach().to(dt).T)                 # (N, L, r), padding row included
             params.append(B)
