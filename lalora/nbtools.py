@@ -9,8 +9,12 @@ ask for the same run share it); ``accuracy_table`` is the mean ± std table over
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import importlib
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Sequence
 
 # A variant label that is not a method id maps to (method, RunConfig overrides): the ablation's
@@ -77,8 +81,6 @@ def training_slot():
     if not spec:
         yield
         return
-    import fcntl
-
     folder, _, count = spec.rpartition(":")
     handles = [open(os.path.join(folder, f"slot-{i}"), "a+") for i in range(max(1, int(count)))]
     held = None
@@ -100,9 +102,7 @@ def training_slot():
 
 
 def _init_worker(threads: int, modules: tuple[str, ...]) -> None:
-    import importlib
-
-    import torch
+    import torch   # lazy, like every torch-heavy import here: `lalora --help` imports this module
 
     torch.set_num_threads(threads)
     for module in modules:   # registers the grid's tasks that live outside lalora (lalora.tasks.register)
@@ -126,7 +126,7 @@ def _task_modules(task_names) -> tuple[str, ...] | str:
 
 def _train_in_worker(cfg_fields: dict[str, Any], runs_dir: str) -> tuple[bool, float]:
     """Train (or find finished) one run in a grid worker; (trained now, seconds)."""
-    from lalora.config import RunConfig
+    from lalora.config import RunConfig                  # lazy: torch-heavy (see _init_worker)
     from lalora.federated.runs import run_experiment
 
     start = time.perf_counter()
@@ -141,10 +141,7 @@ def _train_in_parallel(configs: list, runs_dir, jobs: int, echo) -> set[int]:
     Each worker uses this process's intra-op thread count, so a run trains to the same bits as in
     the serial loop (tests/test_grid_jobs.py). Identical configs are folded by the run folder's lock:
     the second worker waits, then finds the run finished."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    import torch
+    import torch   # lazy: see _init_worker
 
     trained: set[int] = set()
     modules = _task_modules({cfg.task for cfg in configs})

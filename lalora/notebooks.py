@@ -38,9 +38,11 @@ Why the runner and not plain ``papermill`` calls: the three profiles, the shared
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -353,8 +355,6 @@ def _run_slots(jobs: int):
     """Let each kernel's grids train up to ``jobs`` runs at once (``LALORA_JOBS``, read by
     lalora.nbtools.run_grid) with at most ``jobs`` runs training machine-wide (``LALORA_RUN_SLOTS``:
     the notebooks running side by side share the slots). Both are restored afterwards."""
-    import tempfile
-
     saved = {k: os.environ.get(k) for k in ("LALORA_JOBS", "LALORA_RUN_SLOTS")}
     with tempfile.TemporaryDirectory(prefix="lalora-slots-") as folder:
         os.environ["LALORA_JOBS"] = str(jobs)
@@ -455,8 +455,6 @@ def _with_earlier_pass(path: Path, current: dict, partial: bool) -> dict:
     still says how long the profile took from an empty cache, and which notebooks were re-run since."""
     if not partial or not path.is_file():
         return current
-    import json
-
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):

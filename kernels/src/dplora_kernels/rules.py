@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference as ref
+from .api import linear_per_sample_grads
 
 __all__ = ["PerSampleRule", "register_per_sample_rule", "rule_for", "registered_rules"]
 
@@ -164,8 +165,6 @@ def _scatter_per_sample(ids: torch.Tensor, grads: torch.Tensor, n: int, rows: in
 
 
 def _linear(m: nn.Linear, x, g, n, target, backend) -> Units:
-    from .api import linear_per_sample_grads
-
     w_on, b_on = m.weight.requires_grad, m.bias is not None and m.bias.requires_grad
     if w_on:
         out_w, out_b = target(m.weight), (target(m.bias) if b_on else None)
