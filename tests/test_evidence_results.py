@@ -88,3 +88,22 @@ def test_the_pass_recorded_its_command_commit_and_wall_time():
     assert {o["name"] for o in summary["notebooks"]} >= {"14_tuned_main", "10_report"}
     assert all(o["status"] == "ok" for o in summary["notebooks"])
     assert math.isfinite(summary["total_seconds"])
+
+
+def test_every_profile_that_rewrites_the_report_keeps_every_committed_profile():
+    # `make reproduce` (offline) rewrote paper/REPORT.md over [paper, offline-full, offline] and so
+    # dropped the evidence profile's summary, tables and verdicts from the committed report.
+    import yaml
+
+    from lalora.report import EVIDENCE_PROFILES
+
+    committed = {p.name for p in (ROOT / "results").iterdir() if (p / "notebooks" / "runner_summary.json").is_file()}
+    writers = {}
+    for params in sorted((ROOT / "notebooks" / "params").glob("*/10_report.yaml")):
+        cfg = yaml.safe_load(params.read_text())
+        if cfg.get("report_path") == "paper/REPORT.md":
+            writers[params.parent.name] = set(cfg["profiles"])
+    assert {"offline", "offline-full", "evidence", "paper"} <= set(writers)
+    for profile, listed in writers.items():
+        assert set(EVIDENCE_PROFILES) <= listed, (profile, listed)
+        assert committed - {"ci"} <= listed, (profile, committed - listed)
