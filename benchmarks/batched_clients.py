@@ -127,6 +127,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--bound-only", action="store_true")
     ap.add_argument("--json", help="also write the summary here")
     a = ap.parse_args(argv)
+    load_start = os.getloadavg()   # before the children run (the summary's own reading is the end's)
     base = {"task": a.task, "method": a.method, "device": a.device, "precision": a.precision,
             "local_steps": a.local_steps, "rounds": a.rounds, "task_kwargs": TASK_KWARGS[a.task]}
     if a.bound_only:
@@ -149,7 +150,7 @@ def main(argv=None) -> dict:
     seq, bat = med["sequential"], med["batched"]
     summary = {**{k: v for k, v in base.items() if k != "rounds"}, "rounds_timed": a.rounds, "reps": a.reps,
                "clock": res["sequential"][0]["clock"], "gpu": res["sequential"][0].get("gpu"),
-               "load_average": os.getloadavg(), "medians": med,
+               "load_average": load_start, "medians": med,
                "throughput_ratio_batched_over_sequential": seq["s_per_round"] / bat["s_per_round"],
                "peak_rss_ratio_batched_over_sequential": bat["peak_rss_kb"] / seq["peak_rss_kb"]}
     if "peak_cuda_mib" in seq:
