@@ -491,8 +491,13 @@ _WARNING_LINE = re.compile(r"^\S*\.py:\d+: \w*Warning: .*\n(?:[ \t]+.*\n?)?", re
 def scrub_text(text: str, root: Path | str | None = None) -> str:
     """Stored output without warnings and without this machine's absolute paths: the repository
     root becomes ``.``, a virtual environment's site-packages ``<site-packages>``, the home folder
-    ``~`` and a temporary folder ``<tmp>``."""
+    ``~``, a temporary folder ``<tmp>`` and the cache folder named by ``LALORA_CACHE`` (wherever it lies:
+    a pass from an empty cache prints where it stores the backbone) ``$LALORA_CACHE``."""
     text = _WARNING_LINE.sub("", text)
+    cache = os.environ.get("LALORA_CACHE", "").rstrip("/")   # lalora.tasks.pretrain.cache_dir's variable
+    if cache:
+        for form in dict.fromkeys((str(Path(cache).resolve()), cache)):
+            text = text.replace(form, "$LALORA_CACHE")
     if root:
         text = text.replace(str(Path(root).resolve()) + "/", "./").replace(str(Path(root).resolve()), ".")
     text = re.sub(r"(?:/[^\s'\"/]+)+/site-packages", "<site-packages>", text)

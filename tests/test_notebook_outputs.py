@@ -49,6 +49,15 @@ def test_scrub_removes_the_tqdm_warning_and_replaces_paths():
     assert scrubbed == "File <site-packages>/torch/x.py, line 3" and not MACHINE_PATH.search(scrubbed)
 
 
+def test_scrub_replaces_the_cache_folder_wherever_it_lies(monkeypatch):
+    # a make-reproduce pass with LALORA_CACHE=/work/cache2 (empty, to time it) stored the backbone's
+    # "cached in /work/cache2/..." line in nine committed notebooks
+    monkeypatch.setenv("LALORA_CACHE", "/work/cache2/")
+    text = scrub_text("lalora: pretraining ...; cached in /work/cache2/digits-swin-backbone-65a8.pt\n", "/work/repo")
+    assert text == "lalora: pretraining ...; cached in $LALORA_CACHE/digits-swin-backbone-65a8.pt\n"
+    assert not ABSOLUTE.search(text)
+
+
 def test_clean_executed_notebook_rewrites_outputs_in_place(tmp_path):
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("x")
