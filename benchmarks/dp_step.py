@@ -253,6 +253,11 @@ def _short_error(err: BaseException) -> str:
     return text[:400]
 
 
+def _error_text(err: BaseException, isolate) -> str:
+    """A variant's failure as recorded: a child's message as it sent it, else the exception in short."""
+    return err.args[0] if isolate and isinstance(err, RuntimeError) and err.args else _short_error(err)
+
+
 def _timed(step: Callable[[], None]) -> tuple[float, float]:
     """(wall ms, this process's CPU ms) of one step."""
     c0, t0 = time.process_time(), time.perf_counter()
@@ -376,7 +381,7 @@ def run_model(bench: Bench, variants: tuple[str, ...], repeats: int, warmup: int
             steps[v] = (_OwnProcess(bench.name, isolate["sizes"], v, warmup, isolate["threads"]) if isolate
                         else _InProcess(bench, v, warmup))
         except Exception as err:  # noqa: BLE001 -- recorded as null with its reason
-            errors[v] = err.args[0] if isolate and isinstance(err, RuntimeError) and err.args else _short_error(err)
+            errors[v] = _error_text(err, isolate)
             log(f"[{bench.name}] {v} failed: {errors[v]}")
             if os.environ.get("LALORA_BENCH_DEBUG"):
                 traceback.print_exc()
@@ -390,7 +395,7 @@ def run_model(bench: Bench, variants: tuple[str, ...], repeats: int, warmup: int
             try:
                 wall, cpu = steps[v].timed()
             except Exception as err:  # noqa: BLE001 -- a variant failing at a timed step: null, with why
-                errors[v] = err.args[0] if isolate and isinstance(err, RuntimeError) and err.args else _short_error(err)
+                errors[v] = _error_text(err, isolate)
                 log(f"[{bench.name}] {v} failed: {errors[v]}")
                 steps.pop(v).close()
                 order.remove(v)
@@ -512,8 +517,7 @@ def combine_draws(draws: list[dict]) -> dict:
         out[f"{v}_cpu_ms"] = round(statistics.median(out["cpu_times_ms"][v]), 2)
         peaks = [d[f"{v}_peak_mb"] for d in draws if d.get(f"{v}_peak_mb") is not None]
         out[f"{v}_peak_mb"] = round(statistics.median(peaks), 1) if peaks else None
-    for ratio in ("lalora_over_nondp", "lalora_over_nondp_cpu", "opacus_hooks_over_lalora",
-                  "opacus_ghost_over_lalora"):
+    for ratio in dict.fromkeys(k for d in draws for k in d if "_over_" in k):   # as run_model names them
         values = [d[ratio] for d in draws if d.get(ratio) is not None]
         if values:
             out[ratio] = round(statistics.median(values), 3)

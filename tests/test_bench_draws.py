@@ -42,17 +42,18 @@ def _draw(nondp, lalora, *, error=None):
 
 
 def test_ratio_is_the_median_over_draws_and_times_are_pooled(dp_step):
-    draws = [_draw([10, 11, 12], [11, 12, 13]),    # 1.0909
-             _draw([20, 20, 20], [30, 30, 30]),    # 1.5: one odd process draw
-             _draw([10, 10, 10], [10.5, 10.5, 10.5]),  # 1.05
+    draws = [_draw([10, 10, 10], [12, 12, 12]),          # 1.2
+             _draw([100, 100, 100], [101, 101, 101]),    # 1.01: one odd (slow) process draw
+             _draw([10, 10, 10], [10.5, 10.5, 10.5]),    # 1.05
              ]
     out = dp_step.combine_draws(draws)
     assert out["draws"] == 3
-    assert out["lalora_over_nondp_cpu_draws"] == [1.091, 1.5, 1.05]
-    # the median of the draws' ratios, not the ratio of pooled medians (which the odd draw would pull)
-    assert out["lalora_over_nondp_cpu"] == 1.091
-    assert out["nondp_cpu_ms"] == statistics.median([10, 11, 12, 20, 20, 20, 10, 10, 10]) == 11
-    assert out["cpu_times_ms"]["lalora"] == [11, 12, 13, 30, 30, 30, 10.5, 10.5, 10.5]
+    assert out["lalora_over_nondp_cpu_draws"] == [1.2, 1.01, 1.05]
+    # the median of the draws' ratios (1.05), not the ratio of pooled medians (12 / 10 = 1.2)
+    assert out["nondp_cpu_ms"] == statistics.median([10] * 6 + [100] * 3) == 10
+    assert out["lalora_cpu_ms"] == 12
+    assert out["lalora_over_nondp_cpu"] == 1.05 != out["lalora_cpu_ms"] / out["nondp_cpu_ms"]
+    assert out["cpu_times_ms"]["lalora"] == [12, 12, 12, 101, 101, 101, 10.5, 10.5, 10.5]
     assert out["lalora_peak_mb"] == 3.0 and out["notes"] == ["n"]
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dplora_kernels.engine import PerSampleGradEngine
-from engine_loops import (BERT_TARGETS, RTOL, EncoderClassifier, SeqMLP, add_lora, assert_close_rel,  # noqa: F401
+from engine_loops import (BERT_TARGETS, EncoderClassifier, SeqMLP, add_lora, assert_close_rel,
                           ce_loss, check_against_loop, engine_grads, flat_norms, freeze_all, loop_per_sample_grads,
                           randomize_lora_B, set_active_factors, small_bert, text_batch, text_loss)
 

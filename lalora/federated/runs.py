@@ -55,15 +55,10 @@ class RunResult:
     cached: bool = False
 
 
-# Task.info keys that do not describe the task's content: timings, and where a shipped model happens to
-# be installed (its content key sits beside it, e.g. topics-minilm's "model_sha256"). A fingerprint with
-# the install path gave the same run a different folder in every checkout and venv.
-_NOT_CONTENT = ("cached", "load_seconds", "seconds", "wall_s", "model_path")
-
-
 def _drop_volatile(obj):
     if isinstance(obj, dict):
-        return {k: _drop_volatile(v) for k, v in obj.items() if k not in _NOT_CONTENT}
+        return {k: _drop_volatile(v) for k, v in obj.items()
+                if k not in ("cached", "load_seconds", "seconds", "wall_s")}
     if isinstance(obj, list):
         return [_drop_volatile(v) for v in obj]
     return obj

